@@ -1,0 +1,1 @@
+"""The framework- and broker-agnostic core of tidings."""

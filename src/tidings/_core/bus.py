@@ -1,0 +1,440 @@
+"""The event bus: handler registry, emit entry points and lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from time import monotonic, time_ns
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+from ..exceptions import BusStateError, ConfigurationError, DrainTimeoutError, PendingDelivery
+from .dispatcher import (
+    Record,
+    Scope,
+    current_scope,
+    emit_disabled_by_env,
+    normalize_name,
+    register_running,
+    set_scope,
+    unregister_running,
+)
+from .policies import Limits, RequestErrorPolicy
+from .registry import HandlerSpec, Registry
+from .runner import FailureHook, Job, Runner, make_event
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["BusState", "EventBus"]
+
+logger = logging.getLogger("tidings")
+
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
+
+
+class _Default(enum.Enum):
+    DEFAULT = "DEFAULT"
+
+
+DEFAULT: Final = _Default.DEFAULT
+
+
+class BusState(enum.Enum):
+    """Where a bus is in its life."""
+
+    CREATED = "created"  # built, not started: events emitted now wait for start()
+    RUNNING = "running"  # handling events
+    DRAINING = "draining"  # shutting down: still handles what is emitted (chains included)
+    CLOSED = "closed"  # stopped: events emitted now are logged and dropped; start() runs it again
+
+
+class EventBus:
+    """Handlers, and the machinery that runs them after the response.
+
+    One bus per app. Register handlers with :meth:`on`, add
+    :class:`~tidings.asgi.TidingsMiddleware` to the app, and the app's lifespan starts and drains
+    the bus. Outside an app (scripts, tests), use ``async with bus:``.
+
+    Args:
+        handler_timeout: default seconds one handler call may take (``None``: no limit).
+        drain_timeout: seconds shutdown waits for pending handler work before it gives up and
+            reports what was left.
+        limits: concurrency bounds, see :class:`~tidings.Limits`.
+        request_errors: what to do with a request's events when the endpoint raises, see
+            :data:`~tidings.RequestErrorPolicy`.
+        on_failure: called with a :class:`~tidings.HandlerError` for every failed, timed-out or
+            cancelled handler call (they are logged either way).
+        enabled: ``False`` turns every emit into a no-op. The default is ``True`` unless the
+            ``TIDINGS_DISABLE_EMIT`` environment variable is truthy.
+        name: shown in logs; defaults to ``"tidings"``.
+
+    Example:
+        >>> from tidings import Event, EventBus
+        >>> bus = EventBus()
+        >>> @bus.on("user.created")
+        ... async def send_welcome(event: Event) -> None:
+        ...     print("welcome", event.payload["email"])
+    """
+
+    def __init__(
+        self,
+        *,
+        handler_timeout: float | None = 30.0,
+        drain_timeout: float = 10.0,
+        limits: Limits | None = None,
+        request_errors: RequestErrorPolicy = "drop",
+        on_failure: FailureHook | None = None,
+        enabled: bool | None = None,
+        name: str = "tidings",
+    ) -> None:
+        if handler_timeout is not None and not handler_timeout > 0:
+            raise ConfigurationError(f"handler_timeout must be > 0 or None, got {handler_timeout!r}")
+        if not drain_timeout >= 0:
+            raise ConfigurationError(f"drain_timeout must be >= 0, got {drain_timeout!r}")
+        if request_errors not in ("drop", "deliver"):
+            raise ConfigurationError(f"request_errors must be 'drop' or 'deliver', got {request_errors!r}")
+        self.name = name
+        self.handler_timeout = handler_timeout
+        self.drain_timeout = drain_timeout
+        self.request_errors: RequestErrorPolicy = request_errors
+        self.enabled = (not emit_disabled_by_env()) if enabled is None else enabled
+        self.limits = limits or Limits()
+        self._registry = Registry()
+        self._runner = Runner(self._registry, self.limits, on_failure)
+        self._state = BusState.CREATED
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._lock = threading.Lock()
+        self._outside: list[Record] = []
+        self._outside_scheduled = False
+        self._drain_deadline: float | None = None
+        # The scope of contexts where events skip buffering: lifespan, websockets, disabled bus.
+        self.direct_scope = Scope(self, None)
+
+    # -- registration ------------------------------------------------------------------------------
+    def on(
+        self,
+        *patterns: str,
+        timeout: float | _Default | None = DEFAULT,
+        batch: bool = False,
+    ) -> Callable[[HandlerT], HandlerT]:
+        """Register the decorated function for one or more event names or wildcard patterns.
+
+        ``async def`` handlers run on the event loop; plain ``def`` handlers run in a worker thread.
+        The function is returned unchanged, so it can still be called directly.
+
+        Args:
+            *patterns: exact names (``"user.created"``) or shell-style wildcards (``"user.*"``,
+                ``"*"``).
+            timeout: seconds one call may take; defaults to the bus's ``handler_timeout``.
+            batch: the handler takes a list of every matching event of one job at once.
+
+        Raises:
+            ConfigurationError: no pattern given, or an invalid pattern or timeout.
+
+        Example:
+            >>> from tidings import Event, EventBus
+            >>> bus = EventBus()
+            >>> @bus.on("user.*", "order.placed", timeout=5)
+            ... def audit(event: Event) -> None: ...
+        """
+
+        def decorator(handler: HandlerT) -> HandlerT:
+            self.subscribe(handler, *patterns, timeout=timeout, batch=batch)
+            return handler
+
+        return decorator
+
+    def subscribe(
+        self,
+        handler: object,
+        *patterns: str,
+        timeout: float | _Default | None = DEFAULT,
+        batch: bool = False,
+    ) -> HandlerSpec:
+        """Register ``handler`` (a function, an async callable, or an object) for ``patterns``.
+
+        An object with a ``handle_many(events)`` method receives every matching event of one job in
+        one call (one request per batch for a forwarder); one with only ``handle(event)`` receives
+        them one by one.
+
+        Returns:
+            The resolved handler description.
+
+        Raises:
+            ConfigurationError: no pattern given, an invalid pattern or timeout, or a handler that
+                cannot be called.
+        """
+        if not patterns:
+            raise ConfigurationError("a handler needs at least one event name or pattern")
+        effective = self.handler_timeout if timeout is DEFAULT else timeout
+        spec = HandlerSpec.from_target(handler, batch=batch, timeout=effective)
+        for pattern in patterns:
+            self._registry.add(pattern, spec)
+        self._runner.timeouts_changed(s.handler.timeout for s in self._registry)
+        return spec
+
+    @property
+    def registry(self) -> Registry:
+        """The handler registry (read it to list handlers; register through :meth:`on`)."""
+        return self._registry
+
+    @property
+    def state(self) -> BusState:
+        """The bus's lifecycle state."""
+        return self._state
+
+    # -- emitting ----------------------------------------------------------------------------------
+    def emit(
+        self, event: str | enum.Enum, payload: Any = None, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        """Emit an event on this bus. Safe from any thread and any context.
+
+        Inside a request served by this bus the event is buffered until the response is sent, as
+        with :func:`tidings.emit`; elsewhere it is handed to the bus's runner. Before the bus starts,
+        events wait and run when it starts; after it has closed they are logged and dropped.
+
+        Args:
+            event: the event name (a ``str``, or an ``Enum`` with ``str`` values).
+            payload: anything; handlers receive it as ``event.payload``.
+            headers: metadata for the event envelope (not part of the payload).
+
+        Raises:
+            TypeError: ``event`` is not a ``str`` or ``str``-valued ``Enum``.
+        """
+        if type(event) is not str:
+            event = normalize_name(event)
+        if not self.enabled:
+            return
+        record = (event, payload, time_ns(), headers)
+        scope = current_scope()
+        if scope is not None and scope.bus is self and scope.buffer is not None:
+            scope.buffer.append(record)
+            return
+        self._submit(record)
+
+    def _submit(self, record: Record) -> None:
+        state = self._state
+        if state is BusState.RUNNING or state is BusState.DRAINING:
+            loop = self._loop
+            assert loop is not None
+            if threading.get_ident() == self._loop_thread:
+                self._accept(record)
+                return
+            try:
+                loop.call_soon_threadsafe(self._accept, record)
+            except RuntimeError:  # the loop has closed under us
+                self._drop(record, "its event loop has closed")
+            return
+        with self._lock:
+            if self._state is BusState.CREATED:
+                self._outside.append(record)
+                return
+        if self._state is BusState.CLOSED:
+            self._drop(record, "the bus is closed")
+        else:  # it started while we took the lock
+            self._submit(record)
+
+    def _accept(self, record: Record) -> None:
+        if self._state is BusState.CLOSED:
+            self._drop(record, "the bus is closed")
+            return
+        self._outside.append(record)
+        if not self._outside_scheduled:
+            self._outside_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._spawn_outside_job)
+
+    def _spawn_outside_job(self) -> None:
+        self._outside_scheduled = False
+        records, self._outside = self._outside, []
+        if not records or self._loop is None:
+            return
+        scope = Scope(self, records)
+        job = Job(scope, None)
+        # Handlers of outside events run in a clean context, not in whichever context emitted first.
+        context = contextvars.Context()
+        context.run(set_scope, scope)
+        job.task = self._loop.create_task(self._runner.run_job(job), context=context)
+        self._runner.add_job(job)
+
+    def _drop(self, record: Record, why: str) -> None:
+        logger.error(
+            "event %r was dropped because %s",
+            record[0],
+            why,
+            extra={"tidings_event": record[0]},
+        )
+
+    # -- requests (used by the ASGI middleware) ----------------------------------------------------
+    def ensure_running(self) -> None:
+        """Start the bus on the running loop if it is not running there yet (no lifespan ran).
+
+        Raises:
+            BusStateError: the bus runs on another, still open event loop.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and self._state is not BusState.CLOSED:
+            if self._state is BusState.CREATED:
+                self._bind(loop)
+            return
+        if (
+            self._loop is not None
+            and not self._loop.is_closed()
+            and self._state in (BusState.RUNNING, BusState.DRAINING)
+        ):
+            raise BusStateError(
+                f"bus {self.name!r} is running on another event loop; one bus serves one loop"
+            )
+        self._bind(loop)
+
+    async def run_request_job(self, scope: Scope) -> None:
+        """Run a finished request's buffered events in the current task."""
+        job = Job(scope, asyncio.current_task())
+        self._runner.add_job(job)
+        await self._runner.run_job(job)
+
+    def discard_request_events(self, scope: Scope, reason: str) -> None:
+        """Drop a failed request's events, naming each one in a warning."""
+        records, scope.buffer = scope.buffer or [], None
+        if records:
+            logger.warning(
+                "%d event(s) of a request were dropped because %s: %s",
+                len(records),
+                reason,
+                ", ".join(repr(r[0]) for r in records),
+            )
+
+    def adopt(self, scope: Scope) -> None:
+        """Hand a request's events to the runner when the request's task cannot run them itself."""
+        records, scope.buffer = scope.buffer or [], None
+        for record in records:
+            self._submit(record)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+            self._runner.bind(loop)
+            self._state = BusState.RUNNING
+            self._drain_deadline = None
+            register_running(self)
+            if self._outside and not self._outside_scheduled:
+                self._outside_scheduled = True
+                loop.call_soon(self._spawn_outside_job)
+
+    async def start(self) -> None:
+        """Start handling events on the running event loop. Idempotent.
+
+        Events emitted before the start are handled now.
+
+        Raises:
+            BusStateError: the bus is already running on another event loop.
+        """
+        self.ensure_running()
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until every pending and in-flight handler call has finished.
+
+        Events emitted while draining (by handlers, say) are handled too. When ``timeout`` runs
+        out, the unfinished calls are cancelled, logged one by one, and raised.
+
+        Args:
+            timeout: seconds to wait; defaults to the bus's ``drain_timeout``.
+
+        Raises:
+            DrainTimeoutError: the bound ran out; ``.pending`` lists every unfinished call.
+        """
+        if self._state not in (BusState.RUNNING, BusState.DRAINING):
+            return
+        until = monotonic() + (self.drain_timeout if timeout is None else timeout)
+        runner = self._runner
+        while True:
+            if self._outside:
+                self._spawn_outside_job()  # now, not at the next tick: drain waits on jobs
+            if not await runner.wait_idle(until):
+                break
+            await asyncio.sleep(0)  # let emits scheduled by the last handlers (threads) land
+            if not self._outside and runner.idle():
+                return
+        await self._cut_off()
+
+    async def _cut_off(self) -> None:
+        runner = self._runner
+        current = asyncio.current_task()
+        resolve = self._registry.resolve
+        pending: list[PendingDelivery] = []
+        for record in self._outside:
+            event = make_event(record, None)
+            pending.extend(PendingDelivery(event, spec.name) for spec in resolve(event.name))
+        self._outside = []
+        runner.lost = pending
+        try:
+            tasks = {job.task for job in runner.jobs if job.task is not None and job.task is not current}
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)
+        finally:
+            runner.lost = None
+        message = (
+            f"bus {self.name!r}: drain bound ran out with {len(pending)} handler call(s) "
+            f"unfinished: " + ", ".join(f"{p.handler} <- {p.event.name} ({p.event.id})" for p in pending)
+        )
+        logger.error(message)
+        raise DrainTimeoutError(message, pending=pending)
+
+    async def aclose(self) -> None:
+        """Drain within ``drain_timeout``, then stop. Idempotent; never raises for a cut-off drain.
+
+        What the drain bound cut off is logged (and was reported to ``on_failure``).
+        """
+        if self._state is BusState.CLOSED or self._state is BusState.CREATED:
+            self._state = BusState.CLOSED if self._state is BusState.CREATED else self._state
+            return
+        self._state = BusState.DRAINING
+        deadline = self._drain_deadline
+        timeout = self.drain_timeout if deadline is None else max(0.0, deadline - monotonic())
+        try:
+            await self.drain(timeout)
+        except DrainTimeoutError:
+            pass  # already logged with every unfinished call
+        finally:
+            with self._lock:
+                self._state = BusState.CLOSED
+                unregister_running(self)
+            self._runner.shutdown()
+
+    async def begin_shutdown(self) -> None:
+        """Drain before the app's own shutdown code runs, so handlers still have its resources.
+
+        The drain bound covers this drain and the final one in :meth:`aclose` together.
+        """
+        if self._state is not BusState.RUNNING:
+            return
+        self._state = BusState.DRAINING
+        self._drain_deadline = monotonic() + self.drain_timeout
+        try:
+            await self.drain(self.drain_timeout)
+        except DrainTimeoutError:
+            pass  # already logged with every unfinished call
+
+    async def __aenter__(self) -> EventBus:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<EventBus {self.name!r} {self._state.value}, {len(self._registry)} handler(s)>"

@@ -1,0 +1,152 @@
+"""``emit()``: find where the current code's events go, with no object passed around.
+
+A context variable holds the current :class:`Scope`. The ASGI middleware sets one per HTTP request
+(its ``buffer`` collects the request's events until the response is sent), per websocket and for the
+lifespan (no buffer: events go straight to the bus). Handler runs set one too, so events emitted by
+handlers chain. Code with no scope at all (a thread started by hand, a script) reaches the bus when
+exactly one is running in the process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from contextvars import ContextVar
+from enum import Enum
+from time import time_ns
+from typing import TYPE_CHECKING, Any, Final
+
+from ..exceptions import BusStateError
+
+if TYPE_CHECKING:
+    from .bus import EventBus
+
+__all__ = [
+    "DISABLE_ENV_VAR",
+    "Record",
+    "Scope",
+    "current_scope",
+    "emit",
+    "emit_disabled_by_env",
+    "normalize_name",
+]
+
+DISABLE_ENV_VAR: Final = "TIDINGS_DISABLE_EMIT"
+_TRUTHY: Final = frozenset({"1", "true", "yes", "on"})
+
+Record = tuple[str, Any, int, Mapping[str, str] | None]
+"""An emitted event before it becomes an :class:`Event`: name, payload, time in ns, headers."""
+
+
+class Scope:
+    """Where events emitted in one context go.
+
+    ``buffer`` is a list while the scope collects events (a request that has not finished, or a
+    handler job whose chained events are handled in the same job); ``None`` means "hand each event
+    to the bus at once".
+    """
+
+    __slots__ = ("buffer", "bus", "headers")
+
+    def __init__(
+        self,
+        bus: EventBus,
+        buffer: list[Record] | None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.buffer = buffer
+        self.headers = headers
+
+
+_current: ContextVar[Scope | None] = ContextVar("tidings.scope", default=None)
+current_scope = _current.get
+set_scope = _current.set
+reset_scope = _current.reset
+
+_running_buses: list[EventBus] = []
+
+
+def register_running(bus: EventBus) -> None:
+    if bus not in _running_buses:
+        _running_buses.append(bus)
+
+
+def unregister_running(bus: EventBus) -> None:
+    if bus in _running_buses:
+        _running_buses.remove(bus)
+
+
+def emit_disabled_by_env() -> bool:
+    """Whether ``TIDINGS_DISABLE_EMIT`` is set to a truthy value (1, true, yes, on)."""
+    return os.environ.get(DISABLE_ENV_VAR, "").strip().lower() in _TRUTHY
+
+
+def normalize_name(name: object) -> str:
+    """Turn an event name given as ``str``, ``str`` subclass or ``Enum`` into a plain ``str``.
+
+    Raises:
+        TypeError: ``name`` is neither.
+    """
+    if isinstance(name, Enum):
+        name = name.value
+    if isinstance(name, str):
+        return str(name)
+    raise TypeError(f"an event name must be a str or a str-valued Enum, got {type(name).__name__}")
+
+
+def emit(event: str | Enum, payload: Any = None) -> None:
+    """Emit an event from anywhere: endpoint code, dependencies, helpers, handlers, tasks, threads.
+
+    Inside an HTTP request the event is buffered and handled after the response has been sent. In a
+    handler, a websocket, the app's lifespan or a task started from one of them, it goes to that
+    bus's runner at once. Outside all of those it goes to the process's running bus, if exactly one
+    is running.
+
+    This is a plain, synchronous call that costs a fraction of a microsecond. It does not raise for
+    anything its caller did not cause: an event with no handler is a no-op, and a handler's failure
+    never reaches the caller.
+
+    Args:
+        event: the event name, e.g. ``"user.created"`` (a ``str``, or an ``Enum`` with ``str`` values).
+        payload: anything; handlers receive it as ``event.payload``.
+
+    Raises:
+        TypeError: ``event`` is not a ``str`` or ``str``-valued ``Enum``.
+        BusStateError: called outside any request, handler or lifespan while no bus (or more than
+            one) is running, so the event has nowhere unambiguous to go. Use ``bus.emit()`` there.
+
+    Example:
+        >>> from tidings import emit
+        >>> def register_user(email: str) -> None:
+        ...     emit("user.created", {"email": email})
+    """
+    scope = _current.get()
+    if scope is not None:
+        buffer = scope.buffer
+        if buffer is not None and type(event) is str:
+            buffer.append((event, payload, time_ns(), None))
+            return
+        scope.bus.emit(event, payload)
+        return
+    _emit_unscoped(event, payload)
+
+
+def _emit_unscoped(event: str | Enum, payload: Any) -> None:
+    buses = tuple(_running_buses)
+    if len(buses) == 1:
+        buses[0].emit(event, payload)
+        return
+    if emit_disabled_by_env():
+        return
+    normalize_name(event)  # a bad name is the caller's bug whatever the bus situation
+    if not buses:
+        raise BusStateError(
+            f"emit({event!r}) was called outside any request, handler or lifespan, and no tidings "
+            "bus is running: start the app (its lifespan starts the bus) or call bus.emit() on a "
+            "started bus"
+        )
+    raise BusStateError(
+        f"emit({event!r}) was called outside any request, handler or lifespan, and "
+        f"{len(buses)} buses are running in this process: call bus.emit() on the one you mean"
+    )

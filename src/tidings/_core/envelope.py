@@ -1,0 +1,83 @@
+"""The event envelope: what every handler receives."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["EMPTY_HEADERS", "Event", "new_sequence"]
+
+EMPTY_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
+
+_CROCKFORD: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# The 80 low bits of an id: a random start per process plus a counter, so ids from one process are
+# strictly increasing and two processes collide only if they draw the same 80 random bits.
+_RANDOM_BASE: Final = int.from_bytes(os.urandom(10), "big")
+_MASK_80: Final = (1 << 80) - 1
+_sequence = itertools.count()
+
+new_sequence = _sequence.__next__
+"""Return the next per-process sequence number (thread-safe: ``count.__next__`` is atomic)."""
+
+
+def _encode_ulid(value: int) -> str:
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+class Event:
+    """One emitted event, as handlers see it.
+
+    Attributes:
+        name: the event name, e.g. ``"user.created"``.
+        payload: whatever was emitted with it (``None`` when nothing was).
+        headers: read-only metadata (correlation ids, trace context); never part of the payload.
+
+    ``id`` is a ULID: 26 characters, unique, and sortable by emit time (strictly increasing within a
+    process). ``time`` is the UTC time of the ``emit()`` call. Both are computed on first access, so
+    handlers that never read them pay nothing for them.
+    """
+
+    __slots__ = ("_id", "_seq", "headers", "name", "payload", "timestamp_ns")
+
+    def __init__(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        headers: Mapping[str, str] = EMPTY_HEADERS,
+        timestamp_ns: int,
+        sequence: int | None = None,
+        id: str | None = None,
+    ) -> None:
+        self.name = name
+        self.payload = payload
+        self.headers = headers
+        self.timestamp_ns = timestamp_ns
+        self._seq = new_sequence() if sequence is None else sequence
+        self._id = id
+
+    @property
+    def id(self) -> str:
+        """The event's ULID (unique, sortable by emit time)."""
+        if self._id is None:
+            millis = self.timestamp_ns // 1_000_000
+            self._id = _encode_ulid((millis << 80) | ((_RANDOM_BASE + self._seq) & _MASK_80))
+        return self._id
+
+    @property
+    def time(self) -> datetime:
+        """When the event was emitted, as an aware UTC datetime."""
+        return datetime.fromtimestamp(self.timestamp_ns / 1e9, tz=UTC)
+
+    def __repr__(self) -> str:
+        return f"Event(name={self.name!r}, payload={self.payload!r}, id={self.id!r})"

@@ -1,0 +1,149 @@
+"""Which handlers run for which event name: exact names and shell-style wildcards."""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from ..exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+__all__ = ["HandlerSpec", "Registry", "Subscription", "is_pattern"]
+
+_WILDCARD_CHARS: Final = frozenset("*?[")
+# Event names are usually a small fixed set; the bound only protects against names built from data.
+_CACHE_LIMIT: Final = 4096
+
+
+def is_pattern(name: str) -> bool:
+    """Whether ``name`` holds a shell-style wildcard (``*``, ``?`` or ``[...]``)."""
+    return not _WILDCARD_CHARS.isdisjoint(name)
+
+
+def _qualname(target: object) -> str:
+    module = getattr(target, "__module__", None) or type(target).__module__
+    qualname = getattr(target, "__qualname__", None) or type(target).__qualname__
+    return f"{module}.{qualname}"
+
+
+def _is_async_callable(target: object) -> bool:
+    if inspect.iscoroutinefunction(target):
+        return True
+    call = getattr(target, "__call__", None)  # noqa: B004 - an async __call__ on an instance
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class HandlerSpec:
+    """A registered handler, resolved once at registration.
+
+    Attributes:
+        name: dotted name used in logs and reports.
+        call: what the runner calls: with one ``Event``, or with a list of events when ``batch``.
+        is_async: whether ``call`` returns an awaitable (run on the loop) or not (run in a thread).
+        batch: whether ``call`` takes every matching event of one flush at once.
+        timeout: seconds one call may take, or ``None`` for no limit.
+        target: the function or object that was registered.
+    """
+
+    name: str
+    call: Callable[[Any], Any]
+    is_async: bool
+    batch: bool
+    timeout: float | None
+    target: object
+
+    @classmethod
+    def from_target(cls, target: object, *, batch: bool, timeout: float | None) -> HandlerSpec:
+        """Inspect ``target`` once: a function, an async callable, or an object with ``handle_many``.
+
+        Raises:
+            ConfigurationError: ``target`` is not callable and has no ``handle_many``/``handle``.
+        """
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"handler timeout must be > 0 seconds or None, got {timeout!r}")
+        call: Callable[[Any], Any]
+        handle_many = getattr(target, "handle_many", None)
+        handle = getattr(target, "handle", None)
+        if not inspect.isroutine(target) and callable(handle_many):
+            call, batch = handle_many, True
+        elif not inspect.isroutine(target) and callable(handle):
+            call = handle
+        elif callable(target):
+            call = target
+        else:
+            raise ConfigurationError(
+                f"a handler must be callable or have a handle_many()/handle() method, got {target!r}"
+            )
+        return cls(
+            name=_qualname(target),
+            call=call,
+            is_async=_is_async_callable(call),
+            batch=batch,
+            timeout=timeout,
+            target=target,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """One (pattern, handler) registration, in registration order."""
+
+    pattern: str
+    handler: HandlerSpec
+    matches: Callable[[str], bool]
+
+
+class Registry:
+    """Maps event names to handlers.
+
+    Handlers for a name are returned in registration order, exact and wildcard registrations
+    interleaved as they were made. A name's handler tuple is computed once and cached; any new
+    registration clears the cache. Wildcards use ``fnmatch`` rules, case-sensitive: ``*`` matches any
+    run of characters, dots included (``user.*`` matches ``user.created`` and ``user.email.changed``).
+    """
+
+    __slots__ = ("_cache", "_subscriptions")
+
+    def __init__(self) -> None:
+        self._subscriptions: list[Subscription] = []
+        self._cache: dict[str, tuple[HandlerSpec, ...]] = {}
+
+    def add(self, pattern: str, handler: HandlerSpec) -> None:
+        """Register ``handler`` for ``pattern`` (an exact name or a wildcard).
+
+        Raises:
+            ConfigurationError: the pattern is empty or not a string.
+        """
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigurationError(f"an event name or pattern must be a non-empty str, got {pattern!r}")
+        matches: Callable[[str], bool]
+        if is_pattern(pattern):
+            matches = re.compile(fnmatch.translate(pattern)).match  # type: ignore[assignment]
+        else:
+            matches = pattern.__eq__
+        self._subscriptions.append(Subscription(pattern, handler, matches))
+        self._cache.clear()
+
+    def resolve(self, name: str) -> tuple[HandlerSpec, ...]:
+        """Return the handlers for event ``name``, in registration order (cached)."""
+        try:
+            return self._cache[name]
+        except KeyError:
+            pass
+        handlers = tuple(s.handler for s in self._subscriptions if s.matches(name))
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[name] = handlers
+        return handlers
+
+    def __iter__(self) -> Iterator[Subscription]:
+        return iter(tuple(self._subscriptions))
+
+    def __len__(self) -> int:
+        return len(self._subscriptions)

@@ -1,0 +1,138 @@
+"""The pure ASGI middleware: request scopes, after-response delivery, lifespan integration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from .._core.bus import EventBus
+from .._core.dispatcher import Scope as EventScope
+from .._core.dispatcher import reset_scope, set_scope
+from ..exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    from .._core.policies import RequestErrorPolicy
+    from ..types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["TidingsMiddleware"]
+
+logger = logging.getLogger("tidings")
+
+
+class TidingsMiddleware:
+    """Gives each request its own event buffer and runs the bus with the app's lifespan.
+
+    * **HTTP**: events emitted while the request runs (endpoint, dependencies, background tasks,
+      sync endpoints in the threadpool) are buffered and handled after the app has returned, that
+      is after the last body chunk was sent, streaming responses included. They run in the
+      request's own task, in emit order. If the app raises, the bus's ``request_errors`` policy
+      decides: ``"drop"`` (default) or ``"deliver"``. Tasks the request started that emit after it
+      finished hand their events to the bus directly: nothing is lost.
+    * **websocket**: a connection can last for hours, so its events are not held until it closes:
+      each is handed to the bus when emitted.
+    * **lifespan**: the bus starts before the app's startup code runs (so startup code can emit),
+      and is drained before the app's shutdown code runs (so handlers still have the database
+      pools and clients that code closes). Events emitted by shutdown code are drained at the end.
+      The drain bound (``drain_timeout``) covers both drains. Without a lifespan (some test
+      clients), the bus starts at the first request; close it yourself with ``await bus.aclose()``.
+
+    Args:
+        app: the ASGI app to wrap.
+        bus: the bus whose handlers run this app's events.
+        request_errors: overrides the bus's policy for requests whose app raised.
+
+    Example:
+        >>> from fastapi import FastAPI
+        >>> from tidings import EventBus, TidingsMiddleware
+        >>> bus = EventBus()
+        >>> app = FastAPI()
+        >>> app.add_middleware(TidingsMiddleware, bus=bus)
+    """
+
+    __slots__ = ("app", "bus", "request_errors")
+
+    def __init__(
+        self, app: ASGIApp, *, bus: EventBus, request_errors: RequestErrorPolicy | None = None
+    ) -> None:
+        if not isinstance(bus, EventBus):
+            raise ConfigurationError(f"TidingsMiddleware needs bus=EventBus(...), got {bus!r}")
+        if request_errors not in (None, "drop", "deliver"):
+            raise ConfigurationError(
+                f"request_errors must be 'drop', 'deliver' or None, got {request_errors!r}"
+            )
+        self.app = app
+        self.bus = bus
+        self.request_errors: RequestErrorPolicy = request_errors or bus.request_errors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type == "http":
+            await self._http(scope, receive, send)
+        elif scope_type == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:  # websocket, or anything newer: events go straight to the bus
+            token = set_scope(self.bus.direct_scope)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                reset_scope(token)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        bus = self.bus
+        if not bus.enabled:
+            token = set_scope(bus.direct_scope)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                reset_scope(token)
+            return
+        bus.ensure_running()
+        events = EventScope(bus, [])
+        token = set_scope(events)
+        try:
+            try:
+                await self.app(scope, receive, send)
+            except asyncio.CancelledError:
+                # This task cannot run handlers any more; the bus's own tasks can.
+                bus.adopt(events)
+                raise
+            except BaseException as exc:
+                if events.buffer:
+                    if self.request_errors == "deliver":
+                        await bus.run_request_job(events)
+                    else:
+                        bus.discard_request_events(
+                            events, f"the app raised {type(exc).__name__} (request_errors='drop')"
+                        )
+                events.buffer = None
+                raise
+            if events.buffer:
+                await bus.run_request_job(events)
+            else:
+                events.buffer = None
+        finally:
+            reset_scope(token)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        bus = self.bus
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            kind = message.get("type")
+            if kind == "lifespan.startup":
+                await bus.start()
+            elif kind == "lifespan.shutdown":
+                await bus.begin_shutdown()
+            return message
+
+        async def lifespan_send(message: Message) -> None:
+            if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await bus.aclose()
+            await send(message)
+
+        token = set_scope(bus.direct_scope)
+        try:
+            await self.app(scope, lifespan_receive, lifespan_send)
+        finally:
+            reset_scope(token)

@@ -1,0 +1,116 @@
+"""Every exception tidings raises, in one place.
+
+The tree::
+
+    TidingsError                 base of everything below
+    ├── ConfigurationError       bad options, bad handler, bad pattern (raised where you make the mistake)
+    ├── BusStateError            an operation the bus cannot do in its current state
+    ├── HandlerError             one handler call failed (given to failure hooks, never raised by emit)
+    │   ├── HandlerTimeoutError  the call ran past its timeout (also a ``TimeoutError``)
+    │   └── HandlerCancelledError the call was cancelled before it finished
+    └── DrainTimeoutError        shutdown's drain bound ran out with work left (also a ``TimeoutError``)
+
+``emit()`` never raises for anything its caller did not cause: no handler, a failing handler or a bus
+that is shutting down are logged and reported, not raised into the request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._core.envelope import Event
+
+__all__ = [
+    "BusStateError",
+    "ConfigurationError",
+    "DrainTimeoutError",
+    "HandlerCancelledError",
+    "HandlerError",
+    "HandlerTimeoutError",
+    "PendingDelivery",
+    "TidingsError",
+]
+
+
+class TidingsError(Exception):
+    """Base class of every error tidings raises."""
+
+
+class ConfigurationError(TidingsError):
+    """Raised at set-up time for invalid options, handlers or patterns."""
+
+
+class BusStateError(TidingsError):
+    """Raised when the bus is asked to do something its lifecycle state does not allow.
+
+    For example ``emit()`` outside any request when no bus (or more than one) is running, so the
+    event would have nowhere unambiguous to go.
+    """
+
+
+class HandlerError(TidingsError):
+    """One handler call failed.
+
+    Never raised into the code that emitted the event: it is logged and passed to the bus's
+    ``on_failure`` hook. The original exception is ``__cause__``.
+
+    Attributes:
+        event: the event (or, for batch handlers, the first event of the batch) being handled.
+        handler: the handler's qualified name.
+        events: every event the failed call was given (one, or the whole batch).
+    """
+
+    def __init__(self, message: str, *, events: Sequence[Event], handler: str) -> None:
+        super().__init__(message)
+        self.events: tuple[Event, ...] = tuple(events)
+        self.event: Event = self.events[0]
+        self.handler = handler
+
+
+class HandlerTimeoutError(HandlerError, TimeoutError):
+    """A handler call ran longer than its timeout.
+
+    An ``async def`` handler is cancelled at that point. A plain ``def`` handler cannot be interrupted
+    (Python threads cannot be stopped from outside): it is reported when it passes its timeout and
+    keeps its worker thread until it returns.
+    """
+
+
+class HandlerCancelledError(HandlerError):
+    """A handler call was cancelled before it finished (by itself, or by shutdown's drain bound)."""
+
+
+class PendingDelivery:
+    """One (event, handler) call that had not finished when the drain bound ran out."""
+
+    __slots__ = ("event", "handler")
+
+    def __init__(self, event: Event, handler: str) -> None:
+        self.event = event
+        self.handler = handler
+
+    def __repr__(self) -> str:
+        return f"PendingDelivery(event={self.event.name!r}, id={self.event.id}, handler={self.handler!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PendingDelivery):
+            return NotImplemented
+        return self.event is other.event and self.handler == other.handler
+
+    def __hash__(self) -> int:
+        return hash((id(self.event), self.handler))
+
+
+class DrainTimeoutError(TidingsError, TimeoutError):
+    """The drain bound ran out before every pending handler call had finished.
+
+    Attributes:
+        pending: every (event, handler) call that was not finished, in the order it was due.
+    """
+
+    def __init__(self, message: str, *, pending: Sequence[PendingDelivery]) -> None:
+        super().__init__(message)
+        self.pending: tuple[PendingDelivery, ...] = tuple(pending)

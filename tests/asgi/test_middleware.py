@@ -1,0 +1,458 @@
+"""The ASGI middleware with real Starlette and FastAPI apps: after-response delivery, policies, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import BackgroundTasks, FastAPI
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from tidings import ConfigurationError, Event, EventBus, RequestErrorPolicy, TidingsMiddleware, emit
+from tidings.types import Message, Scope
+
+from ..conftest import Recorder
+
+pytestmark = pytest.mark.anyio
+
+Log = list[str]
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def call_asgi(app: Any, path: str, log: Log, method: str = "GET") -> None:
+    """Call an ASGI app directly, recording each message it sends into ``log``."""
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    received = False
+
+    async def receive() -> Message:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            log.append("body" if not message.get("more_body") else "chunk")
+        else:
+            log.append(message["type"])
+
+    await app(scope, receive, send)
+
+
+def starlette_app(bus: EventBus, routes: list[Any], **kwargs: Any) -> Starlette:
+    return Starlette(routes=routes, middleware=[Middleware(TidingsMiddleware, bus=bus)], **kwargs)
+
+
+async def test_handlers_run_after_the_last_body_chunk(bus: EventBus) -> None:
+    log: Log = []
+
+    @bus.on("page.viewed")
+    async def handler(event: Event) -> None:
+        log.append(f"handler:{event.payload}")
+
+    async def endpoint(request: Request) -> Response:
+        emit("page.viewed", 1)
+        log.append("endpoint")
+        emit("page.viewed", 2)
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    async with bus:
+        await call_asgi(app, "/", log)
+    assert log == ["endpoint", "http.response.start", "body", "handler:1", "handler:2"]
+
+
+async def test_streaming_responses_finish_before_handlers_start(bus: EventBus) -> None:
+    log: Log = []
+
+    @bus.on("stream.*")
+    async def handler(event: Event) -> None:
+        log.append(event.name)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        emit("stream.started")
+        for part in (b"a", b"b", b"c"):
+            yield part
+        emit("stream.finished")
+
+    async def endpoint(request: Request) -> Response:
+        return StreamingResponse(chunks())
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    async with bus:
+        await call_asgi(app, "/", log)
+    assert log[-2:] == ["stream.started", "stream.finished"]
+    assert log.index("body") < log.index("stream.started")
+    assert log.count("chunk") == 3
+
+
+async def test_fastapi_async_and_sync_endpoints_and_dependencies(bus: EventBus, recorder: Recorder) -> None:
+    from fastapi import Depends
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add((event.name, event.payload))
+
+    def current_user() -> str:
+        emit("auth.checked", "ann")
+        return "ann"
+
+    app = FastAPI()
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.post("/users")
+    async def create(user: str = Depends(current_user)) -> dict[str, str]:
+        emit("user.created", {"by": user})
+        return {"ok": user}
+
+    @app.post("/orders")
+    def place() -> dict[str, bool]:  # runs in the threadpool; emit still finds the request
+        emit("order.placed", 5)
+        return {"ok": True}
+
+    async with bus, client(app) as http:
+        assert (await http.post("/users")).status_code == 200
+        assert (await http.post("/orders")).status_code == 200
+    assert recorder.items == [
+        ("auth.checked", "ann"),
+        ("user.created", {"by": "ann"}),
+        ("order.placed", 5),
+    ]
+
+
+async def test_background_tasks_and_spawned_tasks_do_not_lose_events(
+    bus: EventBus, recorder: Recorder
+) -> None:
+    release = asyncio.Event()
+    spawned: list[asyncio.Task[None]] = []
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def later() -> None:
+        await release.wait()
+        emit("task.after.response")
+
+    app = FastAPI()
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.get("/")
+    async def endpoint(background: BackgroundTasks) -> dict[str, bool]:
+        emit("in.request")
+        background.add_task(emit, "in.background.task")
+        spawned.append(asyncio.create_task(later()))
+        return {"ok": True}
+
+    async with bus, client(app) as http:
+        assert (await http.get("/")).status_code == 200
+        assert recorder.items == ["in.request", "in.background.task"]
+        release.set()
+        await recorder.wait_count(3)
+        await spawned[0]
+    assert recorder.items[-1] == "task.after.response"
+
+
+async def test_a_request_that_raises_drops_its_events_by_default(
+    bus: EventBus, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def endpoint(request: Request) -> Response:
+        emit("user.created")
+        emit("user.welcomed")
+        raise RuntimeError("database is gone")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    async with (
+        bus,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t"
+        ) as http,
+    ):
+        assert (await http.get("/")).status_code == 500
+        await bus.drain()
+    assert recorder.items == []
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "2 event(s) of a request were dropped because the app raised RuntimeError" in warning[0].message
+    assert "'user.created', 'user.welcomed'" in warning[0].message
+
+
+@pytest.mark.parametrize("where", ["bus", "middleware"])
+async def test_the_deliver_policy_handles_a_failed_requests_events(where: str, recorder: Recorder) -> None:
+    bus = EventBus(request_errors="deliver" if where == "bus" else "drop")
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def endpoint(request: Request) -> Response:
+        emit("attempted")
+        raise RuntimeError("boom")
+
+    policy: RequestErrorPolicy | None = "deliver" if where == "middleware" else None
+    app = Starlette(
+        routes=[Route("/", endpoint)],
+        middleware=[Middleware(TidingsMiddleware, bus=bus, request_errors=policy)],
+    )
+    async with (
+        bus,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t"
+        ) as http,
+    ):
+        assert (await http.get("/")).status_code == 500
+    assert recorder.items == ["attempted"]
+
+
+async def test_http_exceptions_are_responses_so_events_are_delivered(
+    bus: EventBus, recorder: Recorder
+) -> None:
+    from fastapi import HTTPException
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    app = FastAPI()
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.get("/")
+    async def endpoint() -> None:
+        emit("login.failed")
+        raise HTTPException(status_code=401)
+
+    async with bus, client(app) as http:
+        assert (await http.get("/")).status_code == 401
+    assert recorder.items == ["login.failed"]
+
+
+async def test_a_cancelled_request_hands_its_events_to_the_bus(bus: EventBus, recorder: Recorder) -> None:
+    entered = asyncio.Event()
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def endpoint(request: Request) -> Response:
+        emit("before.cancel")
+        entered.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    async with bus:
+        task = asyncio.ensure_future(call_asgi(app, "/", []))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await recorder.wait_count(1) == ["before.cancel"]
+
+
+async def test_handler_failures_never_reach_the_server(bus: EventBus, failures: list[Any]) -> None:
+    @bus.on("x")
+    async def broken(event: Event) -> None:
+        raise RuntimeError("handler bug")
+
+    async def endpoint(request: Request) -> Response:
+        emit("x")
+        return JSONResponse({"ok": True})
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    async with bus, client(app) as http:  # ASGITransport re-raises app exceptions: none escapes
+        assert (await http.get("/")).json() == {"ok": True}
+    assert len(failures) == 1
+
+
+async def test_websocket_events_are_handled_while_the_connection_is_open(recorder: Recorder) -> None:
+    bus = EventBus()
+
+    @bus.on("ws.message")
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    async def chat(websocket: WebSocket) -> None:
+        await websocket.accept()
+        text = await websocket.receive_text()
+        emit("ws.message", text)
+        # the handler runs before the connection closes: the client's next receive proves it
+        await recorder.wait_count(1)
+        await websocket.send_text("seen")
+        await websocket.close()
+
+    app = starlette_app(bus, [WebSocketRoute("/ws", chat)])
+    with TestClient(app) as test_client, test_client.websocket_connect("/ws") as ws:
+        ws.send_text("hello")
+        assert ws.receive_text() == "seen"
+    assert recorder.items == ["hello"]
+
+
+def test_lifespan_starts_the_bus_before_startup_code_and_drains_before_shutdown_code() -> None:
+    bus = EventBus()
+    log: Log = []
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        await asyncio.sleep(0)
+        log.append(f"handled {event.name}")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        log.append("startup code")
+        emit("app.started")
+        yield
+        log.append("shutdown code")  # the pools handlers need are closed here
+        emit("app.stopping")
+
+    async def endpoint(request: Request) -> Response:
+        emit("request.seen")
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)], lifespan=lifespan)
+    with TestClient(app) as test_client:
+        assert test_client.get("/").text == "ok"
+        assert bus.state.value == "running"
+    assert log.index("handled request.seen") < log.index("shutdown code")
+    assert log[0] == "startup code"
+    assert "handled app.started" in log
+    assert log[-1] == "handled app.stopping"  # emitted by shutdown code, drained at the end
+    assert bus.state.value == "closed"
+
+
+def test_fastapi_lifespan_with_testclient(recorder: Recorder) -> None:
+    bus = EventBus()
+
+    @bus.on("*")
+    def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        emit("started")
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.get("/")
+    def index() -> dict[str, bool]:
+        emit("index")
+        return {"ok": True}
+
+    with TestClient(app) as test_client:
+        test_client.get("/")
+    assert sorted(recorder.items) == ["index", "started"]
+
+
+def test_without_lifespan_the_bus_starts_at_the_first_request(recorder: Recorder) -> None:
+    bus = EventBus()
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def endpoint(request: Request) -> Response:
+        emit("seen")
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    test_client = TestClient(app)  # no `with`: no lifespan, and a new event loop per request
+    test_client.get("/")
+    test_client.get("/")
+    assert recorder.items == ["seen", "seen"]
+
+
+async def test_two_apps_in_one_process_do_not_see_each_others_events(recorder: Recorder) -> None:
+    shop_bus, admin_bus = EventBus(name="shop"), EventBus(name="admin")
+
+    @shop_bus.on("*")
+    async def shop_handler(event: Event) -> None:
+        recorder.add(("shop", event.name))
+
+    @admin_bus.on("*")
+    async def admin_handler(event: Event) -> None:
+        recorder.add(("admin", event.name))
+
+    def app_for(bus: EventBus, name: str) -> Starlette:
+        async def endpoint(request: Request) -> Response:
+            emit(f"{name}.event")
+            return PlainTextResponse(name)
+
+        return starlette_app(bus, [Route("/", endpoint)])
+
+    shop, admin = app_for(shop_bus, "shop"), app_for(admin_bus, "admin")
+    async with shop_bus, admin_bus, client(shop) as shop_http, client(admin) as admin_http:
+        await asyncio.gather(shop_http.get("/"), admin_http.get("/"), shop_http.get("/"))
+    assert sorted(recorder.items) == [
+        ("admin", "admin.event"),
+        ("shop", "shop.event"),
+        ("shop", "shop.event"),
+    ]
+
+
+async def test_a_disabled_bus_passes_requests_through(recorder: Recorder) -> None:
+    bus = EventBus(enabled=False)
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def endpoint(request: Request) -> Response:
+        emit("ignored")
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    async with bus, client(app) as http:
+        assert (await http.get("/")).text == "ok"
+    assert recorder.items == []
+
+
+async def test_other_scope_types_pass_straight_through(bus: EventBus) -> None:
+    seen: list[str] = []
+
+    async def app(scope: Scope, receive: Callable[[], Awaitable[Message]], send: Any) -> None:
+        seen.append(scope["type"])
+
+    await TidingsMiddleware(app, bus=bus)({"type": "custom"}, None, None)  # type: ignore[arg-type]
+    assert seen == ["custom"]
+
+
+def test_bad_middleware_options_fail_at_construction() -> None:
+    async def app(scope: Scope, receive: Any, send: Any) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="bus=EventBus"):
+        TidingsMiddleware(app, bus="nope")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="request_errors"):
+        TidingsMiddleware(app, bus=EventBus(), request_errors="maybe")  # type: ignore[arg-type]

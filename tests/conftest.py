@@ -1,0 +1,77 @@
+"""Shared fixtures: an event loop backend per test, and a recorder that waits on conditions, not sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+import tidings
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"debug": True}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    backend: tuple[str, dict[str, Any]] = request.param
+    return backend
+
+
+class Recorder:
+    """Collects what handlers saw, from any thread, and lets a test wait for it under a deadline."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def add(self, item: Any) -> None:
+        with self._lock:
+            self.items.append(item)
+            waiters = list(self._waiters)
+        for loop, changed in waiters:
+            loop.call_soon_threadsafe(changed.set)
+
+    async def wait_for(self, condition: Callable[[list[Any]], bool], timeout: float = 5.0) -> list[Any]:
+        """Wait until ``condition(items)`` holds; fail the test with what was seen if it never does."""
+        loop = asyncio.get_running_loop()
+        try:
+            with anyio.fail_after(timeout):
+                while True:
+                    changed = asyncio.Event()
+                    with self._lock:
+                        if condition(self.items):
+                            return list(self.items)
+                        self._waiters.append((loop, changed))
+                    try:
+                        await changed.wait()
+                    finally:
+                        with self._lock:
+                            self._waiters.remove((loop, changed))
+        except TimeoutError:
+            pytest.fail(f"condition not met within {timeout}s; recorded: {self.items!r}")
+
+    async def wait_count(self, count: int, timeout: float = 5.0) -> list[Any]:
+        return await self.wait_for(lambda items: len(items) >= count, timeout)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def failures() -> list[tidings.HandlerError]:
+    return []
+
+
+@pytest.fixture
+def bus(failures: list[tidings.HandlerError]) -> tidings.EventBus:
+    return tidings.EventBus(on_failure=failures.append, name="test")
