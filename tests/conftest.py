@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
 import pytest
 
 import tidings
+from tidings._core.dispatcher import live_buses, unregister_running
 
 
 @pytest.fixture(
@@ -75,3 +76,13 @@ def failures() -> list[tidings.HandlerError]:
 @pytest.fixture
 def bus(failures: list[tidings.HandlerError]) -> tidings.EventBus:
     return tidings.EventBus(on_failure=failures.append, name="test")
+
+
+@pytest.fixture(autouse=True)
+def no_bus_left_running() -> Iterator[None]:
+    """Each test closes the buses it started (``async with bus`` or a lifespan), or uses a loop that closes."""
+    yield
+    leaked = live_buses()
+    for bus in leaked:
+        unregister_running(bus)  # keep the next tests independent of this failure
+    assert not leaked, f"test left running buses: {leaked}"

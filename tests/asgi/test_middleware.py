@@ -19,7 +19,15 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
-from tidings import ConfigurationError, Event, EventBus, RequestErrorPolicy, TidingsMiddleware, emit
+from tidings import (
+    BusStateError,
+    ConfigurationError,
+    Event,
+    EventBus,
+    RequestErrorPolicy,
+    TidingsMiddleware,
+    emit,
+)
 from tidings.types import Message, Scope
 
 from ..conftest import Recorder
@@ -392,6 +400,10 @@ def test_without_lifespan_the_bus_starts_at_the_first_request(recorder: Recorder
     test_client.get("/")
     test_client.get("/")
     assert recorder.items == ["seen", "seen"]
+    assert bus.state.value == "running"
+    assert not bus.loop_is_open()  # TestClient closed the loop of the last request
+    with pytest.raises(BusStateError, match="no tidings bus is running"):
+        emit("elsewhere")  # a bus on a closed loop cannot take events: it does not count
 
 
 async def test_two_apps_in_one_process_do_not_see_each_others_events(recorder: Recorder) -> None:

@@ -183,6 +183,11 @@ class EventBus:
         """The handler registry (read it to list handlers; register through :meth:`on`)."""
         return self._registry
 
+    def loop_is_open(self) -> bool:
+        """Whether the bus is bound to an event loop that has not been closed."""
+        loop = self._loop
+        return loop is not None and not loop.is_closed()
+
     @property
     def state(self) -> BusState:
         """The bus's lifecycle state."""

@@ -132,8 +132,13 @@ def emit(event: str | Enum, payload: Any = None) -> None:
     _emit_unscoped(event, payload)
 
 
+def live_buses() -> list[EventBus]:
+    """The buses running on an open event loop (one whose loop was closed under it cannot run)."""
+    return [bus for bus in tuple(_running_buses) if bus.loop_is_open()]
+
+
 def _emit_unscoped(event: str | Enum, payload: Any) -> None:
-    buses = tuple(_running_buses)
+    buses = live_buses()
     if len(buses) == 1:
         buses[0].emit(event, payload)
         return
