@@ -80,7 +80,7 @@ def bus(failures: list[tidings.HandlerError]) -> tidings.EventBus:
 
 @pytest.fixture(autouse=True)
 def no_bus_left_running() -> Iterator[None]:
-    """Each test closes the buses it started (``async with bus`` or a lifespan), or uses a loop that closes."""
+    """Each test closes the buses it started (``async with bus``, a lifespan) or lets their loop close."""
     yield
     leaked = live_buses()
     for bus in leaked:
