@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -468,3 +468,82 @@ def test_bad_middleware_options_fail_at_construction() -> None:
         TidingsMiddleware(app, bus="nope")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="request_errors"):
         TidingsMiddleware(app, bus=EventBus(), request_errors="maybe")  # type: ignore[arg-type]
+
+
+async def test_a_client_disconnecting_mid_stream_does_not_lose_the_requests_events(
+    bus: EventBus, recorder: Recorder
+) -> None:
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b"tick"
+            await asyncio.sleep(0)
+
+    async def endpoint(request: Request) -> Response:
+        emit("download.started")
+        return StreamingResponse(endless())
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    scope: Scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "headers": [],
+        "query_string": b"",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "root_path": "",
+        "scheme": "http",
+    }
+    messages: Iterator[Message] = iter([{"type": "http.request", "body": b""}, {"type": "http.disconnect"}])
+    chunks = 0
+
+    async def receive() -> Message:
+        await asyncio.sleep(0)
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: Message) -> None:
+        nonlocal chunks
+        chunks += 1
+
+    async with bus:
+        await app(scope, receive, send)
+    assert recorder.items == ["download.started"]
+
+
+async def test_events_nobody_handles_are_a_harmless_no_op(bus: EventBus, failures: list[Any]) -> None:
+    async def endpoint(request: Request) -> Response:
+        emit("nobody.listens", {"x": 1})
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    async with bus, client(app) as http:
+        assert (await http.get("/")).text == "ok"
+    assert failures == []
+
+
+def test_a_shutdown_drain_cut_off_is_logged_and_shutdown_still_completes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = EventBus(drain_timeout=0.1, handler_timeout=None)
+    log: Log = []
+
+    @bus.on("stuck")
+    async def hangs(event: Event) -> None:
+        await asyncio.Event().wait()
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        emit("stuck")  # its handler never returns
+        yield
+        log.append("shutdown code ran")
+
+    app = starlette_app(bus, [], lifespan=lifespan)
+    with TestClient(app):
+        pass
+    assert log == ["shutdown code ran"]
+    assert "drain bound ran out with 1 handler call(s) unfinished" in caplog.text
+    assert "hangs <- stuck" in caplog.text
+    assert bus.state.value == "closed"

@@ -11,7 +11,12 @@ from collections.abc import Callable, Mapping
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from ..exceptions import BusStateError, ConfigurationError, DrainTimeoutError, PendingDelivery
+from ..exceptions import (
+    BusStateError,
+    ConfigurationError,
+    DrainTimeoutError,
+    PendingDelivery,
+)
 from .dispatcher import (
     Record,
     Scope,
@@ -114,6 +119,7 @@ class EventBus:
         self._drain_deadline: float | None = None
         # The scope of contexts where events skip buffering: lifespan, websockets, disabled bus.
         self.direct_scope = Scope(self, None)
+        self.run_job = self._runner.run_job
 
     # -- registration ------------------------------------------------------------------------------
     def on(
@@ -227,6 +233,9 @@ class EventBus:
         if state is BusState.RUNNING or state is BusState.DRAINING:
             loop = self._loop
             assert loop is not None
+            if loop.is_closed():  # e.g. a test client's loop, closed without a lifespan shutdown
+                self._drop(record, "its event loop has closed")
+                return
             if threading.get_ident() == self._loop_thread:
                 self._accept(record)
                 return
@@ -259,13 +268,13 @@ class EventBus:
         records, self._outside = self._outside, []
         if not records or self._loop is None:
             return
-        scope = Scope(self, records)
-        job = Job(scope, None)
+        job = Job(self, records)
+        if not self._runner.start_job(job, None):
+            return  # nobody handles these events: no task
         # Handlers of outside events run in a clean context, not in whichever context emitted first.
         context = contextvars.Context()
-        context.run(set_scope, scope)
+        context.run(set_scope, job)
         job.task = self._loop.create_task(self._runner.run_job(job), context=context)
-        self._runner.add_job(job)
 
     def _drop(self, record: Record, why: str) -> None:
         logger.error(
@@ -279,13 +288,20 @@ class EventBus:
     def ensure_running(self) -> None:
         """Start the bus on the running loop if it is not running there yet (no lifespan ran).
 
+        Called for every request, so the common case is two attribute checks. A loop that closed
+        under the bus (a test client without lifespan makes one per request) is replaced.
+
         Raises:
             BusStateError: the bus runs on another, still open event loop.
         """
+        loop = self._loop
+        if self._state is BusState.RUNNING and loop is not None and not loop.is_closed():
+            return
+        self._ensure_running_slow()
+
+    def _ensure_running_slow(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is loop and self._state is not BusState.CLOSED:
-            if self._state is BusState.CREATED:
-                self._bind(loop)
             return
         if (
             self._loop is not None
@@ -297,15 +313,25 @@ class EventBus:
             )
         self._bind(loop)
 
-    async def run_request_job(self, scope: Scope) -> None:
-        """Run a finished request's buffered events in the current task."""
-        job = Job(scope, asyncio.current_task())
-        self._runner.add_job(job)
-        await self._runner.run_job(job)
+    def open_request(self) -> Job:
+        """A fresh scope for one request: it collects the request's events and becomes their job."""
+        return Job(self, [])
 
-    def discard_request_events(self, scope: Scope, reason: str) -> None:
+    def request_job(self, job: Job) -> bool:
+        """Prepare a finished request's events; ``False`` if no handler wants any of them.
+
+        When it returns ``True``, run the job with ``await bus.run_job(job)`` in the request's task.
+        """
+        return self._runner.request_job(job)
+
+    async def run_request_job(self, job: Job) -> None:
+        """Handle a finished request's buffered events in the current task."""
+        if self._runner.request_job(job):
+            await self._runner.run_job(job)
+
+    def discard_request_events(self, job: Job, reason: str) -> None:
         """Drop a failed request's events, naming each one in a warning."""
-        records, scope.buffer = scope.buffer or [], None
+        records, job.buffer = job.buffer or [], None
         if records:
             logger.warning(
                 "%d event(s) of a request were dropped because %s: %s",
@@ -314,9 +340,9 @@ class EventBus:
                 ", ".join(repr(r[0]) for r in records),
             )
 
-    def adopt(self, scope: Scope) -> None:
+    def adopt(self, job: Job) -> None:
         """Hand a request's events to the runner when the request's task cannot run them itself."""
-        records, scope.buffer = scope.buffer or [], None
+        records, job.buffer = job.buffer or [], None
         for record in records:
             self._submit(record)
 
@@ -341,7 +367,7 @@ class EventBus:
         Raises:
             BusStateError: the bus is already running on another event loop.
         """
-        self.ensure_running()
+        self._ensure_running_slow()
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every pending and in-flight handler call has finished.
@@ -387,6 +413,7 @@ class EventBus:
                 await asyncio.wait(tasks, timeout=1.0)
         finally:
             runner.lost = None
+        runner.report_unfinished(pending, "the drain bound ran out")
         message = (
             f"bus {self.name!r}: drain bound ran out with {len(pending)} handler call(s) "
             f"unfinished: " + ", ".join(f"{p.handler} <- {p.event.name} ({p.event.id})" for p in pending)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from datetime import UTC, datetime
+from time import time_ns
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -43,8 +44,9 @@ class Event:
         headers: read-only metadata (correlation ids, trace context); never part of the payload.
 
     ``id`` is a ULID: 26 characters, unique, and sortable by emit time (strictly increasing within a
-    process). ``time`` is the UTC time of the ``emit()`` call. Both are computed on first access, so
-    handlers that never read them pay nothing for them.
+    process). ``time`` is the UTC time of the ``emit()`` call (``timestamp_ns`` defaults to now, for
+    events built by hand in tests). ``id`` and ``time`` are computed on first access, so handlers that
+    never read them pay nothing for them.
     """
 
     __slots__ = ("_id", "_seq", "headers", "name", "payload", "timestamp_ns")
@@ -53,17 +55,15 @@ class Event:
         self,
         name: str,
         payload: Any = None,
-        *,
         headers: Mapping[str, str] = EMPTY_HEADERS,
-        timestamp_ns: int,
-        sequence: int | None = None,
+        timestamp_ns: int | None = None,
         id: str | None = None,
     ) -> None:
         self.name = name
         self.payload = payload
         self.headers = headers
-        self.timestamp_ns = timestamp_ns
-        self._seq = new_sequence() if sequence is None else sequence
+        self.timestamp_ns = time_ns() if timestamp_ns is None else timestamp_ns
+        self._seq = new_sequence()
         self._id = id
 
     @property

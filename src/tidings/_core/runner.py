@@ -11,8 +11,9 @@ call with all their events. One failing call is logged, reported to ``on_failure
 others still run.
 
 Timeouts are enforced by one watchdog timer per bus (not a timer per call, which would cost more than
-the call): each job records which call it is in and since when, and the watchdog cancels calls that
-overran. Its precision is a quarter of the smallest timeout, at most 0.5 s.
+the call): each job records which call it is in and since which watchdog tick, and the watchdog cancels
+calls that overran. A tick is a quarter of the smallest timeout, at most 0.5 s; a call is cancelled
+between its timeout and its timeout plus two ticks, never before.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import contextvars
 import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
 
@@ -32,11 +32,14 @@ from ..exceptions import (
     HandlerTimeoutError,
     PendingDelivery,
 )
+from .dispatcher import Scope
 from .envelope import EMPTY_HEADERS, Event
 from .registry import HandlerSpec, Registry
+from .threads import DaemonThreadPool
 
 if TYPE_CHECKING:
-    from .dispatcher import Record, Scope
+    from .bus import EventBus
+    from .dispatcher import Record
     from .policies import Limits
 
 __all__ = ["FailureHook", "Job", "Runner", "make_event"]
@@ -56,69 +59,51 @@ def _events_of(spec: HandlerSpec, arg: Any) -> list[Event]:
     return list(arg) if spec.batch else [arg]
 
 
-class Job:
-    """The state of one job, read by the watchdog and by drain's report of unfinished work."""
+class Job(Scope):
+    """A scope whose events are being handled: one request's, or one batch emitted outside requests.
 
-    __slots__ = (
-        "arg",
-        "async_calls",
-        "async_index",
-        "scope",
-        "spec",
-        "started",
-        "sync_arg",
-        "sync_calls",
-        "sync_index",
-        "sync_reported",
-        "sync_spec",
-        "sync_started",
-        "sync_stop",
-        "task",
-        "timed_out",
-    )
+    The request's scope *is* its job, so a request with events allocates nothing more. The job state
+    below is read by the watchdog and by drain's report of unfinished work; its defaults live on the
+    class (this subclass has a ``__dict__``), so a job that never needs a field never sets it.
+    """
 
-    def __init__(self, scope: Scope, task: asyncio.Task[Any] | None) -> None:
-        self.scope = scope
-        self.task = task
-        # the async call in progress (set on the loop)
-        self.spec: HandlerSpec | None = None
-        self.arg: Any = None
-        self.started = 0.0
-        self.timed_out = False
-        self.async_calls: list[Call] = []
-        self.async_index = 0
-        # the sync call in progress (set from the worker thread)
-        self.sync_spec: HandlerSpec | None = None
-        self.sync_arg: Any = None
-        self.sync_started = 0.0
-        self.sync_reported = False
-        self.sync_calls: list[Call] = []
-        self.sync_index = 0
-        self.sync_stop = False
+    task: asyncio.Task[Any] | None = None
+    # the async call in progress: async_calls[async_index], since watchdog time `started` (the loop)
+    async_calls: list[Call] = []  # noqa: RUF012 - replaced, never mutated
+    async_index = 0
+    started = 0.0
+    timed_out = False
+    # the sync calls, run in one thread hop; the one in progress is set from the worker thread
+    sync_calls: list[Call] = []  # noqa: RUF012 - replaced, never mutated
+    sync_index = 0
+    sync_spec: HandlerSpec | None = None
+    sync_arg: Any = None
+    sync_started = 0.0
+    sync_reported = False
+    sync_stop = False
+
+    def __init__(
+        self, bus: EventBus, buffer: list[Record] | None, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.bus = bus
+        self.buffer = buffer
+        self.headers = headers
 
     def unfinished(self, resolve: Callable[[str], tuple[HandlerSpec, ...]]) -> list[PendingDelivery]:
         """Every (event, handler) call this job has not finished, in the order it was due."""
         pending: list[PendingDelivery] = []
-        for calls, start in (
-            (self.async_calls, self.async_index),
-            (self.sync_calls, self.sync_index),
-        ):
+        for calls, start in ((self.async_calls, self.async_index), (self.sync_calls, self.sync_index)):
             for spec, arg in calls[start:]:
                 pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
-        for record in self.scope.buffer or ():
-            event = make_event(record, self.scope.headers)
+        for record in self.buffer or ():
+            event = make_event(record, self.headers)
             pending.extend(PendingDelivery(event, spec.name) for spec in resolve(event.name))
         return pending
 
 
 def make_event(record: Record, scope_headers: Mapping[str, str] | None) -> Event:
     name, payload, timestamp_ns, headers = record
-    return Event(
-        name,
-        payload,
-        headers=headers or scope_headers or EMPTY_HEADERS,
-        timestamp_ns=timestamp_ns,
-    )
+    return Event(name, payload, headers or scope_headers or EMPTY_HEADERS, timestamp_ns)
 
 
 class Runner:
@@ -130,8 +115,11 @@ class Runner:
         self.on_failure = on_failure
         self.jobs: set[Job] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: DaemonThreadPool | None = None
         self._running = 0
+        self._max_concurrency = limits.max_concurrency
+        # monotonic time as of the last watchdog tick: what a call's start is measured in
+        self.now = monotonic()
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._watch_handle: asyncio.TimerHandle | None = None
@@ -146,16 +134,15 @@ class Runner:
         self._slot_waiters.clear()
         self._watch_handle = None
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=self.limits.max_threads, thread_name_prefix="tidings-handler"
-            )
+            self._executor = DaemonThreadPool(self.limits.max_threads, "tidings-handler")
 
     def shutdown(self) -> None:
         if self._watch_handle is not None:
             self._watch_handle.cancel()
             self._watch_handle = None
         if self._executor is not None:
-            # Threads cannot be interrupted: a hung sync handler keeps its thread; we do not wait.
+            # Threads cannot be interrupted: a hung sync handler keeps its (daemon) thread; the drain
+            # bound has reported it, so we do not wait for it.
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
@@ -164,30 +151,79 @@ class Runner:
         self._tick = _MAX_TICK if smallest is None else max(_MIN_TICK, min(_MAX_TICK, smallest / 4))
 
     # -- running jobs ------------------------------------------------------------------------------
-    def add_job(self, job: Job) -> None:
+    def start_job(self, job: Job, task: asyncio.Task[Any] | None) -> bool:
+        """Sort ``job``'s buffered events into calls and track it; ``False`` if nobody handles them.
+
+        A job with nothing to call is not tracked and must not be run: events nobody listens to cost
+        a dictionary lookup each, not a job.
+        """
+        records, job.buffer = job.buffer or [], []
+        if not self._sort(records, job):
+            job.buffer = None
+            return False
+        job.task = task
         self.jobs.add(job)
         if self._watch_handle is None and self.loop is not None:
+            self.now = monotonic()
             self._watch_handle = self.loop.call_later(self._tick, self._watch)
+        return True
+
+    def request_job(self, job: Job) -> bool:
+        """:meth:`start_job` for a finished request, to be run in the request's own task."""
+        return self.start_job(job, asyncio.current_task(self.loop))
 
     async def run_job(self, job: Job) -> None:
-        """Run ``job`` to completion in the current task (the job must already be added)."""
+        """Run a started job to completion in the current task.
+
+        Deliberately one flat coroutine: each extra layer of ``await`` costs more per request than
+        the work of delivering one event (bench/README.md).
+        """
+        has_slot = False
         try:
-            if self._running < self.limits.max_concurrency:
+            if self._running < self._max_concurrency:
                 self._running += 1
             else:
                 await self._wait_for_slot()
-            try:
-                scope = job.scope
-                while scope.buffer:
-                    records, scope.buffer = scope.buffer, []
-                    await self._deliver(records, job)
-            except asyncio.CancelledError:
-                self._cancelled(job)
-                raise
-            finally:
-                job.scope.buffer = None  # later emits from this context go straight to the bus
-                self._release_slot()
+            has_slot = True
+            while True:
+                sync_future = self._start_sync(job) if job.sync_calls else None
+                for index, (spec, arg) in enumerate(job.async_calls):
+                    job.async_index = index
+                    job.started = self.now
+                    try:
+                        await spec.call(arg)
+                    except asyncio.CancelledError as exc:
+                        if not job.timed_out:
+                            if job.task is not None and job.task.cancelling():
+                                raise  # cancelled from outside (drain bound, server): not ours
+                            self._handler_cancelled(spec, arg, exc)
+                    except Exception as exc:
+                        self._handler_failed(spec, arg, exc)
+                    if job.timed_out:
+                        self._handler_timed_out(job, spec, arg)
+                job.async_calls = []
+                if sync_future is not None:
+                    try:
+                        await sync_future
+                    except asyncio.CancelledError:
+                        job.sync_stop = True  # the thread stops before its next call
+                        raise
+                    job.sync_calls = []
+                records = job.buffer  # events the handlers emitted: same job, right after
+                if not records:
+                    break
+                job.buffer = []
+                self._sort(records, job)
+        except asyncio.CancelledError:
+            self._cancelled(job)  # whether it ran or waited for a slot: say what did not run
+            raise
         finally:
+            job.buffer = None  # later emits from this context go straight to the bus
+            if has_slot:
+                if self._slot_waiters:
+                    self._release_slot()
+                else:
+                    self._running -= 1
             self.jobs.discard(job)
             if self._idle_waiters:
                 self._wake_idle_waiters()
@@ -201,7 +237,7 @@ class Runner:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._release_slot()  # the slot was handed to us as we were cancelled: pass it on
-            else:
+            elif waiter in self._slot_waiters:  # a release may have popped it already
                 self._slot_waiters.remove(waiter)
             raise
 
@@ -213,98 +249,58 @@ class Runner:
                 return
         self._running -= 1
 
-    async def _deliver(self, records: list[Record], job: Job) -> None:
+    def _sort(self, records: list[Record], job: Job) -> bool:
+        """Sort the calls for ``records`` into ``job``; ``False`` if there is nothing to call."""
         resolve = self.registry.resolve
-        scope_headers = job.scope.headers
+        scope_headers = job.headers or EMPTY_HEADERS
         async_calls: list[Call] = []
         sync_calls: list[Call] = []
         batches: dict[HandlerSpec, list[Event]] | None = None
-        for record in records:
-            handlers = resolve(record[0])
+        for name, payload, timestamp_ns, headers in records:
+            handlers = resolve(name)
             if not handlers:
                 continue
-            event = make_event(record, scope_headers)
+            event = Event(name, payload, headers or scope_headers, timestamp_ns)
             for spec in handlers:
                 if spec.batch:
                     if batches is None:
                         batches = {}
                     batches.setdefault(spec, []).append(event)
-                elif spec.is_async:
-                    async_calls.append((spec, event))
                 else:
-                    sync_calls.append((spec, event))
+                    (async_calls if spec.is_async else sync_calls).append((spec, event))
         if batches:
             for spec, events in batches.items():
                 (async_calls if spec.is_async else sync_calls).append((spec, events))
-
         job.async_calls = async_calls
         job.async_index = 0
-        sync_future: asyncio.Future[None] | None = None
         if sync_calls:
             job.sync_calls = sync_calls
             job.sync_index = 0
-            sync_future = self._start_sync(job)
-        if async_calls:
-            await self._run_async_calls(job)
-        if sync_future is not None:
-            try:
-                await sync_future
-            except asyncio.CancelledError:
-                job.sync_stop = True  # the thread stops before its next call
-                raise
-            job.sync_calls = []
+        return bool(async_calls or sync_calls)
 
-    async def _run_async_calls(self, job: Job) -> None:
+    def _handler_failed(self, spec: HandlerSpec, arg: Any, exc: Exception) -> None:
+        message = f"handler {spec.name} raised {type(exc).__name__}: {exc}"
+        self.report(HandlerError(message, events=_events_of(spec, arg), handler=spec.name), exc)
+
+    def _handler_cancelled(self, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
+        message = f"handler {spec.name} was cancelled"
+        error = HandlerCancelledError(message, events=_events_of(spec, arg), handler=spec.name)
+        self.report(error, exc)
+
+    def _handler_timed_out(self, job: Job, spec: HandlerSpec, arg: Any) -> None:
+        """The watchdog cancelled this call: take the cancellation back and report the timeout."""
         task = job.task
         assert task is not None
-        calls = job.async_calls
-        for index in range(len(calls)):
-            spec, arg = calls[index]
-            job.async_index = index
-            job.spec = spec
-            job.arg = arg
-            job.started = monotonic()
-            try:
-                await spec.call(arg)
-            except asyncio.CancelledError as exc:
-                if not job.timed_out:
-                    if task.cancelling():
-                        raise  # cancelled from outside (drain bound, server): not ours to swallow
-                    self.report(
-                        HandlerCancelledError(
-                            f"handler {spec.name} was cancelled",
-                            events=_events_of(spec, arg),
-                            handler=spec.name,
-                        ),
-                        exc,
-                    )
-            except Exception as exc:
-                self.report(
-                    HandlerError(
-                        f"handler {spec.name} raised {type(exc).__name__}: {exc}",
-                        events=_events_of(spec, arg),
-                        handler=spec.name,
-                    ),
-                    exc,
-                )
-            if job.timed_out:
-                job.timed_out = False
-                task.uncancel()
-                self.report(
-                    HandlerTimeoutError(
-                        f"handler {spec.name} timed out after {spec.timeout}s and was cancelled",
-                        events=_events_of(spec, arg),
-                        handler=spec.name,
-                    ),
-                    None,
-                )
-                if task.cancelling():
-                    raise asyncio.CancelledError
-        job.spec = None
-        job.async_index = len(calls)
-        job.async_calls = []
+        job.timed_out = False
+        task.uncancel()
+        message = f"handler {spec.name} timed out after {spec.timeout}s and was cancelled"
+        self.report(HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name), None)
+        if task.cancelling():  # someone else cancelled it too: that one stands
+            raise asyncio.CancelledError
 
     def _start_sync(self, job: Job) -> asyncio.Future[None]:
+        job.sync_index = 0
+        job.sync_stop = False
         assert self.loop is not None
         assert self._executor is not None
         # The thread sees the job's context, so sync handlers can emit and their events chain.
@@ -340,18 +336,16 @@ class Runner:
     # -- timeouts ----------------------------------------------------------------------------------
     def _watch(self) -> None:
         self._watch_handle = None
-        now = monotonic()
+        self.now = now = monotonic()
+        # job.started is the previous tick's time, so allow one tick more: never cancel early
+        slack = self._tick
         for job in tuple(self.jobs):
-            spec = job.spec
-            if (
-                spec is not None
-                and spec.timeout is not None
-                and not job.timed_out
-                and now - job.started > spec.timeout
-                and job.task is not None
-            ):
-                job.timed_out = True
-                job.task.cancel()
+            calls, index = job.async_calls, job.async_index
+            if index < len(calls) and not job.timed_out and job.task is not None:
+                timeout = calls[index][0].timeout
+                if timeout is not None and now - job.started > timeout + slack:
+                    job.timed_out = True
+                    job.task.cancel()
             sync_spec = job.sync_spec
             if (
                 sync_spec is not None
@@ -410,15 +404,13 @@ class Runner:
             len(pending),
             ", ".join(f"{p.handler} <- {p.event.name} ({p.event.id})" for p in pending),
         )
+        self.report_unfinished(pending, "its job was cancelled")
+
+    def report_unfinished(self, pending: Iterable[PendingDelivery], why: str) -> None:
+        """Report each call that will not finish to the failure hook (and the log)."""
         for item in pending:
-            self.report(
-                HandlerCancelledError(
-                    f"handler {item.handler} did not run: its job was cancelled",
-                    events=[item.event],
-                    handler=item.handler,
-                ),
-                None,
-            )
+            message = f"handler {item.handler} did not finish: {why}"
+            self.report(HandlerCancelledError(message, events=[item.event], handler=item.handler), None)
 
     # -- drain -------------------------------------------------------------------------------------
     def idle(self) -> bool:

@@ -1,0 +1,201 @@
+"""Lifecycle edges: loops that close, other loops, and what a drain bound cuts off."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import anyio
+import pytest
+
+from tidings import (
+    BusState,
+    BusStateError,
+    DrainTimeoutError,
+    Event,
+    EventBus,
+    HandlerCancelledError,
+    HandlerError,
+    Limits,
+    PendingDelivery,
+)
+from tidings._core.runner import Job
+
+from ..conftest import Recorder
+
+
+def test_emit_after_the_loop_closed_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    bus = EventBus()
+    asyncio.run(bus.start())  # the loop closes; nobody closed the bus
+    assert bus.state is BusState.RUNNING
+    bus.emit("late")  # from the loop's own thread
+    seen: list[BaseException] = []
+    thread = threading.Thread(target=lambda: bus.emit("late.thread"))
+    thread.start()
+    thread.join()
+    assert not seen
+    assert caplog.text.count("because its event loop has closed") == 2
+
+
+def test_a_bus_serves_one_loop_at_a_time() -> None:
+    bus = EventBus()
+    ready = threading.Event()
+    stop: asyncio.Event | None = None
+    other_loop: asyncio.AbstractEventLoop | None = None
+
+    async def hold() -> None:
+        nonlocal stop, other_loop
+        stop, other_loop = asyncio.Event(), asyncio.get_running_loop()
+        await bus.start()
+        ready.set()
+        await stop.wait()
+        await bus.aclose()
+
+    thread = threading.Thread(target=asyncio.run, args=(hold(),))
+    thread.start()
+    ready.wait(5)
+
+    async def second() -> None:
+        with pytest.raises(BusStateError, match="another event loop"):
+            await bus.start()
+
+    try:
+        asyncio.run(second())
+    finally:
+        assert other_loop is not None and stop is not None
+        other_loop.call_soon_threadsafe(stop.set)
+        thread.join(5)
+    assert bus.state is BusState.CLOSED
+
+
+@pytest.mark.anyio
+async def test_closing_a_bus_that_never_started() -> None:
+    bus = EventBus()
+    await bus.aclose()
+    assert bus.state is BusState.CLOSED
+    await bus.drain()  # nothing to drain: returns at once
+
+
+@pytest.mark.anyio
+async def test_the_drain_bound_reports_queued_jobs_and_outside_events_too() -> None:
+    bus = EventBus(handler_timeout=None, limits=Limits(max_concurrency=1))
+    entered = asyncio.Event()
+
+    @bus.on("stuck")
+    async def hangs(event: Event) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    await bus.start()
+    bus.emit("stuck", 1)
+    await entered.wait()
+    bus.emit("stuck", 2)  # its job waits for the only slot
+    await asyncio.sleep(0)
+    bus.emit("stuck", 3)  # still queued outside any job when the bound runs out
+    with pytest.raises(DrainTimeoutError) as caught:
+        await bus.drain(timeout=0.05)
+    assert sorted(p.event.payload for p in caught.value.pending) == [1, 2, 3]
+    await bus.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_drain_bound_stops_a_sync_batch_before_its_next_call() -> None:
+    bus = EventBus(handler_timeout=None)
+    release = threading.Event()
+    started = Recorder()
+
+    @bus.on("work")
+    def blocking(event: Event) -> None:
+        started.add(event.payload)
+        release.wait(5)
+
+    async with bus:
+        for i in range(3):
+            bus.emit("work", i)
+        await started.wait_count(1)
+        with pytest.raises(DrainTimeoutError) as caught:
+            await bus.drain(timeout=0.05)
+        assert [p.event.payload for p in caught.value.pending] == [0, 1, 2]
+        release.set()
+    assert started.items == [0]  # the calls after the cut-off never ran
+
+
+@pytest.mark.anyio
+async def test_a_request_task_cancelled_mid_handlers_reports_what_did_not_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failures: list[HandlerError] = []
+    bus = EventBus(on_failure=failures.append)
+    entered = asyncio.Event()
+
+    @bus.on("a")
+    async def hangs(event: Event) -> None:
+        entered.set()
+        await asyncio.Event().wait()
+
+    @bus.on("a")
+    async def later(event: Event) -> None: ...
+
+    async with bus:
+        task = asyncio.create_task(bus.run_request_job(_scope_with(bus, "a")))
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert [type(f) for f in failures] == [HandlerCancelledError, HandlerCancelledError]
+    assert [f.handler.rsplit(".", 1)[-1] for f in failures] == ["hangs", "later"]
+    assert "cancelled with 2 call(s) unfinished" in caplog.text
+    assert all(r.levelno == logging.ERROR for r in caplog.records)
+
+
+def _scope_with(bus: EventBus, name: str) -> Job:
+    from time import time_ns
+
+    return Job(bus, [(name, None, time_ns(), None)])
+
+
+@pytest.mark.anyio
+async def test_bus_emit_inside_a_request_is_buffered_like_emit() -> None:
+    from tidings._core.dispatcher import Scope, reset_scope, set_scope
+
+    bus = EventBus()
+    async with bus:
+        scope = Scope(bus, [])
+        token = set_scope(scope)
+        try:
+            bus.emit("buffered", 1, headers={"correlation-id": "c"})
+        finally:
+            reset_scope(token)
+        assert scope.buffer is not None
+        assert [(r[0], r[1], r[3]) for r in scope.buffer] == [("buffered", 1, {"correlation-id": "c"})]
+
+
+def test_pending_delivery_value_semantics() -> None:
+    event = Event("a", timestamp_ns=0)
+    one, same = PendingDelivery(event, "h"), PendingDelivery(event, "h")
+    assert one == same and hash(one) == hash(same)
+    assert one != PendingDelivery(event, "other")
+    assert one != "h"
+    assert repr(one) == f"PendingDelivery(event='a', id={event.id}, handler='h')"
+
+
+@pytest.mark.anyio
+async def test_on_failure_hears_of_a_call_the_drain_bound_cut_off() -> None:
+    failures: list[HandlerError] = []
+    bus = EventBus(drain_timeout=0.2, handler_timeout=None, on_failure=failures.append)
+    started = asyncio.Event()
+
+    @bus.on("stuck")
+    async def hang_forever(event: Event) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    with anyio.fail_after(5):
+        async with bus:
+            bus.emit("stuck")
+            await started.wait()
+        # aclose() drained for 0.2 s, cancelled the call, logged it ... and told on_failure?
+    assert [(type(f), f.handler.rsplit(".", 1)[-1], f.event.name) for f in failures] == [
+        (HandlerCancelledError, "hang_forever", "stuck")
+    ]
