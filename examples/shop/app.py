@@ -1,0 +1,139 @@
+"""A small in-memory shop that shows tidings off, with no broker.
+
+Run it (from the repository root) with either of::
+
+    uv run uvicorn examples.shop.app:app
+    uv run python -m examples.shop
+
+then try::
+
+    curl -X POST localhost:8000/users -H 'content-type: application/json' -d '{"email": "ada@example.com"}'
+    curl -X POST localhost:8000/orders -H 'content-type: application/json' \\
+         -d '{"user_id": 1, "item": "teapot", "quantity": 2, "unit_price": 12.5}'
+    curl -X POST localhost:8000/orders -H 'content-type: application/json' \\
+         -d '{"user_id": 1, "item": "gremlin", "unit_price": 1}'     # notify_warehouse fails on purpose
+    curl -X POST localhost:8000/orders/1/cancel
+    curl localhost:8000/stats
+
+Each endpoint only calls ``emit()``; the handlers in :mod:`examples.shop.handlers` run after the
+response has been sent (watch the server log). ``/stats`` shows what they did. Stop the server with
+Ctrl+C: pending handlers finish before the lifespan's shutdown code runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, Field
+
+from tidings import TidingsMiddleware, emit
+
+from .handlers import Stats, bus, stats
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
+logger = logging.getLogger("shop")
+
+
+class NewUser(BaseModel):
+    email: str
+
+
+class User(BaseModel):
+    id: int
+    email: str
+
+
+class NewOrder(BaseModel):
+    user_id: int
+    item: str
+    quantity: int = Field(default=1, ge=1)
+    unit_price: float = Field(gt=0)
+
+
+class Order(BaseModel):
+    id: int
+    user_id: int
+    item: str
+    quantity: int
+    total: float
+    status: Literal["placed", "cancelled"] = "placed"
+
+
+class Store:
+    """The shop's "database"."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.users: dict[int, User] = {}
+        self.orders: dict[int, Order] = {}
+        self.user_ids = itertools.count(1)
+        self.order_ids = itertools.count(1)  # next() on a count is atomic: fine from the thread pool
+
+
+store = Store()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    store.reset()
+    stats.reset()
+    emit("shop.opened")  # TidingsMiddleware started the bus before this code runs
+    yield
+    # The middleware drained every pending handler before this line: they could still use
+    # whatever this lifespan is about to close.
+    logger.info("shop closed after %d event(s)", len(stats.audited))
+
+
+app = FastAPI(title="tidings shop", lifespan=lifespan)
+app.add_middleware(TidingsMiddleware, bus=bus)
+
+
+@app.post("/users", status_code=201)
+async def create_user(body: NewUser) -> User:
+    user = User(id=next(store.user_ids), email=body.email)
+    store.users[user.id] = user
+    emit("user.created", user.model_dump())
+    return user
+
+
+@app.post("/orders", status_code=201)
+def place_order(body: NewOrder) -> Order:
+    """A plain ``def`` endpoint: FastAPI runs it in a thread pool, and ``emit()`` works there too."""
+    if body.user_id not in store.users:
+        raise HTTPException(status_code=404, detail=f"no user {body.user_id}")
+    order = Order(
+        id=next(store.order_ids),
+        user_id=body.user_id,
+        item=body.item,
+        quantity=body.quantity,
+        total=body.quantity * body.unit_price,
+    )
+    store.orders[order.id] = order
+    emit("order.placed", order.model_dump())
+    emit("stock.reserved", {"item": order.item, "quantity": order.quantity})
+    return order
+
+
+@app.post("/orders/{order_id}/cancel")
+async def cancel_order(order_id: int) -> Order:
+    order = store.orders.get(order_id)
+    if order is None:
+        raise HTTPException(status_code=404, detail=f"no order {order_id}")
+    if order.status == "cancelled":
+        raise HTTPException(status_code=409, detail=f"order {order_id} is already cancelled")
+    order.status = "cancelled"
+    emit("order.cancelled", order.model_dump())
+    emit("stock.released", {"item": order.item, "quantity": order.quantity})
+    return order
+
+
+@app.get("/stats")
+async def get_stats() -> Stats:
+    return stats

@@ -1,0 +1,107 @@
+"""The shop's event handlers: what happens *because* something happened.
+
+None of them delays a response: tidings runs them after the response has been sent. A handler that
+raises is logged and reported to ``on_failure``; the other handlers of the event still run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from tidings import Event, EventBus, HandlerError, emit
+
+__all__ = ["AnalyticsForwarder", "Stats", "bus", "stats"]
+
+logger = logging.getLogger("shop")
+
+
+@dataclass
+class Stats:
+    """What the handlers did (served by ``GET /stats``)."""
+
+    opened: bool = False
+    emails_sent: list[str] = field(default_factory=list)
+    orders_placed: int = 0
+    orders_shipped: list[int] = field(default_factory=list)
+    orders_confirmed: list[int] = field(default_factory=list)
+    orders_cancelled: int = 0
+    revenue: float = 0.0
+    audited: list[str] = field(default_factory=list)
+    analytics_batches: list[list[str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def reset(self) -> None:
+        vars(self).update(vars(Stats()))
+
+
+stats = Stats()
+
+
+def record_failure(error: HandlerError) -> None:
+    """tidings has logged the failure with its traceback already; we also count it."""
+    stats.failures.append(f"{error.handler.rsplit('.', 1)[-1]}: {error.__cause__!r}")
+
+
+bus = EventBus(handler_timeout=5.0, on_failure=record_failure, name="shop")
+
+
+@bus.on("*")
+def audit(event: Event) -> None:
+    """A plain ``def`` handler for every event: it runs in a worker thread, so blocking I/O is fine."""
+    logger.info("audit: %s %s %r", event.id, event.name, event.payload)
+    stats.audited.append(event.name)  # list.append is atomic: safe from the worker thread
+
+
+@bus.on("shop.opened")
+async def mark_open(event: Event) -> None:
+    stats.opened = True
+
+
+@bus.on("user.created")
+async def send_welcome_email(event: Event) -> None:
+    logger.info("sending a welcome email to %s", event.payload["email"])
+    stats.emails_sent.append(event.payload["email"])
+
+
+@bus.on("order.placed")
+async def count_order(event: Event) -> None:
+    stats.orders_placed += 1
+    stats.revenue += event.payload["total"]
+
+
+@bus.on("order.placed")
+async def notify_warehouse(event: Event) -> None:
+    """Fails on purpose for gremlins, to show that one failing handler does not stop the others."""
+    if event.payload["item"] == "gremlin":
+        raise RuntimeError("the warehouse refuses to ship gremlins")
+    stats.orders_shipped.append(event.payload["id"])
+
+
+@bus.on("order.placed")
+async def confirm_order(event: Event) -> None:
+    """Chaining: an event emitted by a handler is handled right after, in the same job."""
+    emit("order.confirmed", {"id": event.payload["id"]})
+
+
+@bus.on("order.confirmed")
+async def record_confirmation(event: Event) -> None:
+    stats.orders_confirmed.append(event.payload["id"])
+
+
+@bus.on("order.cancelled")
+async def refund(event: Event) -> None:
+    stats.orders_cancelled += 1
+    stats.revenue -= event.payload["total"]
+
+
+class AnalyticsForwarder:
+    """A batch handler: ``handle_many`` gets every matching event of one request in one call,
+    so a real forwarder would make one upstream call per batch instead of one per event."""
+
+    async def handle_many(self, events: list[Event]) -> None:
+        logger.info("forwarding %d event(s) to analytics", len(events))
+        stats.analytics_batches.append([event.name for event in events])
+
+
+bus.subscribe(AnalyticsForwarder(), "user.*", "order.*", "stock.*")
