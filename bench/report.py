@@ -1,0 +1,251 @@
+"""Turn raw samples into medians, ratios, target checks and a Markdown table."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from .apps import SystemName
+
+__all__ = ["BASELINE", "COLUMNS", "Measurement", "Results", "Row", "build_rows", "render_markdown"]
+
+TIMES: Final = "\N{MULTIPLICATION SIGN}"
+DASH: Final = "\N{EN DASH}"
+BASELINE: Final = "baseline"
+"""Variant name of a measurement that stands for every variant (a bare framework emits nothing)."""
+
+COLUMNS: Final[tuple[tuple[SystemName, str], ...]] = (
+    ("starlette", "bare Starlette"),
+    ("tidings", "tidings"),
+    ("fastapi-events", "fastapi-events"),
+    ("litestar", "Litestar events"),
+    ("litestar-bare", "bare Litestar"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """All samples of one (scenario, system, variant); one sample per repeat."""
+
+    scenario: str
+    system: SystemName
+    variant: str
+    unit: str
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the samples: how noisy the repeats were."""
+        return (max(self.samples) - min(self.samples)) / self.median if self.median else 0.0
+
+
+@dataclass(slots=True)
+class Results:
+    measurements: dict[tuple[str, str, str], Measurement] = field(default_factory=dict)
+
+    def add(self, m: Measurement) -> None:
+        self.measurements[(m.scenario, m.system, m.variant)] = m
+
+    def median(self, scenario: str, system: str, variant: str) -> float | None:
+        m = self.measurements.get((scenario, system, variant))
+        return None if m is None else m.median
+
+
+Comparison = Literal["<=", ">="]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A bound on tidings' figure: ``value <op> bound`` (the value may itself be a ratio)."""
+
+    op: Comparison
+    bound: float
+    text: str
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.op == "<=" else value >= self.bound
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of the table: a figure for every system, and tidings' target check."""
+
+    scenario: str
+    metric: str
+    cells: dict[str, str]
+    values: dict[str, float]
+    target: str
+    met: bool | None  # None: no target, or tidings was not measured
+
+    @property
+    def met_text(self) -> str:
+        return "" if self.met is None else ("✅ met" if self.met else "❌ not met")
+
+
+def _num(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2f}{TIMES}"
+
+
+def _row(
+    scenario: str,
+    metric: str,
+    values: dict[str, float],
+    fmt: Callable[[float], str],
+    target: Target | None = None,
+    checked: float | None = None,
+) -> Row:
+    cells = {system: fmt(v) for system, v in values.items()}
+    met = None if target is None or checked is None else target.met(checked)
+    return Row(scenario, metric, cells, values, target.text if target else "", met)
+
+
+def build_rows(results: Results) -> list[Row]:
+    """Every table row that has at least one measured figure."""
+    rows: list[Row] = []
+    med = results.median
+
+    def collect(scenario: str, variant: str) -> dict[str, float]:
+        """Each system's median for ``variant``, or its variant-independent "baseline" median."""
+        values: dict[str, float] = {}
+        for system, _ in COLUMNS:
+            value = med(scenario, system, variant)
+            if value is None:
+                value = med(scenario, system, BASELINE)
+            if value is not None:
+                values[system] = value
+        return values
+
+    # 1. emit cost
+    emit = collect("emit", "")
+    if emit:
+        rows.append(
+            _row(
+                "emit cost (in a request)",
+                "µs per emit call",
+                emit,
+                lambda v: _num(v, 3),
+                Target("<=", 0.5, "≤ 0.5 µs"),
+                emit.get("tidings"),
+            )
+        )
+
+    # 2. in-process ASGI requests/s
+    bare = med("requests", "starlette", BASELINE)
+    bare_litestar = med("requests", "litestar-bare", BASELINE)
+    targets = {
+        "1": Target(">=", 0.75, f"≥ 0.75{TIMES} bare"),
+        "10": Target(">=", 0.40, f"≥ 0.40{TIMES} bare"),
+    }
+    for events in ("0", "1", "10"):
+        us = collect("requests", events)
+        if not us or (set(us) <= {"starlette", "litestar-bare"} and events != "0"):
+            continue
+        rps = {system: 1e6 / v for system, v in us.items()}
+
+        def fmt_rps(v: float) -> str:
+            return f"{_num(v)} ({_ratio(v * bare / 1e6)})" if bare else _num(v)
+
+        ratio = None if bare is None or "tidings" not in us else bare / us["tidings"]
+        label = f"{events} event{'s' if events != '1' else ''}/request"
+        rows.append(
+            _row(
+                "in-process ASGI",
+                f"req/s ({label}; {TIMES} bare Starlette)",
+                rps,
+                fmt_rps,
+                targets.get(events),
+                ratio,
+            )
+        )
+        if events == "0":
+            overhead: dict[str, float] = {}
+            for system, v in us.items():
+                if system in ("tidings", "fastapi-events") and bare is not None:
+                    overhead[system] = v - bare
+                elif system == "litestar" and bare_litestar is not None:
+                    overhead[system] = v - bare_litestar
+            if overhead:
+                rows.append(
+                    _row(
+                        "in-process ASGI",
+                        "middleware cost with no events, µs/request over its bare framework",
+                        overhead,
+                        lambda v: _num(v, 2),
+                        Target("<=", 1.0, "≤ 1 µs"),
+                        overhead.get("tidings"),
+                    )
+                )
+
+    # 3. 1,000 events in one request
+    for kind, bound, text in (("async", 500_000, "≥ 500k events/s"), ("sync", 150_000, "≥ 150k events/s")):
+        eps = collect("burst", kind)
+        if eps:
+            rows.append(
+                _row(
+                    "1,000 events in one request",
+                    f"events/s to one {kind} no-op handler",
+                    eps,
+                    lambda v: _num(v),
+                    Target(">=", bound, text),
+                    eps.get("tidings"),
+                )
+            )
+
+    # 4. uvicorn + wrk
+    wrk_rps = collect("wrk", "rps")
+    if wrk_rps:
+        bare_rps = wrk_rps.get("starlette")
+        p50 = collect("wrk", "p50")
+        p99 = collect("wrk", "p99")
+        bare_p99 = p99.get("starlette")
+
+        def rel(value: float, base: float | None) -> str:
+            return f" ({_ratio(value / base)})" if base else ""
+
+        tid_rps = wrk_rps.get("tidings")
+        tid_p99 = p99.get("tidings")
+        scenario = "uvicorn + wrk, 1 event/request"
+        rows.append(
+            _row(
+                scenario,
+                f"req/s ({TIMES} bare Starlette)",
+                wrk_rps,
+                lambda v: _num(v) + rel(v, bare_rps),
+                Target(">=", 0.95, f"≥ 0.95{TIMES} bare"),
+                None if tid_rps is None or not bare_rps else tid_rps / bare_rps,
+            )
+        )
+        rows.append(_row(scenario, "p50 latency, ms", p50, lambda v: _num(v, 2)))
+        rows.append(
+            _row(
+                scenario,
+                f"p99 latency, ms ({TIMES} bare Starlette)",
+                p99,
+                lambda v: _num(v, 2) + rel(v, bare_p99),
+                Target("<=", 1.2, f"≤ 1.2{TIMES} bare"),
+                None if tid_p99 is None or not bare_p99 else tid_p99 / bare_p99,
+            )
+        )
+    return rows
+
+
+def render_markdown(rows: Sequence[Row]) -> str:
+    """The results as one Markdown table (targets apply to tidings' figure)."""
+    header = ["Scenario", "Metric", *(title for _, title in COLUMNS), "tidings target", "Met?"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = [row.scenario, row.metric, *(row.cells.get(system, DASH) for system, _ in COLUMNS)]
+        lines.append("| " + " | ".join([*cells, row.target or DASH, row.met_text or DASH]) + " |")
+    return "\n".join(lines)
