@@ -119,6 +119,10 @@ class EventBus:
         self._drain_deadline: float | None = None
         # The scope of contexts where events skip buffering: lifespan, websockets, disabled bus.
         self.direct_scope = Scope(self, None)
+        # The middleware's per-request calls, bound once (an extra call layer costs per request):
+        # request_job(job) -> bool prepares a finished request's events (False: nobody handles
+        # them); run_job(job) then runs them in the request's own task.
+        self.request_job = self._runner.request_job
         self.run_job = self._runner.run_job
 
     # -- registration ------------------------------------------------------------------------------
@@ -316,13 +320,6 @@ class EventBus:
     def open_request(self) -> Job:
         """A fresh scope for one request: it collects the request's events and becomes their job."""
         return Job(self, [])
-
-    def request_job(self, job: Job) -> bool:
-        """Prepare a finished request's events; ``False`` if no handler wants any of them.
-
-        When it returns ``True``, run the job with ``await bus.run_job(job)`` in the request's task.
-        """
-        return self._runner.request_job(job)
 
     async def run_request_job(self, job: Job) -> None:
         """Handle a finished request's buffered events in the current task."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+from asyncio import current_task
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from time import monotonic
@@ -170,7 +171,7 @@ class Runner:
 
     def request_job(self, job: Job) -> bool:
         """:meth:`start_job` for a finished request, to be run in the request's own task."""
-        return self.start_job(job, asyncio.current_task(self.loop))
+        return self.start_job(job, current_task(self.loop))
 
     async def run_job(self, job: Job) -> None:
         """Run a started job to completion in the current task.
