@@ -25,6 +25,7 @@ EXPECTED = [
     "Limits",
     "PendingDelivery",
     "RequestErrorPolicy",
+    "RequestHandlerMode",
     "TidingsError",
     "TidingsMiddleware",
     "emit",

@@ -24,6 +24,7 @@ from ._core.dispatcher import emit as emit
 from ._core.envelope import Event as Event
 from ._core.policies import Limits as Limits
 from ._core.policies import RequestErrorPolicy as RequestErrorPolicy
+from ._core.policies import RequestHandlerMode as RequestHandlerMode
 from ._core.registry import HandlerSpec as HandlerSpec
 from ._core.runner import FailureHook as FailureHook
 from .asgi.middleware import TidingsMiddleware as TidingsMiddleware
@@ -51,6 +52,7 @@ __all__ = [
     "Limits",
     "PendingDelivery",
     "RequestErrorPolicy",
+    "RequestHandlerMode",
     "TidingsError",
     "TidingsMiddleware",
     "emit",

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import BackgroundTasks, FastAPI
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -20,8 +21,8 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
 from tidings import (
-    BusStateError,
     ConfigurationError,
+    DrainTimeoutError,
     Event,
     EventBus,
     RequestErrorPolicy,
@@ -190,58 +191,62 @@ async def test_background_tasks_and_spawned_tasks_do_not_lose_events(
     assert recorder.items[-1] == "task.after.response"
 
 
-async def test_a_request_that_raises_drops_its_events_by_default(
-    bus: EventBus, recorder: Recorder, caplog: pytest.LogCaptureFixture
-) -> None:
-    @bus.on("*")
-    async def handler(event: Event) -> None:
-        recorder.add(event.name)
+def failing_app(
+    bus: EventBus, *, after_response: bool = False, request_errors: RequestErrorPolicy | None = None
+) -> Starlette:
+    """An app whose endpoint emits two events and raises, before or after its response started."""
 
     async def endpoint(request: Request) -> Response:
         emit("user.created")
         emit("user.welcomed")
-        raise RuntimeError("database is gone")
+        if not after_response:
+            raise RuntimeError("database is gone")
 
-    app = starlette_app(bus, [Route("/", endpoint)])
-    async with (
-        bus,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t"
-        ) as http,
-    ):
-        assert (await http.get("/")).status_code == 500
+        async def fail() -> None:
+            raise RuntimeError("background task failed")
+
+        return PlainTextResponse("ok", background=BackgroundTask(fail))
+
+    middleware = Middleware(TidingsMiddleware, bus=bus, request_errors=request_errors)
+    return Starlette(routes=[Route("/", endpoint)], middleware=[middleware])
+
+
+async def get_ignoring_app_errors(bus: EventBus, app: Starlette) -> int:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with bus, httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        status = (await http.get("/")).status_code
         await bus.drain()
-    assert recorder.items == []
-    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert "2 event(s) of a request were dropped because the app raised RuntimeError" in warning[0].message
-    assert "'user.created', 'user.welcomed'" in warning[0].message
+    return status
+
+
+async def test_a_request_that_raises_delivers_its_events_by_default(recorder: Recorder) -> None:
+    bus = EventBus()
+    assert bus.request_errors == "deliver"
+    bus.on("*")(lambda event: recorder.add(event.name))
+    assert await get_ignoring_app_errors(bus, failing_app(bus)) == 500
+    assert recorder.items == ["user.created", "user.welcomed"]
 
 
 @pytest.mark.parametrize("where", ["bus", "middleware"])
-async def test_the_deliver_policy_handles_a_failed_requests_events(where: str, recorder: Recorder) -> None:
-    bus = EventBus(request_errors="deliver" if where == "bus" else "drop")
+async def test_the_drop_policy_discards_a_failed_requests_events_with_a_warning(
+    where: str, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = EventBus(request_errors="drop" if where == "bus" else "deliver")
+    bus.on("*")(lambda event: recorder.add(event.name))
+    policy: RequestErrorPolicy | None = "drop" if where == "middleware" else None
+    assert await get_ignoring_app_errors(bus, failing_app(bus, request_errors=policy)) == 500
+    assert recorder.items == []
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "2 event(s) of a request were dropped because the app raised RuntimeError" in warning.message
+    assert "'user.created', 'user.welcomed'" in warning.message
 
-    @bus.on("*")
-    async def handler(event: Event) -> None:
-        recorder.add(event.name)
 
-    async def endpoint(request: Request) -> Response:
-        emit("attempted")
-        raise RuntimeError("boom")
-
-    policy: RequestErrorPolicy | None = "deliver" if where == "middleware" else None
-    app = Starlette(
-        routes=[Route("/", endpoint)],
-        middleware=[Middleware(TidingsMiddleware, bus=bus, request_errors=policy)],
-    )
-    async with (
-        bus,
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://t"
-        ) as http,
-    ):
-        assert (await http.get("/")).status_code == 500
-    assert recorder.items == ["attempted"]
+async def test_the_drop_policy_delivers_once_the_response_has_started(recorder: Recorder) -> None:
+    bus = EventBus(request_errors="drop")
+    bus.on("*")(lambda event: recorder.add(event.name))
+    app = failing_app(bus, after_response=True)  # a background task raises after the 200
+    assert await get_ignoring_app_errors(bus, app) == 200
+    assert recorder.items == ["user.created", "user.welcomed"]
 
 
 async def test_http_exceptions_are_responses_so_events_are_delivered(
@@ -384,7 +389,9 @@ def test_fastapi_lifespan_with_testclient(recorder: Recorder) -> None:
     assert sorted(recorder.items) == ["index", "started"]
 
 
-def test_without_lifespan_the_bus_starts_at_the_first_request(recorder: Recorder) -> None:
+def test_without_lifespan_the_bus_starts_at_the_first_request(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
     bus = EventBus()
 
     @bus.on("*")
@@ -402,8 +409,9 @@ def test_without_lifespan_the_bus_starts_at_the_first_request(recorder: Recorder
     assert recorder.items == ["seen", "seen"]
     assert bus.state.value == "running"
     assert not bus.loop_is_open()  # TestClient closed the loop of the last request
-    with pytest.raises(BusStateError, match="no tidings bus is running"):
-        emit("elsewhere")  # a bus on a closed loop cannot take events: it does not count
+    emit("elsewhere")  # a bus on a closed loop cannot take events: it does not count
+    assert "event 'elsewhere' was dropped" in caplog.text
+    assert "no tidings bus is running" in caplog.text
 
 
 async def test_two_apps_in_one_process_do_not_see_each_others_events(recorder: Recorder) -> None:
@@ -546,4 +554,101 @@ def test_a_shutdown_drain_cut_off_is_logged_and_shutdown_still_completes(
     assert log == ["shutdown code ran"]
     assert "drain bound ran out with 1 handler call(s) unfinished" in caplog.text
     assert "hangs <- stuck" in caplog.text
+    assert bus.state.value == "closed"
+
+
+async def test_task_mode_runs_a_requests_handlers_in_a_bus_task_after_the_request(recorder: Recorder) -> None:
+    bus = EventBus(request_handlers="task")
+    gate = asyncio.Event()
+    request_tasks: list[asyncio.Task[Any] | None] = []
+
+    @bus.on("order.*")
+    async def handler(event: Event) -> None:
+        await gate.wait()
+        recorder.add((event.name, asyncio.current_task() in request_tasks))
+        if event.name == "order.placed":
+            emit("order.confirmed")
+
+    async def endpoint(request: Request) -> Response:
+        request_tasks.append(asyncio.current_task())
+        emit("order.placed")
+        emit("order.paid")
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    log: Log = []
+    async with bus:
+        await call_asgi(app, "/", log)  # returns while the handler still waits on the gate
+        assert log == ["http.response.start", "body"]
+        assert recorder.items == []
+        gate.set()
+        items = await recorder.wait_count(3)
+    assert items == [("order.placed", False), ("order.paid", False), ("order.confirmed", False)]
+
+
+async def test_task_mode_handlers_are_cut_off_by_the_drain_bound(caplog: pytest.LogCaptureFixture) -> None:
+    failures: list[Any] = []
+    bus = EventBus(request_handlers="task", handler_timeout=None, on_failure=failures.append)
+    started = asyncio.Event()
+
+    @bus.on("stuck")
+    async def hangs(event: Event) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async def endpoint(request: Request) -> Response:
+        emit("stuck")
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    async with bus:
+        await call_asgi(app, "/", [])
+        await started.wait()
+        with pytest.raises(DrainTimeoutError) as caught:
+            await bus.drain(timeout=0.05)
+    assert [p.event.name for p in caught.value.pending] == ["stuck"]
+    assert len(failures) == 1
+
+
+def test_request_handlers_option_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="request_handlers"):
+        EventBus(request_handlers="thread")  # type: ignore[arg-type]  # the point of the test
+
+
+async def test_sync_endpoints_in_the_threadpool_lose_no_events(bus: EventBus, recorder: Recorder) -> None:
+    @bus.on("tick")
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    app = FastAPI()
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.get("/{n}")
+    def many(n: int) -> dict[str, int]:  # runs in a worker thread: its emits hop to the loop
+        for i in range(n):
+            emit("tick", (n, i))
+        return {"n": n}
+
+    async with bus, client(app) as http:
+        await asyncio.gather(*(http.get(f"/{n}") for n in (200, 300, 400)))
+    expected = [(n, i) for n in (200, 300, 400) for i in range(n)]
+    assert sorted(recorder.items) == expected
+    for n in (200, 300, 400):  # each request's events in emit order
+        assert [i for m, i in recorder.items if m == n] == list(range(n))
+
+
+def test_a_failed_startup_closes_the_bus() -> None:
+    bus = EventBus()
+
+    def connect_to_database() -> None:
+        raise RuntimeError("no database")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        connect_to_database()
+        yield
+
+    app = starlette_app(bus, [], lifespan=lifespan)
+    with pytest.raises(RuntimeError, match="no database"), TestClient(app):
+        pass
     assert bus.state.value == "closed"

@@ -122,7 +122,7 @@ async def test_ctrl_c_exits_after_the_drain_bound_cut_off_a_def_handler(tmp_path
 async def test_handler_timeout_bounds_request_handlers_at_sigterm(tmp_path: Path) -> None:
     """Under uvicorn a request's handlers run in the request's task, which uvicorn's graceful
     shutdown waits for before the lifespan shutdown (and so before tidings' drain): there,
-    ``handler_timeout`` is the bound (test_known_issues.py pins the drain-bound gap)."""
+    ``handler_timeout`` is the bound (request_handlers="task" puts them under the drain bound)."""
     with serve("tests.e2e.apps.hang:app", tmp_path, HANG_HANDLER_TIMEOUT="1") as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as client:
             (await client.post("/stuck/in-request")).raise_for_status()
@@ -133,3 +133,18 @@ async def test_handler_timeout_bounds_request_handlers_at_sigterm(tmp_path: Path
         await server.wait_for_record(
             "on_failure HandlerTimeoutError tests.e2e.apps.hang.hang_forever <- stuck"
         )
+
+
+async def test_in_task_mode_the_drain_bound_covers_request_handlers_at_sigterm(tmp_path: Path) -> None:
+    """With request_handlers="task" the request's task ends with its response, so uvicorn does not
+    wait for the handlers, and tidings' drain bound cuts off the one that hangs."""
+    with serve("tests.e2e.apps.hang:app", tmp_path, HANG_REQUEST_HANDLERS="task") as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10.0) as client:
+            (await client.post("/stuck/in-request")).raise_for_status()
+        await server.wait_for_record("hanging on in-request")
+        server.send_signal(signal.SIGTERM)
+        assert await exited_within(server.process, 5.0), server.describe()
+        assert server.process.returncode in EXITED_ON_SIGTERM, server.describe()
+        assert "drain bound ran out" in server.log
+        record = server.record
+        assert "on_failure HandlerCancelledError tests.e2e.apps.hang.hang_forever <- stuck" in record

@@ -27,7 +27,7 @@ from .dispatcher import (
     set_scope,
     unregister_running,
 )
-from .policies import Limits, RequestErrorPolicy
+from .policies import Limits, RequestErrorPolicy, RequestHandlerMode
 from .registry import HandlerSpec, Registry
 from .runner import FailureHook, Job, Runner, make_event
 
@@ -71,6 +71,9 @@ class EventBus:
         limits: concurrency bounds, see :class:`~tidings.Limits`.
         request_errors: what to do with a request's events when the endpoint raises, see
             :data:`~tidings.RequestErrorPolicy`.
+        request_handlers: where a request's handlers run after its response, ``"inline"`` in the
+            request's task (fastest) or ``"task"`` in a bus task (bounded by ``drain_timeout`` at
+            shutdown under any server), see :data:`~tidings.RequestHandlerMode`.
         on_failure: called with a :class:`~tidings.HandlerError` for every failed, timed-out or
             cancelled handler call (they are logged either way).
         enabled: ``False`` turns every emit into a no-op. The default is ``True`` unless the
@@ -91,7 +94,8 @@ class EventBus:
         handler_timeout: float | None = 30.0,
         drain_timeout: float = 10.0,
         limits: Limits | None = None,
-        request_errors: RequestErrorPolicy = "drop",
+        request_errors: RequestErrorPolicy = "deliver",
+        request_handlers: RequestHandlerMode = "inline",
         on_failure: FailureHook | None = None,
         enabled: bool | None = None,
         name: str = "tidings",
@@ -105,14 +109,18 @@ class EventBus:
         self.name = name
         self.handler_timeout = handler_timeout
         self.drain_timeout = drain_timeout
+        if request_handlers not in ("inline", "task"):
+            raise ConfigurationError(f"request_handlers must be 'inline' or 'task', got {request_handlers!r}")
         self.request_errors: RequestErrorPolicy = request_errors
+        self.request_handlers: RequestHandlerMode = request_handlers
+        self.request_handlers_inline = request_handlers == "inline"
         self.enabled = (not emit_disabled_by_env()) if enabled is None else enabled
         self.limits = limits or Limits()
         self._registry = Registry()
         self._runner = Runner(self._registry, self.limits, on_failure)
         self._state = BusState.CREATED
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread = 0
+        self.loop_thread = 0
         self._lock = threading.Lock()
         self._outside: list[Record] = []
         self._outside_scheduled = False
@@ -205,7 +213,7 @@ class EventBus:
 
     # -- emitting ----------------------------------------------------------------------------------
     def emit(
-        self, event: str | enum.Enum, payload: Any = None, *, headers: Mapping[str, str] | None = None
+        self, event: str | enum.Enum, payload: object = None, *, headers: Mapping[str, str] | None = None
     ) -> None:
         """Emit an event on this bus. Safe from any thread and any context.
 
@@ -228,9 +236,23 @@ class EventBus:
         record = (event, payload, time_ns(), headers)
         scope = current_scope()
         if scope is not None and scope.bus is self and scope.buffer is not None:
-            scope.buffer.append(record)
+            if threading.get_ident() == self.loop_thread:
+                scope.buffer.append(record)
+                return
+            # Another thread (a sync endpoint, a sync handler): only the loop touches buffers, and
+            # call_soon_threadsafe keeps this thread's events in order ahead of its return value.
+            try:
+                self._loop.call_soon_threadsafe(self._append_to, scope, record)  # type: ignore[union-attr]
+            except RuntimeError:  # the loop has closed under us
+                self._drop(record, "its event loop has closed")
             return
         self._submit(record)
+
+    def _append_to(self, scope: Scope, record: Record) -> None:
+        if scope.buffer is not None:
+            scope.buffer.append(record)
+        else:  # the request or job finished meanwhile: the event goes on by itself
+            self._accept(record)
 
     def _submit(self, record: Record) -> None:
         state = self._state
@@ -240,7 +262,7 @@ class EventBus:
             if loop.is_closed():  # e.g. a test client's loop, closed without a lifespan shutdown
                 self._drop(record, "its event loop has closed")
                 return
-            if threading.get_ident() == self._loop_thread:
+            if threading.get_ident() == self.loop_thread:
                 self._accept(record)
                 return
             try:
@@ -322,9 +344,21 @@ class EventBus:
         return Job(self, [])
 
     async def run_request_job(self, job: Job) -> None:
-        """Handle a finished request's buffered events in the current task."""
-        if self._runner.request_job(job):
+        """Handle a finished request's buffered events as ``request_handlers`` says."""
+        if not self.request_handlers_inline:
+            self.spawn_request_job(job)
+        elif self._runner.request_job(job):
             await self._runner.run_job(job)
+
+    def spawn_request_job(self, job: Job) -> None:
+        """Run a finished request's events in a task the bus owns (``request_handlers="task"``).
+
+        The task runs in a copy of the request's context, so handlers see the request's context
+        variables and the events they emit join the same job.
+        """
+        if self._runner.start_job(job, None):
+            assert self._loop is not None
+            job.task = self._loop.create_task(self._runner.run_job(job))
 
     def discard_request_events(self, job: Job, reason: str) -> None:
         """Drop a failed request's events, naming each one in a warning."""
@@ -347,7 +381,7 @@ class EventBus:
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             self._loop = loop
-            self._loop_thread = threading.get_ident()
+            self.loop_thread = threading.get_ident()
             self._runner.bind(loop)
             self._state = BusState.RUNNING
             self._drain_deadline = None
@@ -394,22 +428,14 @@ class EventBus:
 
     async def _cut_off(self) -> None:
         runner = self._runner
-        current = asyncio.current_task()
         resolve = self._registry.resolve
         pending: list[PendingDelivery] = []
         for record in self._outside:
-            event = make_event(record, None)
+            event = make_event(record)
             pending.extend(PendingDelivery(event, spec.name) for spec in resolve(event.name))
         self._outside = []
-        runner.lost = pending
-        try:
-            tasks = {job.task for job in runner.jobs if job.task is not None and job.task is not current}
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks, timeout=1.0)
-        finally:
-            runner.lost = None
+        pending.extend(runner.cut_off())
+        await asyncio.sleep(0)  # deliver the cancellations; the bound is spent, so wait no more
         runner.report_unfinished(pending, "the drain bound ran out")
         message = (
             f"bus {self.name!r}: drain bound ran out with {len(pending)} handler call(s) "
@@ -423,8 +449,14 @@ class EventBus:
 
         What the drain bound cut off is logged (and was reported to ``on_failure``).
         """
-        if self._state is BusState.CLOSED or self._state is BusState.CREATED:
-            self._state = BusState.CLOSED if self._state is BusState.CREATED else self._state
+        if self._state is BusState.CLOSED:
+            return
+        if self._state is BusState.CREATED:  # never started: what waited for the start is lost
+            with self._lock:
+                self._state = BusState.CLOSED
+                records, self._outside = self._outside, []
+            for record in records:
+                self._drop(record, "the bus was closed without ever being started")
             return
         self._state = BusState.DRAINING
         deadline = self._drain_deadline

@@ -9,14 +9,14 @@ exactly one is running in the process.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
 from enum import Enum
+from threading import get_ident
 from time import time_ns
 from typing import TYPE_CHECKING, Any, Final
-
-from ..exceptions import BusStateError
 
 if TYPE_CHECKING:
     from .bus import EventBus
@@ -31,6 +31,8 @@ __all__ = [
     "normalize_name",
 ]
 
+logger = logging.getLogger("tidings")
+
 DISABLE_ENV_VAR: Final = "TIDINGS_DISABLE_EMIT"
 _TRUTHY: Final = frozenset({"1", "true", "yes", "on"})
 
@@ -43,20 +45,15 @@ class Scope:
 
     ``buffer`` is a list while the scope collects events (a request that has not finished, or a
     handler job whose chained events are handled in the same job); ``None`` means "hand each event
-    to the bus at once".
+    to the bus at once". Only the bus's event-loop thread touches ``buffer``: other threads hand
+    their events to the loop, so no event lands in a list the loop has already let go of.
     """
 
-    __slots__ = ("buffer", "bus", "headers")
+    __slots__ = ("buffer", "bus")
 
-    def __init__(
-        self,
-        bus: EventBus,
-        buffer: list[Record] | None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
+    def __init__(self, bus: EventBus, buffer: list[Record] | None) -> None:
         self.bus = bus
         self.buffer = buffer
-        self.headers = headers
 
 
 _current: ContextVar[Scope | None] = ContextVar("tidings.scope", default=None)
@@ -95,17 +92,27 @@ def normalize_name(name: object) -> str:
     raise TypeError(f"an event name must be a str or a str-valued Enum, got {type(name).__name__}")
 
 
-def emit(event: str | Enum, payload: Any = None) -> None:
+def live_buses() -> list[EventBus]:
+    """The buses running on an open event loop (one whose loop was closed under it cannot run).
+
+    Process-wide on purpose: it only serves ``emit()`` calls made with no context at all (a plain
+    thread), and it never picks a bus when more than one could be meant.
+    """
+    return [bus for bus in tuple(_running_buses) if bus.loop_is_open()]
+
+
+def emit(event: str | Enum, payload: object = None) -> None:
     """Emit an event from anywhere: endpoint code, dependencies, helpers, handlers, tasks, threads.
 
     Inside an HTTP request the event is buffered and handled after the response has been sent. In a
-    handler, a websocket, the app's lifespan or a task started from one of them, it goes to that
-    bus's runner at once. Outside all of those it goes to the process's running bus, if exactly one
-    is running.
+    handler it joins the handler's job and is handled right after the current handlers. In a
+    websocket, the app's lifespan or a task started from one of them, it goes to that bus's runner
+    at once. Outside all of those it goes to the process's running bus, if exactly one is running.
 
     This is a plain, synchronous call that costs a fraction of a microsecond. It does not raise for
-    anything its caller did not cause: an event with no handler is a no-op, and a handler's failure
-    never reaches the caller.
+    anything its caller did not cause: an event with no handler is a no-op, a handler's failure
+    never reaches the caller, and an event that has no bus to go to (none running, or several and
+    no way to tell which) is logged as an error and dropped.
 
     Args:
         event: the event name, e.g. ``"user.created"`` (a ``str``, or an ``Enum`` with ``str`` values).
@@ -113,8 +120,6 @@ def emit(event: str | Enum, payload: Any = None) -> None:
 
     Raises:
         TypeError: ``event`` is not a ``str`` or ``str``-valued ``Enum``.
-        BusStateError: called outside any request, handler or lifespan while no bus (or more than
-            one) is running, so the event has nowhere unambiguous to go. Use ``bus.emit()`` there.
 
     Example:
         >>> from tidings import emit
@@ -124,34 +129,30 @@ def emit(event: str | Enum, payload: Any = None) -> None:
     scope = _current.get()
     if scope is not None:
         buffer = scope.buffer
-        if buffer is not None and type(event) is str:
+        if buffer is not None and type(event) is str and get_ident() == scope.bus.loop_thread:
             buffer.append((event, payload, time_ns(), None))
             return
-        scope.bus.emit(event, payload)
+        scope.bus.emit(event, payload)  # another thread, a non-str name, or no buffer
         return
     _emit_unscoped(event, payload)
 
 
-def live_buses() -> list[EventBus]:
-    """The buses running on an open event loop (one whose loop was closed under it cannot run)."""
-    return [bus for bus in tuple(_running_buses) if bus.loop_is_open()]
-
-
-def _emit_unscoped(event: str | Enum, payload: Any) -> None:
+def _emit_unscoped(event: str | Enum, payload: object) -> None:
     buses = live_buses()
     if len(buses) == 1:
         buses[0].emit(event, payload)
         return
+    name = normalize_name(event)  # a bad name is the caller's bug whatever the bus situation
     if emit_disabled_by_env():
         return
-    normalize_name(event)  # a bad name is the caller's bug whatever the bus situation
     if not buses:
-        raise BusStateError(
-            f"emit({event!r}) was called outside any request, handler or lifespan, and no tidings "
-            "bus is running: start the app (its lifespan starts the bus) or call bus.emit() on a "
-            "started bus"
-        )
-    raise BusStateError(
-        f"emit({event!r}) was called outside any request, handler or lifespan, and "
-        f"{len(buses)} buses are running in this process: call bus.emit() on the one you mean"
+        why = "no tidings bus is running (start the app, whose lifespan starts the bus)"
+    else:
+        why = f"{len(buses)} buses are running and it is not clear which one is meant"
+    logger.error(
+        "event %r was dropped: it was emitted outside any request, handler or lifespan, and %s; "
+        "call bus.emit() on a started bus there",
+        name,
+        why,
+        extra={"tidings_event": name},
     )

@@ -38,13 +38,23 @@ def _is_async_callable(target: object) -> bool:
     return call is not None and inspect.iscoroutinefunction(call)
 
 
+def _batch_call(handle_many: Callable[[list[Any]], Any]) -> Callable[[tuple[Any, ...]], Any]:
+    """Give each batch call a list of its own, so a handler that mutates it harms nothing else."""
+
+    def call(events: tuple[Any, ...]) -> Any:
+        return handle_many(list(events))
+
+    return call
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class HandlerSpec:
     """A registered handler, resolved once at registration.
 
     Attributes:
         name: dotted name used in logs and reports.
-        call: what the runner calls: with one ``Event``, or with a list of events when ``batch``.
+        call: what the runner calls: with one ``Event``, or with a tuple of events when ``batch``
+            (the handler itself receives a list of its own).
         is_async: whether ``call`` returns an awaitable (run on the loop) or not (run in a thread).
         batch: whether ``call`` takes every matching event of one flush at once.
         timeout: seconds one call may take, or ``None`` for no limit.
@@ -80,10 +90,13 @@ class HandlerSpec:
             raise ConfigurationError(
                 f"a handler must be callable or have a handle_many()/handle() method, got {target!r}"
             )
+        is_async = _is_async_callable(call)
+        if batch:
+            call = _batch_call(call)
         return cls(
             name=_qualname(target),
             call=call,
-            is_async=_is_async_callable(call),
+            is_async=is_async,
             batch=batch,
             timeout=timeout,
             target=target,

@@ -11,9 +11,11 @@ call with all their events. One failing call is logged, reported to ``on_failure
 others still run.
 
 Timeouts are enforced by one watchdog timer per bus (not a timer per call, which would cost more than
-the call): each job records which call it is in and since which watchdog tick, and the watchdog cancels
-calls that overran. A tick is a quarter of the smallest timeout, at most 0.5 s; a call is cancelled
-between its timeout and its timeout plus two ticks, never before.
+the call). A job publishes the call it is awaiting; the watchdog notes the tick at which it first sees
+that call and cancels it once it has seen it for longer than its timeout. A tick is a quarter of the
+smallest timeout, at most 0.5 s, so a call is cancelled between its timeout and its timeout plus two
+ticks: never before, and never a call the job has not started yet (a job waiting for its task to
+start, or for a concurrency slot, is awaiting no call).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import contextvars
 import logging
 from asyncio import current_task
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Sequence
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,7 +41,6 @@ from .registry import HandlerSpec, Registry
 from .threads import DaemonThreadPool
 
 if TYPE_CHECKING:
-    from .bus import EventBus
     from .dispatcher import Record
     from .policies import Limits
 
@@ -50,7 +51,8 @@ logger = logging.getLogger("tidings")
 FailureHook = Callable[[HandlerError], object]
 """Called on the event loop with every failed handler call; its return value is ignored."""
 
-Call = tuple[HandlerSpec, Any]  # (handler, Event) or (batch handler, list[Event])
+Call = tuple[HandlerSpec, Any]  # (handler, Event) or (batch handler, tuple[Event, ...])
+SyncCall = tuple[HandlerSpec, Any, float]  # a sync call in progress, with its monotonic start
 
 _MAX_TICK: Final = 0.5
 _MIN_TICK: Final = 0.005
@@ -60,35 +62,36 @@ def _events_of(spec: HandlerSpec, arg: Any) -> list[Event]:
     return list(arg) if spec.batch else [arg]
 
 
+def make_event(record: Record) -> Event:
+    name, payload, timestamp_ns, headers = record
+    return Event(name, payload, headers or EMPTY_HEADERS, timestamp_ns)
+
+
 class Job(Scope):
     """A scope whose events are being handled: one request's, or one batch emitted outside requests.
 
     The request's scope *is* its job, so a request with events allocates nothing more. The job state
-    below is read by the watchdog and by drain's report of unfinished work; its defaults live on the
-    class (this subclass has a ``__dict__``), so a job that never needs a field never sets it.
+    below is read by the watchdog and by drain's report of unfinished work. Its defaults live on the
+    class (this subclass has a ``__dict__``) and are immutable, so a job that never needs a field
+    never sets it.
     """
 
     task: asyncio.Task[Any] | None = None
-    # the async call in progress: async_calls[async_index], since watchdog time `started` (the loop)
-    async_calls: list[Call] = []  # noqa: RUF012 - replaced, never mutated
+    response_started = False  # set by the middleware when request_errors="drop" tracks it
+    cut_off = False  # drain took this job's unfinished calls over (reported them, cancelled it)
+    # async calls: async_calls[async_index] is next or in progress; `current` is the one awaited
+    async_calls: Sequence[Call] = ()
     async_index = 0
-    started = 0.0
+    current: Call | None = None
     timed_out = False
-    # the sync calls, run in one thread hop; the one in progress is set from the worker thread
-    sync_calls: list[Call] = []  # noqa: RUF012 - replaced, never mutated
+    seen: Call | None = None  # the watchdog's note of `current`, and the time it first saw it
+    seen_at = 0.0
+    # sync calls, run in one thread hop; `sync_current` is published by the worker thread
+    sync_calls: Sequence[Call] = ()
     sync_index = 0
-    sync_spec: HandlerSpec | None = None
-    sync_arg: Any = None
-    sync_started = 0.0
-    sync_reported = False
+    sync_current: SyncCall | None = None
+    sync_reported: SyncCall | None = None
     sync_stop = False
-
-    def __init__(
-        self, bus: EventBus, buffer: list[Record] | None, headers: Mapping[str, str] | None = None
-    ) -> None:
-        self.bus = bus
-        self.buffer = buffer
-        self.headers = headers
 
     def unfinished(self, resolve: Callable[[str], tuple[HandlerSpec, ...]]) -> list[PendingDelivery]:
         """Every (event, handler) call this job has not finished, in the order it was due."""
@@ -97,14 +100,9 @@ class Job(Scope):
             for spec, arg in calls[start:]:
                 pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
         for record in self.buffer or ():
-            event = make_event(record, self.headers)
+            event = make_event(record)
             pending.extend(PendingDelivery(event, spec.name) for spec in resolve(event.name))
         return pending
-
-
-def make_event(record: Record, scope_headers: Mapping[str, str] | None) -> Event:
-    name, payload, timestamp_ns, headers = record
-    return Event(name, payload, headers or scope_headers or EMPTY_HEADERS, timestamp_ns)
 
 
 class Runner:
@@ -118,15 +116,10 @@ class Runner:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._executor: DaemonThreadPool | None = None
         self._running = 0
-        self._max_concurrency = limits.max_concurrency
-        # monotonic time as of the last watchdog tick: what a call's start is measured in
-        self.now = monotonic()
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._watch_handle: asyncio.TimerHandle | None = None
         self._tick = _MAX_TICK
-        # calls cut short by drain; collected so drain can report them in one error
-        self.lost: list[PendingDelivery] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -165,7 +158,6 @@ class Runner:
         job.task = task
         self.jobs.add(job)
         if self._watch_handle is None and self.loop is not None:
-            self.now = monotonic()
             self._watch_handle = self.loop.call_later(self._tick, self._watch)
         return True
 
@@ -181,16 +173,17 @@ class Runner:
         """
         has_slot = False
         try:
-            if self._running < self._max_concurrency:
+            if self._running < self.limits.max_concurrency:
                 self._running += 1
             else:
                 await self._wait_for_slot()
             has_slot = True
             while True:
                 sync_future = self._start_sync(job) if job.sync_calls else None
-                for index, (spec, arg) in enumerate(job.async_calls):
+                for index, call in enumerate(job.async_calls):
                     job.async_index = index
-                    job.started = self.now
+                    job.current = call
+                    spec, arg = call
                     try:
                         await spec.call(arg)
                     except asyncio.CancelledError as exc:
@@ -200,23 +193,25 @@ class Runner:
                             self._handler_cancelled(spec, arg, exc)
                     except Exception as exc:
                         self._handler_failed(spec, arg, exc)
+                    job.current = None
                     if job.timed_out:
                         self._handler_timed_out(job, spec, arg)
-                job.async_calls = []
+                job.async_calls = ()
                 if sync_future is not None:
                     try:
                         await sync_future
                     except asyncio.CancelledError:
                         job.sync_stop = True  # the thread stops before its next call
                         raise
-                    job.sync_calls = []
+                    job.sync_calls = ()
                 records = job.buffer  # events the handlers emitted: same job, right after
                 if not records:
                     break
                 job.buffer = []
                 self._sort(records, job)
         except asyncio.CancelledError:
-            self._cancelled(job)  # whether it ran or waited for a slot: say what did not run
+            if not job.cut_off:  # drain has already reported a job it cut off
+                self._cancelled(job)
             raise
         finally:
             job.buffer = None  # later emits from this context go straight to the bus
@@ -253,7 +248,6 @@ class Runner:
     def _sort(self, records: list[Record], job: Job) -> bool:
         """Sort the calls for ``records`` into ``job``; ``False`` if there is nothing to call."""
         resolve = self.registry.resolve
-        scope_headers = job.headers or EMPTY_HEADERS
         async_calls: list[Call] = []
         sync_calls: list[Call] = []
         batches: dict[HandlerSpec, list[Event]] | None = None
@@ -261,7 +255,7 @@ class Runner:
             handlers = resolve(name)
             if not handlers:
                 continue
-            event = Event(name, payload, headers or scope_headers, timestamp_ns)
+            event = Event(name, payload, headers or EMPTY_HEADERS, timestamp_ns)
             for spec in handlers:
                 if spec.batch:
                     if batches is None:
@@ -271,7 +265,8 @@ class Runner:
                     (async_calls if spec.is_async else sync_calls).append((spec, event))
         if batches:
             for spec, events in batches.items():
-                (async_calls if spec.is_async else sync_calls).append((spec, events))
+                # a tuple: the handler gets its own list (HandlerSpec.call copies), we keep ours
+                (async_calls if spec.is_async else sync_calls).append((spec, tuple(events)))
         job.async_calls = async_calls
         job.async_index = 0
         if sync_calls:
@@ -297,6 +292,7 @@ class Runner:
         message = f"handler {spec.name} timed out after {spec.timeout}s and was cancelled"
         self.report(HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name), None)
         if task.cancelling():  # someone else cancelled it too: that one stands
+            job.async_index += 1  # this call is reported already: not among the unfinished
             raise asyncio.CancelledError
 
     def _start_sync(self, job: Job) -> asyncio.Future[None]:
@@ -318,10 +314,8 @@ class Runner:
                 return
             spec, arg = calls[index]
             job.sync_index = index
-            job.sync_started = monotonic()
-            job.sync_reported = False
-            job.sync_arg = arg
-            job.sync_spec = spec  # set last: the watchdog reads spec first
+            # one attribute, so the watchdog never pairs one call's handler with another's event
+            job.sync_current = (spec, arg, monotonic())
             try:
                 spec.call(arg)
             except Exception as exc:
@@ -331,40 +325,35 @@ class Runner:
                     handler=spec.name,
                 )
                 loop.call_soon_threadsafe(self.report, error, exc)
-            job.sync_spec = None
+            job.sync_current = None
         job.sync_index = len(calls)
 
     # -- timeouts ----------------------------------------------------------------------------------
     def _watch(self) -> None:
         self._watch_handle = None
-        self.now = now = monotonic()
-        # job.started is the previous tick's time, so allow one tick more: never cancel early
-        slack = self._tick
+        now = monotonic()
         for job in tuple(self.jobs):
-            calls, index = job.async_calls, job.async_index
-            if index < len(calls) and not job.timed_out and job.task is not None:
-                timeout = calls[index][0].timeout
-                if timeout is not None and now - job.started > timeout + slack:
-                    job.timed_out = True
-                    job.task.cancel()
-            sync_spec = job.sync_spec
-            if (
-                sync_spec is not None
-                and sync_spec.timeout is not None
-                and not job.sync_reported
-                and now - job.sync_started > sync_spec.timeout
-            ):
-                job.sync_reported = True
-                self.report(
-                    HandlerTimeoutError(
-                        f"handler {sync_spec.name} has run past its timeout of {sync_spec.timeout}s; "
-                        "a plain def handler cannot be interrupted, so it keeps its worker thread "
-                        "until it returns",
-                        events=_events_of(sync_spec, job.sync_arg),
-                        handler=sync_spec.name,
-                    ),
-                    None,
-                )
+            call = job.current
+            if call is not None and not job.timed_out and job.task is not None:
+                if call is not job.seen:
+                    job.seen, job.seen_at = call, now
+                else:
+                    timeout = call[0].timeout
+                    if timeout is not None and now - job.seen_at > timeout:
+                        job.timed_out = True
+                        job.task.cancel()
+            sync_call = job.sync_current
+            if sync_call is not None and sync_call is not job.sync_reported:
+                spec, arg, started = sync_call
+                if spec.timeout is not None and now - started > spec.timeout:
+                    job.sync_reported = sync_call
+                    message = (
+                        f"handler {spec.name} has run past its timeout of {spec.timeout}s; a plain "
+                        "def handler cannot be interrupted, so it keeps its worker thread until it "
+                        "returns"
+                    )
+                    error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
+                    self.report(error, None)
         if self.jobs and self.loop is not None and not self.loop.is_closed():
             self._watch_handle = self.loop.call_later(self._tick, self._watch)
 
@@ -396,9 +385,6 @@ class Runner:
     def _cancelled(self, job: Job) -> None:
         pending = job.unfinished(self.registry.resolve)
         if not pending:
-            return
-        if self.lost is not None:
-            self.lost.extend(pending)
             return
         logger.error(
             "a handler job was cancelled with %d call(s) unfinished: %s",
@@ -436,6 +422,25 @@ class Runner:
                 if waiter in self._idle_waiters:
                     self._idle_waiters.remove(waiter)
         return True
+
+    def cut_off(self) -> list[PendingDelivery]:
+        """Take every job off (but the caller's own): list its unfinished calls, then cancel it.
+
+        The list is made here, before any cancellation runs, so it holds the calls of jobs whose
+        task never started and of handlers that swallow cancellation as well.
+        """
+        current = asyncio.current_task()
+        pending: list[PendingDelivery] = []
+        for job in tuple(self.jobs):
+            if job.task is current:
+                continue
+            pending.extend(job.unfinished(self.registry.resolve))
+            job.cut_off = True
+            job.sync_stop = True  # its worker thread stops before its next call
+            self.jobs.discard(job)
+            if job.task is not None:
+                job.task.cancel()
+        return pending
 
     def _wake_idle_waiters(self) -> None:
         waiters, self._idle_waiters = self._idle_waiters, []

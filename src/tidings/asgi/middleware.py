@@ -26,9 +26,10 @@ class TidingsMiddleware:
     * **HTTP**: events emitted while the request runs (endpoint, dependencies, background tasks,
       sync endpoints in the threadpool) are buffered and handled after the app has returned, that
       is after the last body chunk was sent, streaming responses included. They run in the
-      request's own task, in emit order. If the app raises, the bus's ``request_errors`` policy
-      decides: ``"drop"`` (default) or ``"deliver"``. Tasks the request started that emit after it
-      finished hand their events to the bus directly: nothing is lost.
+      request's own task, in emit order (or in a bus task, with ``request_handlers="task"``). If
+      the app raises, the ``request_errors`` policy decides: ``"deliver"`` (default) or ``"drop"``.
+      Tasks the request started that emit after it finished hand their events to the bus
+      directly: nothing is lost.
     * **websocket**: a connection can last for hours, so its events are not held until it closes:
       each is handed to the bus when emitted.
     * **lifespan**: the bus starts before the app's startup code runs (so startup code can emit),
@@ -50,7 +51,7 @@ class TidingsMiddleware:
         >>> app.add_middleware(TidingsMiddleware, bus=bus)
     """
 
-    __slots__ = ("app", "bus", "request_errors")
+    __slots__ = ("app", "bus", "request_errors", "track_response")
 
     def __init__(
         self, app: ASGIApp, *, bus: EventBus, request_errors: RequestErrorPolicy | None = None
@@ -64,6 +65,8 @@ class TidingsMiddleware:
         self.app = app
         self.bus = bus
         self.request_errors: RequestErrorPolicy = request_errors or bus.request_errors
+        # "drop" needs to know whether the response had started when the app raised
+        self.track_response = self.request_errors == "drop"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # HTTP is inlined here rather than in a method: one coroutine layer less per request.
@@ -76,6 +79,8 @@ class TidingsMiddleware:
             return
         bus.ensure_running()
         events = bus.open_request()
+        if self.track_response:
+            send = _tracking(events, send)
         token = set_scope(events)
         try:
             try:
@@ -84,7 +89,9 @@ class TidingsMiddleware:
                 await self._app_raised(events, exc)
                 raise
             if events.buffer:
-                if bus.request_job(events):
+                if not bus.request_handlers_inline:
+                    bus.spawn_request_job(events)
+                elif bus.request_job(events):
                     await bus.run_job(events)
             else:
                 events.buffer = None  # tasks the request started now emit straight to the bus
@@ -95,10 +102,14 @@ class TidingsMiddleware:
         bus = self.bus
         if isinstance(exc, asyncio.CancelledError):
             bus.adopt(events)  # this task cannot run handlers any more; the bus's own tasks can
-        elif events.buffer and self.request_errors == "deliver":
+        elif self.request_errors == "drop" and not events.response_started:
+            bus.discard_request_events(
+                events, f"the app raised {type(exc).__name__} before responding (request_errors='drop')"
+            )
+        elif events.buffer:
             await bus.run_request_job(events)
         else:
-            bus.discard_request_events(events, f"the app raised {type(exc).__name__} (request_errors='drop')")
+            events.buffer = None
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -124,7 +135,11 @@ class TidingsMiddleware:
             return message
 
         async def lifespan_send(message: Message) -> None:
-            if message.get("type") in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            if message.get("type") in (
+                "lifespan.shutdown.complete",
+                "lifespan.shutdown.failed",
+                "lifespan.startup.failed",  # the server stops; nothing else will close the bus
+            ):
                 await bus.aclose()
             await send(message)
 
@@ -133,3 +148,12 @@ class TidingsMiddleware:
             await self.app(scope, lifespan_receive, lifespan_send)
         finally:
             reset_scope(token)
+
+
+def _tracking(events: Job, send: Send) -> Send:
+    async def tracking_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            events.response_started = True
+        await send(message)
+
+    return tracking_send

@@ -1,4 +1,4 @@
-"""Served by ``test_shutdown.py`` and ``test_known_issues.py``: handlers that never return, and a
+"""Served by ``test_shutdown.py``: handlers that never return, and a
 small drain bound (0.5 s).
 
 ``POST /enqueue/{tag}`` and ``POST /enqueue-sync/{tag}`` hand ``tag`` to consumer tasks the lifespan
@@ -26,11 +26,15 @@ def report(error: HandlerError) -> None:
 
 # HANG_HANDLER_TIMEOUT: seconds, for the test that shows handler_timeout bounding in-request work
 _timeout = os.environ.get("HANG_HANDLER_TIMEOUT")
+# HANG_REQUEST_HANDLERS: "inline" (default) or "task", for the test of the drain bound in task mode
+_mode = os.environ.get("HANG_REQUEST_HANDLERS", "inline")
+assert _mode in ("inline", "task")
 bus = EventBus(
     name="hang",
     drain_timeout=0.5,
     handler_timeout=float(_timeout) if _timeout else None,
     on_failure=report,
+    request_handlers="task" if _mode == "task" else "inline",
 )
 queues: dict[str, asyncio.Queue[str]] = {"stuck": asyncio.Queue(), "stuck.sync": asyncio.Queue()}
 

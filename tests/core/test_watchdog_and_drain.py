@@ -1,0 +1,167 @@
+"""Regressions: the watchdog and drain must only ever act on calls a job has actually started."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+
+from tidings import (
+    DrainTimeoutError,
+    Event,
+    EventBus,
+    HandlerCancelledError,
+    HandlerError,
+    Limits,
+)
+
+from ..conftest import Recorder
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_watchdog_tick_before_a_job_starts_cancels_nothing(
+    recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    bus = EventBus(handler_timeout=0.01, on_failure=failures.append)
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    async with bus:
+        runner = bus._runner
+        for i in range(50):
+            bus.emit("x", i)
+            bus._spawn_outside_job()  # the job is tracked, its task has not run a step yet
+            time.sleep(0.012)  # noqa: ASYNC251 - past the handler's timeout, as a busy loop would be
+            runner._watch()  # a tick in the same loop iteration
+            runner._watch()
+        await recorder.wait_count(50)
+    assert sorted(recorder.items) == list(range(50))
+    assert failures == []
+
+
+async def test_jobs_waiting_for_a_slot_are_not_timed_out(
+    recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    bus = EventBus(handler_timeout=0.05, limits=Limits(max_concurrency=1), on_failure=failures.append)
+    gate = asyncio.Event()
+
+    @bus.on("first", timeout=None)
+    async def holds_the_slot(event: Event) -> None:
+        await gate.wait()
+
+    @bus.on("second")
+    async def quick(event: Event) -> None:
+        recorder.add("second")
+
+    async with bus:
+        bus.emit("first")
+        await asyncio.sleep(0)
+        bus.emit("second")  # its job waits for the only slot, far longer than its timeout
+        await asyncio.sleep(0.3)
+        gate.set()
+        await recorder.wait_count(1)
+    assert failures == []
+
+
+async def test_a_drain_with_no_time_left_reports_jobs_that_never_started(
+    failures: list[HandlerError],
+) -> None:
+    bus = EventBus(on_failure=failures.append)
+
+    @bus.on("x")
+    async def handler(event: Event) -> None: ...
+
+    await bus.start()
+    bus.emit("x", 1)
+    with pytest.raises(DrainTimeoutError) as caught:
+        await bus.drain(timeout=0)
+    assert [(p.event.payload, p.handler.rsplit(".", 1)[-1]) for p in caught.value.pending] == [(1, "handler")]
+    assert [type(f) for f in failures] == [HandlerCancelledError]
+    assert not bus._runner.jobs  # nothing left behind to stall the next drain
+    await bus.aclose()
+
+
+async def test_a_loop_stall_is_not_blamed_on_the_next_handler(failures: list[HandlerError]) -> None:
+    bus = EventBus(on_failure=failures.append)
+    done = asyncio.Event()
+
+    @bus.on("x", timeout=None)
+    async def stalls_the_loop(event: Event) -> None:
+        time.sleep(0.3)  # noqa: ASYNC251 - blocks the loop: a bug in a handler, but it happens
+
+    @bus.on("x", timeout=0.05)
+    async def quick(event: Event) -> None:
+        await asyncio.sleep(0.01)
+        done.set()
+
+    async with bus:
+        bus.emit("x")
+        await done.wait()
+    assert failures == []
+
+
+async def test_a_timeout_and_an_outside_cancel_report_the_call_once(failures: list[HandlerError]) -> None:
+    bus = EventBus(handler_timeout=None, on_failure=failures.append)
+    started = asyncio.Event()
+
+    @bus.on("x", timeout=0.05)
+    async def hangs(event: Event) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    @bus.on("x")
+    async def next_in_line(event: Event) -> None: ...
+
+    runner = bus._runner
+    watch = runner._watch
+
+    def watch_then_cancel_too() -> None:
+        watch()
+        for job in runner.jobs:
+            if job.timed_out and job.task is not None:
+                job.task.cancel()  # someone else cancels in the same tick as the watchdog
+
+    runner._watch = watch_then_cancel_too  # type: ignore[method-assign]  # the point of the test
+    async with bus:
+        bus.emit("x")
+        await started.wait()
+        (job,) = runner.jobs
+        assert job.task is not None
+        await asyncio.wait({job.task})
+    kinds = [(type(f).__name__, f.handler.rsplit(".", 1)[-1]) for f in failures]
+    assert kinds == [("HandlerTimeoutError", "hangs"), ("HandlerCancelledError", "next_in_line")]
+
+
+async def test_a_batch_handler_may_empty_its_list(failures: list[HandlerError], recorder: Recorder) -> None:
+    bus = EventBus(on_failure=failures.append)
+
+    class Greedy:
+        async def handle_many(self, events: list[Event]) -> None:
+            events.clear()
+            raise RuntimeError("after clearing")
+
+    bus.subscribe(Greedy(), "x")
+
+    @bus.on("x")
+    async def other(event: Event) -> None:
+        recorder.add(event.payload)
+
+    async with bus:
+        bus.emit("x", 1)
+        bus.emit("x", 2)
+        await bus.drain()
+    assert recorder.items == [1, 2]
+    assert [e.payload for e in failures[0].events] == [1, 2]
+
+
+async def test_closing_a_bus_that_never_started_says_what_it_drops(caplog: pytest.LogCaptureFixture) -> None:
+    bus = EventBus()
+    bus.emit("waiting", 1)
+    await bus.aclose()
+    assert "event 'waiting' was dropped because the bus was closed without ever being started" in caplog.text
+    assert all(r.levelno == logging.ERROR for r in caplog.records)
