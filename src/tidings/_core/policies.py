@@ -30,7 +30,7 @@ what makes events nearly free; but servers wait for in-flight request tasks befo
 lifespan shutdown (uvicorn with no limit unless ``--timeout-graceful-shutdown``), so at shutdown these
 handlers are bounded by ``handler_timeout`` and the server's graceful timeout, not by
 ``drain_timeout``.
-``"task"``: in a task the bus owns, started when the request returns. About 3 µs more per request
+``"task"``: in a task the bus owns, started when the request returns. About 2 µs more per request
 that has events (bench/README.md); the request's task ends as soon as the response is sent, and
 shutdown's ``drain_timeout`` bounds these handlers like every other.
 """
