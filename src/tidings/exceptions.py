@@ -10,8 +10,8 @@ The tree::
     │   └── HandlerCancelledError the call was cancelled before it finished
     └── DrainTimeoutError        shutdown's drain bound ran out with work left (also a ``TimeoutError``)
 
-``emit()`` never raises for anything its caller did not cause: no handler, a failing handler or a bus
-that is shutting down are logged and reported, not raised into the request.
+``emit()`` never raises for anything its caller did not cause: no handler, a failing handler, a bus
+that is shutting down or no bus at all are logged and reported, not raised into the request.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ class ConfigurationError(TidingsError):
 class BusStateError(TidingsError):
     """Raised when the bus is asked to do something its lifecycle state does not allow.
 
-    For example ``emit()`` outside any request when no bus (or more than one) is running, so the
-    event would have nowhere unambiguous to go.
+    For example ``start()`` on a bus that is already running on another event loop: one bus serves
+    one loop. (``emit()`` never raises it: an event with nowhere to go is logged and dropped.)
     """
 
 
