@@ -652,3 +652,46 @@ def test_a_failed_startup_closes_the_bus() -> None:
     with pytest.raises(RuntimeError, match="no database"), TestClient(app):
         pass
     assert bus.state.value == "closed"
+
+
+async def test_delivering_a_failed_requests_events_does_not_delay_its_error_response(
+    bus: EventBus, recorder: Recorder
+) -> None:
+    gate = asyncio.Event()
+    log: Log = []
+
+    @bus.on("attempted")
+    async def slow(event: Event) -> None:
+        await gate.wait()
+        recorder.add("handled")
+
+    async def endpoint(request: Request) -> Response:
+        emit("attempted")
+        raise RuntimeError("boom")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    async with bus:
+        with pytest.raises(RuntimeError, match="boom"):
+            await call_asgi(app, "/", log)  # returns (raising) while the handler still waits
+        assert log == ["http.response.start", "body"]  # the 500 went out
+        assert recorder.items == []
+        gate.set()
+        await recorder.wait_count(1)
+
+
+def test_task_mode_without_a_lifespan_runs_handlers_inline(recorder: Recorder) -> None:
+    bus = EventBus(request_handlers="task")
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def endpoint(request: Request) -> Response:
+        emit("seen")
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    test_client = TestClient(app)  # no lifespan, a loop per request: no bus task would survive
+    test_client.get("/")
+    test_client.get("/")
+    assert recorder.items == ["seen", "seen"]

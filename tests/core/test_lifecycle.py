@@ -138,7 +138,7 @@ async def test_a_request_task_cancelled_mid_handlers_reports_what_did_not_run(
     async def later(event: Event) -> None: ...
 
     async with bus:
-        task = asyncio.create_task(bus.run_request_job(_scope_with(bus, "a")))
+        task = asyncio.create_task(run_inline(bus, _scope_with(bus, "a")))
         await entered.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -147,6 +147,12 @@ async def test_a_request_task_cancelled_mid_handlers_reports_what_did_not_run(
     assert [f.handler.rsplit(".", 1)[-1] for f in failures] == ["hangs", "later"]
     assert "cancelled with 2 call(s) unfinished" in caplog.text
     assert all(r.levelno == logging.ERROR for r in caplog.records)
+
+
+async def run_inline(bus: EventBus, job: Job) -> None:
+    """What the middleware does with a finished request's job, in the current task."""
+    if bus.request_job(job):
+        await bus.run_job(job)
 
 
 def _scope_with(bus: EventBus, name: str) -> Job:

@@ -165,3 +165,87 @@ async def test_closing_a_bus_that_never_started_says_what_it_drops(caplog: pytes
     await bus.aclose()
     assert "event 'waiting' was dropped because the bus was closed without ever being started" in caplog.text
     assert all(r.levelno == logging.ERROR for r in caplog.records)
+
+
+async def test_events_emitted_while_a_job_is_cut_off_are_reported(failures: list[HandlerError]) -> None:
+    from tidings import emit
+
+    bus = EventBus(handler_timeout=None, on_failure=failures.append)
+    started = asyncio.Event()
+
+    @bus.on("order.charge")
+    async def charge(event: Event) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            emit("order.charge_aborted")  # the handler's own clean-up announces something
+            raise
+
+    @bus.on("order.charge_aborted")
+    async def audit(event: Event) -> None: ...
+
+    async with bus:
+        bus.emit("order.charge")
+        await started.wait()
+        with pytest.raises(DrainTimeoutError):
+            await bus.drain(timeout=0.01)
+    reported = sorted((f.handler.rsplit(".", 1)[-1], f.event.name) for f in failures)
+    assert reported == [("audit", "order.charge_aborted"), ("charge", "order.charge")]
+
+
+async def test_a_handler_swallowing_the_cut_off_does_not_run_the_rest(
+    recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    bus = EventBus(handler_timeout=None, on_failure=failures.append)
+    started = asyncio.Event()
+
+    @bus.on("x")
+    async def stubborn(event: Event) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # swallowed
+
+    @bus.on("x")
+    async def after(event: Event) -> None:
+        recorder.add("after ran")
+
+    async with bus:
+        bus.emit("x")
+        await started.wait()
+        (job,) = bus._runner.jobs
+        with pytest.raises(DrainTimeoutError) as caught:
+            await bus.drain(timeout=0.01)
+        assert job.task is not None
+        await asyncio.wait({job.task})
+    assert recorder.items == []  # reported as unfinished, so it must not run after all
+    assert sorted(p.handler.rsplit(".", 1)[-1] for p in caught.value.pending) == ["after", "stubborn"]
+
+
+async def test_a_timed_out_call_cut_off_in_the_same_tick_is_reported_once(
+    failures: list[HandlerError],
+) -> None:
+    bus = EventBus(on_failure=failures.append)
+    started = asyncio.Event()
+
+    @bus.on("x", timeout=0.05)
+    async def hangs(event: Event) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async with bus:
+        bus.emit("x")
+        await started.wait()
+        runner = bus._runner
+        (job,) = runner.jobs
+        job.seen, job.seen_at = job.current, 0.0  # the watchdog has seen it for ages
+        runner._watch()  # marks it timed out and cancels it ...
+        pending = runner.cut_off()  # ... and drain cuts the job off before it resumes
+        runner.report_unfinished(pending, "the drain bound ran out")
+        assert job.task is not None
+        await asyncio.wait({job.task})
+    assert [(type(f).__name__, f.handler.rsplit(".", 1)[-1]) for f in failures] == [
+        ("HandlerCancelledError", "hangs")
+    ]

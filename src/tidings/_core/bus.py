@@ -323,12 +323,15 @@ class EventBus:
         loop = self._loop
         if self._state is BusState.RUNNING and loop is not None and not loop.is_closed():
             return
-        self._ensure_running_slow()
+        self._ensure_running_slow(lazily=True)
 
-    def _ensure_running_slow(self) -> None:
+    def _ensure_running_slow(self, *, lazily: bool = False) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is loop and self._state is not BusState.CLOSED:
             return
+        # Started by a request (no lifespan ran, e.g. a test client that makes a loop per request):
+        # nothing will drain a bus task before that loop closes, so handlers run inline.
+        self.request_handlers_inline = lazily or self.request_handlers == "inline"
         if (
             self._loop is not None
             and not self._loop.is_closed()
@@ -342,13 +345,6 @@ class EventBus:
     def open_request(self) -> Job:
         """A fresh scope for one request: it collects the request's events and becomes their job."""
         return Job(self, [])
-
-    async def run_request_job(self, job: Job) -> None:
-        """Handle a finished request's buffered events as ``request_handlers`` says."""
-        if not self.request_handlers_inline:
-            self.spawn_request_job(job)
-        elif self._runner.request_job(job):
-            await self._runner.run_job(job)
 
     def spawn_request_job(self, job: Job) -> None:
         """Run a finished request's events in a task the bus owns (``request_handlers="task"``).

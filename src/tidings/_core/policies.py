@@ -12,7 +12,8 @@ __all__ = ["Limits", "RequestErrorPolicy", "RequestHandlerMode"]
 RequestErrorPolicy = Literal["deliver", "drop"]
 """What happens to a request's events when its app raises an unhandled exception.
 
-``"deliver"`` (the default): they are handled as if the request had succeeded. Nothing the code
+``"deliver"`` (the default): they are handled as if the request had succeeded (in a task of the
+bus, since the error response has yet to be sent and must not wait for them). Nothing the code
 announced is lost, which is what users of fastapi-events get too. To make an event depend on a
 database commit, emit it after the commit.
 ``"drop"``: if the app raised before the response started (the request failed, and whatever it

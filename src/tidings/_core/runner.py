@@ -196,6 +196,8 @@ class Runner:
                     job.current = None
                     if job.timed_out:
                         self._handler_timed_out(job, spec, arg)
+                    if job.cut_off:  # drain took the job over while a handler swallowed the cancel
+                        raise asyncio.CancelledError
                 job.async_calls = ()
                 if sync_future is not None:
                     try:
@@ -207,11 +209,16 @@ class Runner:
                 records = job.buffer  # events the handlers emitted: same job, right after
                 if not records:
                     break
+                if job.cut_off:
+                    raise asyncio.CancelledError
                 job.buffer = []
                 self._sort(records, job)
         except asyncio.CancelledError:
-            if not job.cut_off:  # drain has already reported a job it cut off
+            if not job.cut_off:
                 self._cancelled(job)
+            elif job.buffer:  # drain reported the rest; these were emitted while it cancelled us
+                leftovers = Job(job.bus, job.buffer).unfinished(self.registry.resolve)
+                self.report_unfinished(leftovers, "the drain bound ran out")
             raise
         finally:
             job.buffer = None  # later emits from this context go straight to the bus
@@ -289,8 +296,10 @@ class Runner:
         assert task is not None
         job.timed_out = False
         task.uncancel()
-        message = f"handler {spec.name} timed out after {spec.timeout}s and was cancelled"
-        self.report(HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name), None)
+        if not job.cut_off:  # a cut-off job's unfinished calls, this one included, are reported
+            message = f"handler {spec.name} timed out after {spec.timeout}s and was cancelled"
+            error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
+            self.report(error, None)
         if task.cancelling():  # someone else cancelled it too: that one stands
             job.async_index += 1  # this call is reported already: not among the unfinished
             raise asyncio.CancelledError

@@ -27,7 +27,8 @@ class TidingsMiddleware:
       sync endpoints in the threadpool) are buffered and handled after the app has returned, that
       is after the last body chunk was sent, streaming responses included. They run in the
       request's own task, in emit order (or in a bus task, with ``request_handlers="task"``). If
-      the app raises, the ``request_errors`` policy decides: ``"deliver"`` (default) or ``"drop"``.
+      the app raises, the ``request_errors`` policy decides: ``"deliver"`` (default: handled in a
+      bus task, so they never delay the error response still to be sent) or ``"drop"``.
       Tasks the request started that emit after it finished hand their events to the bus
       directly: nothing is lost.
     * **websocket**: a connection can last for hours, so its events are not held until it closes:
@@ -86,7 +87,7 @@ class TidingsMiddleware:
             try:
                 await self.app(scope, receive, send)
             except BaseException as exc:
-                await self._app_raised(events, exc)
+                self._app_raised(events, exc)
                 raise
             if events.buffer:
                 if not bus.request_handlers_inline:
@@ -98,7 +99,7 @@ class TidingsMiddleware:
         finally:
             reset_scope(token)
 
-    async def _app_raised(self, events: Job, exc: BaseException) -> None:
+    def _app_raised(self, events: Job, exc: BaseException) -> None:
         bus = self.bus
         if isinstance(exc, asyncio.CancelledError):
             bus.adopt(events)  # this task cannot run handlers any more; the bus's own tasks can
@@ -107,7 +108,9 @@ class TidingsMiddleware:
                 events, f"the app raised {type(exc).__name__} before responding (request_errors='drop')"
             )
         elif events.buffer:
-            await bus.run_request_job(events)
+            # Not inline: the error response is still to be sent (by an outer middleware), and
+            # handlers must not delay it.
+            bus.spawn_request_job(events)
         else:
             events.buffer = None
 
