@@ -26,6 +26,7 @@ from tidings import (
     Event,
     EventBus,
     RequestErrorPolicy,
+    RequestHandlerMode,
     TidingsMiddleware,
     emit,
 )
@@ -389,10 +390,12 @@ def test_fastapi_lifespan_with_testclient(recorder: Recorder) -> None:
     assert sorted(recorder.items) == ["index", "started"]
 
 
+@pytest.mark.parametrize("mode", ["inline", "task"])
 def test_without_lifespan_the_bus_starts_at_the_first_request(
-    recorder: Recorder, caplog: pytest.LogCaptureFixture
+    mode: RequestHandlerMode, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    bus = EventBus()
+    # In task mode too the handlers run inline: no bus task would survive the loop closing.
+    bus = EventBus(request_handlers=mode)
 
     @bus.on("*")
     async def handler(event: Event) -> None:
@@ -677,21 +680,3 @@ async def test_delivering_a_failed_requests_events_does_not_delay_its_error_resp
         assert recorder.items == []
         gate.set()
         await recorder.wait_count(1)
-
-
-def test_task_mode_without_a_lifespan_runs_handlers_inline(recorder: Recorder) -> None:
-    bus = EventBus(request_handlers="task")
-
-    @bus.on("*")
-    async def handler(event: Event) -> None:
-        recorder.add(event.name)
-
-    async def endpoint(request: Request) -> Response:
-        emit("seen")
-        return PlainTextResponse("ok")
-
-    app = starlette_app(bus, [Route("/", endpoint)])
-    test_client = TestClient(app)  # no lifespan, a loop per request: no bus task would survive
-    test_client.get("/")
-    test_client.get("/")
-    assert recorder.items == ["seen", "seen"]
