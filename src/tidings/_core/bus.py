@@ -329,9 +329,6 @@ class EventBus:
         loop = asyncio.get_running_loop()
         if self._loop is loop and self._state is not BusState.CLOSED:
             return
-        # Started by a request (no lifespan ran, e.g. a test client that makes a loop per request):
-        # nothing will drain a bus task before that loop closes, so handlers run inline.
-        self.request_handlers_inline = lazily or self.request_handlers == "inline"
         if (
             self._loop is not None
             and not self._loop.is_closed()
@@ -340,6 +337,9 @@ class EventBus:
             raise BusStateError(
                 f"bus {self.name!r} is running on another event loop; one bus serves one loop"
             )
+        # Started by a request (no lifespan ran, e.g. a test client that makes a loop per request):
+        # nothing will drain a bus task before that loop closes, so handlers run inline.
+        self.request_handlers_inline = lazily or self.request_handlers == "inline"
         self._bind(loop)
 
     def open_request(self) -> Job:
