@@ -9,11 +9,13 @@ import sys
 import tidings
 import tidings.asgi
 import tidings.exceptions
+import tidings.store
 
 EXPECTED = [
     "BusState",
     "BusStateError",
     "ConfigurationError",
+    "DeadLetters",
     "DrainTimeoutError",
     "Event",
     "EventBus",
@@ -24,8 +26,12 @@ EXPECTED = [
     "HandlerTimeoutError",
     "Limits",
     "PendingDelivery",
+    "ReplayResult",
     "RequestErrorPolicy",
     "RequestHandlerMode",
+    "RetryPolicy",
+    "SerializationError",
+    "StoreError",
     "TidingsError",
     "TidingsMiddleware",
     "emit",
@@ -46,6 +52,7 @@ def test_every_public_name_exists_and_claims_the_top_level_module() -> None:
 
 def test_submodule_exports() -> None:
     assert tidings.asgi.__all__ == ["TidingsMiddleware"]
+    assert tidings.store.__all__ == ["DeadLetter", "Delivery", "MemoryStore", "SQLiteStore", "Store"]
     assert set(tidings.exceptions.__all__) <= set(dir(tidings.exceptions))
 
 

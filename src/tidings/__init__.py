@@ -20,11 +20,14 @@ from inspect import isfunction as _isfunction
 
 from ._core.bus import BusState as BusState
 from ._core.bus import EventBus as EventBus
+from ._core.dead_letters import DeadLetters as DeadLetters
+from ._core.dead_letters import ReplayResult as ReplayResult
 from ._core.dispatcher import emit as emit
 from ._core.envelope import Event as Event
 from ._core.policies import Limits as Limits
 from ._core.policies import RequestErrorPolicy as RequestErrorPolicy
 from ._core.policies import RequestHandlerMode as RequestHandlerMode
+from ._core.policies import RetryPolicy as RetryPolicy
 from ._core.registry import HandlerSpec as HandlerSpec
 from ._core.runner import FailureHook as FailureHook
 from .asgi.middleware import TidingsMiddleware as TidingsMiddleware
@@ -35,12 +38,15 @@ from .exceptions import HandlerCancelledError as HandlerCancelledError
 from .exceptions import HandlerError as HandlerError
 from .exceptions import HandlerTimeoutError as HandlerTimeoutError
 from .exceptions import PendingDelivery as PendingDelivery
+from .exceptions import SerializationError as SerializationError
+from .exceptions import StoreError as StoreError
 from .exceptions import TidingsError as TidingsError
 
 __all__ = [
     "BusState",
     "BusStateError",
     "ConfigurationError",
+    "DeadLetters",
     "DrainTimeoutError",
     "Event",
     "EventBus",
@@ -51,8 +57,12 @@ __all__ = [
     "HandlerTimeoutError",
     "Limits",
     "PendingDelivery",
+    "ReplayResult",
     "RequestErrorPolicy",
     "RequestHandlerMode",
+    "RetryPolicy",
+    "SerializationError",
+    "StoreError",
     "TidingsError",
     "TidingsMiddleware",
     "emit",

@@ -8,7 +8,9 @@ The tree::
     ├── HandlerError             one handler call failed (given to failure hooks, never raised by emit)
     │   ├── HandlerTimeoutError  the call ran past its timeout (also a ``TimeoutError``)
     │   └── HandlerCancelledError the call was cancelled before it finished
-    └── DrainTimeoutError        shutdown's drain bound ran out with work left (also a ``TimeoutError``)
+    ├── DrainTimeoutError        shutdown's drain bound ran out with work left (also a ``TimeoutError``)
+    ├── SerializationError       an event's payload or headers cannot be written to the event log
+    └── StoreError               the event log failed (disk full, database gone); nothing is retried silently
 
 ``emit()`` never raises for anything its caller did not cause: no handler, a failing handler, a bus
 that is shutting down or no bus at all are logged and reported, not raised into the request.
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from ._core.envelope import Event
+    from .store.base import DeadLetter
 
 __all__ = [
     "BusStateError",
@@ -31,6 +34,8 @@ __all__ = [
     "HandlerError",
     "HandlerTimeoutError",
     "PendingDelivery",
+    "SerializationError",
+    "StoreError",
     "TidingsError",
 ]
 
@@ -59,15 +64,29 @@ class HandlerError(TidingsError):
 
     Attributes:
         event: the event (or, for batch handlers, the first event of the batch) being handled.
-        handler: the handler's qualified name.
+        handler: the handler's name.
         events: every event the failed call was given (one, or the whole batch).
+        attempt: which attempt of this call failed (1 for the first; see :class:`~tidings.RetryPolicy`).
+        retry_in: seconds until the next attempt, or ``None`` when there is none.
+        dead_letters: the dead letters this failure made (one per event), when it was the last
+            attempt; empty otherwise. A hook that alerts on dead letters checks this.
     """
 
-    def __init__(self, message: str, *, events: Sequence[Event], handler: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        events: Sequence[Event],
+        handler: str,
+        attempt: int = 1,
+    ) -> None:
         super().__init__(message)
         self.events: tuple[Event, ...] = tuple(events)
         self.event: Event = self.events[0]
         self.handler = handler
+        self.attempt = attempt
+        self.retry_in: float | None = None
+        self.dead_letters: tuple[DeadLetter, ...] = ()
 
 
 class HandlerTimeoutError(HandlerError, TimeoutError):
@@ -114,3 +133,26 @@ class DrainTimeoutError(TidingsError, TimeoutError):
     def __init__(self, message: str, *, pending: Sequence[PendingDelivery]) -> None:
         super().__init__(message)
         self.pending: tuple[PendingDelivery, ...] = tuple(pending)
+
+
+class SerializationError(TidingsError):
+    """An event could not be written to the durable event log (its payload is not JSON-serialisable).
+
+    Given to the failure hook and logged; the event is still handled in this process, but it is not
+    durable: a crash before its handlers finish loses it.
+
+    Attributes:
+        event: the event that could not be written.
+    """
+
+    def __init__(self, message: str, *, event: Event) -> None:
+        super().__init__(message)
+        self.event = event
+
+
+class StoreError(TidingsError):
+    """The durable event log failed: a write, a read, or opening it.
+
+    Raised by the administrative calls (listing or replaying dead letters, opening the log); a
+    failed write behind handler work is logged with what it was about to write, never dropped quietly.
+    """

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import enum
 import logging
 import threading
@@ -16,7 +15,10 @@ from ..exceptions import (
     ConfigurationError,
     DrainTimeoutError,
     PendingDelivery,
+    StoreError,
 )
+from ..store.memory import MemoryStore
+from .dead_letters import DeadLetters
 from .dispatcher import (
     Record,
     Scope,
@@ -24,15 +26,16 @@ from .dispatcher import (
     emit_disabled_by_env,
     normalize_name,
     register_running,
-    set_scope,
     unregister_running,
 )
-from .policies import Limits, RequestErrorPolicy, RequestHandlerMode
+from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
 from .registry import HandlerSpec, Registry
 from .runner import FailureHook, Job, Runner, make_event
 
 if TYPE_CHECKING:
     from types import TracebackType
+
+    from ..store.base import Store
 
 __all__ = ["BusState", "EventBus"]
 
@@ -46,6 +49,12 @@ class _Default(enum.Enum):
 
 
 DEFAULT: Final = _Default.DEFAULT
+_CLAIM_BATCH: Final = 500  # deliveries the relay takes from the log at once
+
+
+def _consume_error(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # logged where it was raised
 
 
 class BusState(enum.Enum):
@@ -74,8 +83,18 @@ class EventBus:
         request_handlers: where a request's handlers run after its response, ``"inline"`` in the
             request's task (fastest) or ``"task"`` in a bus task (bounded by ``drain_timeout`` at
             shutdown under any server), see :data:`~tidings.RequestHandlerMode`.
-        on_failure: called with a :class:`~tidings.HandlerError` for every failed, timed-out or
-            cancelled handler call (they are logged either way).
+        on_failure: called with a :class:`~tidings.HandlerError` for every failed attempt of a
+            handler call (raised, timed out, cancelled) and for every call drain had to cut off;
+            one that made dead letters carries them in ``.dead_letters``. They are logged either way.
+        retry: the default :class:`~tidings.RetryPolicy` of handlers registered without one; by
+            default a failed call is not retried and becomes a dead letter at once.
+        store: where dead letters (and, if the store is durable, every delivery) are kept: a
+            :class:`~tidings.store.MemoryStore` by default, or a
+            :class:`~tidings.store.SQLiteStore` for a log that survives crashes.
+        resubmit_after: with a durable store, the seconds a delivery stays leased to the process
+            working on it (the lease is renewed while it runs); a delivery whose lease ran out,
+            because its process died, is run again by any bus on the same log. Keep it above
+            ``drain_timeout`` and the longest wait you expect between two attempts.
         enabled: ``False`` turns every emit into a no-op. The default is ``True`` unless the
             ``TIDINGS_DISABLE_EMIT`` environment variable is truthy.
         name: shown in logs; defaults to ``"tidings"``.
@@ -97,6 +116,9 @@ class EventBus:
         request_errors: RequestErrorPolicy = "deliver",
         request_handlers: RequestHandlerMode = "inline",
         on_failure: FailureHook | None = None,
+        retry: RetryPolicy = NO_RETRY,
+        store: Store | None = None,
+        resubmit_after: float = 60.0,
         enabled: bool | None = None,
         name: str = "tidings",
     ) -> None:
@@ -114,10 +136,21 @@ class EventBus:
         self.request_errors: RequestErrorPolicy = request_errors
         self.request_handlers: RequestHandlerMode = request_handlers
         self.request_handlers_inline = request_handlers == "inline"
+        if not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        if not (isinstance(resubmit_after, int | float) and resubmit_after > 0):
+            raise ConfigurationError(f"resubmit_after must be > 0 seconds, got {resubmit_after!r}")
         self.enabled = (not emit_disabled_by_env()) if enabled is None else enabled
         self.limits = limits or Limits()
+        self.retry = retry
+        self.store: Store = MemoryStore() if store is None else store
+        self.resubmit_after = float(resubmit_after)
         self._registry = Registry()
-        self._runner = Runner(self._registry, self.limits, on_failure)
+        self._runner = Runner(self, self._registry, self.limits, on_failure, self.store, self.resubmit_after)
+        self.dead_letters = DeadLetters(self, self._runner)
+        """The dead letters: list, inspect, replay and purge them (see :class:`DeadLetters`)."""
+        self._opening: asyncio.Task[None] | None = None
+        self._relay_task: asyncio.Task[None] | None = None
         self._state = BusState.CREATED
         self._loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread = 0
@@ -139,6 +172,8 @@ class EventBus:
         *patterns: str,
         timeout: float | _Default | None = DEFAULT,
         batch: bool = False,
+        retry: RetryPolicy | None = None,
+        name: str | None = None,
     ) -> Callable[[HandlerT], HandlerT]:
         """Register the decorated function for one or more event names or wildcard patterns.
 
@@ -148,11 +183,17 @@ class EventBus:
         Args:
             *patterns: exact names (``"user.created"``) or shell-style wildcards (``"user.*"``,
                 ``"*"``).
-            timeout: seconds one call may take; defaults to the bus's ``handler_timeout``.
+            timeout: seconds one call (one attempt) may take; defaults to the retry policy's
+                ``attempt_timeout`` if it has one, else the bus's ``handler_timeout``.
             batch: the handler takes a list of every matching event of one job at once.
+            retry: when a failed call is tried again; defaults to the bus's ``retry``.
+            name: the name logs, the event log and dead letters use for the handler; defaults
+                to its module and qualified name. Give one to keep dead letters and logged
+                deliveries valid across a rename.
 
         Raises:
-            ConfigurationError: no pattern given, or an invalid pattern or timeout.
+            ConfigurationError: no pattern given, an invalid pattern, timeout or retry policy, or
+                a name another handler has.
 
         Example:
             >>> from tidings import Event, EventBus
@@ -162,7 +203,7 @@ class EventBus:
         """
 
         def decorator(handler: HandlerT) -> HandlerT:
-            self.subscribe(handler, *patterns, timeout=timeout, batch=batch)
+            self.subscribe(handler, *patterns, timeout=timeout, batch=batch, retry=retry, name=name)
             return handler
 
         return decorator
@@ -173,6 +214,8 @@ class EventBus:
         *patterns: str,
         timeout: float | _Default | None = DEFAULT,
         batch: bool = False,
+        retry: RetryPolicy | None = None,
+        name: str | None = None,
     ) -> HandlerSpec:
         """Register ``handler`` (a function, an async callable, or an object) for ``patterns``.
 
@@ -180,17 +223,25 @@ class EventBus:
         one call (one request per batch for a forwarder); one with only ``handle(event)`` receives
         them one by one.
 
+        The other arguments are those of :meth:`on`.
+
         Returns:
             The resolved handler description.
 
         Raises:
-            ConfigurationError: no pattern given, an invalid pattern or timeout, or a handler that
-                cannot be called.
+            ConfigurationError: no pattern given, an invalid pattern, timeout or retry policy, a
+                handler that cannot be called, or a name another handler has.
         """
         if not patterns:
             raise ConfigurationError("a handler needs at least one event name or pattern")
-        effective = self.handler_timeout if timeout is DEFAULT else timeout
-        spec = HandlerSpec.from_target(handler, batch=batch, timeout=effective)
+        policy = self.retry if retry is None else retry
+        if timeout is not DEFAULT:
+            effective = timeout
+        elif isinstance(policy, RetryPolicy) and policy.attempt_timeout is not None:
+            effective = policy.attempt_timeout
+        else:
+            effective = self.handler_timeout
+        spec = HandlerSpec.from_target(handler, batch=batch, timeout=effective, retry=policy, name=name)
         for pattern in patterns:
             self._registry.add(pattern, spec)
         self._runner.timeouts_changed(s.handler.timeout for s in self._registry)
@@ -298,9 +349,7 @@ class EventBus:
         if not self._runner.start_job(job, None):
             return  # nobody handles these events: no task
         # Handlers of outside events run in a clean context, not in whichever context emitted first.
-        context = contextvars.Context()
-        context.run(set_scope, job)
-        job.task = self._loop.create_task(self._runner.run_job(job), context=context)
+        self._runner.spawn(job)
 
     def _drop(self, record: Record, why: str) -> None:
         logger.error(
@@ -385,6 +434,55 @@ class EventBus:
             if self._outside and not self._outside_scheduled:
                 self._outside_scheduled = True
                 loop.call_soon(self._spawn_outside_job)
+        self._opening = loop.create_task(self._open_store(), name=f"tidings {self.name}: open the store")
+        self._opening.add_done_callback(_consume_error)  # a lazy start has nobody awaiting it
+
+    async def _open_store(self) -> None:
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            logger.error("bus %r could not open its store: %s", self.name, exc, exc_info=exc)
+            raise
+        if self.store.durable:
+            self._relay_task = asyncio.create_task(self._relay(), name=f"tidings {self.name}: relay")
+
+    async def _relay(self) -> None:
+        """Run what the log holds for nobody: deliveries of a process that died, revived dead letters.
+
+        It also renews the leases of this process's own deliveries, so that a slow handler is
+        never taken over by another process.
+        """
+        interval = min(5.0, self.resubmit_after / 4)
+        store = self.store
+        runner = self._runner
+        while True:
+            deliveries = []
+            try:
+                in_flight = runner.in_flight()
+                if in_flight:
+                    store.renew(in_flight, lease=self.resubmit_after)
+                deliveries = await store.claim(limit=_CLAIM_BATCH, lease=self.resubmit_after)
+            except StoreError as exc:
+                logger.error("bus %r could not read its event log: %s", self.name, exc, exc_info=exc)
+            if deliveries:
+                logger.info("bus %r resubmits %d deliveries from its event log", self.name, len(deliveries))
+                jobs = runner.run_deliveries(deliveries)
+                tasks = [job.task for job in jobs if job.task is not None]
+                if tasks:
+                    await asyncio.wait(tasks)  # take more only once these are done
+                if len(deliveries) == _CLAIM_BATCH:
+                    continue
+            await asyncio.sleep(interval)
+
+    async def _stop_relay(self) -> None:
+        task, self._relay_task = self._relay_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
 
     async def start(self) -> None:
         """Start handling events on the running event loop. Idempotent.
@@ -393,8 +491,38 @@ class EventBus:
 
         Raises:
             BusStateError: the bus is already running on another event loop.
+            StoreError: the bus's store could not be opened.
         """
         self._ensure_running_slow()
+        opening = self._opening
+        if opening is not None:
+            await opening
+
+    async def flush(self) -> None:
+        """Wait until every event emitted so far outside requests is written to the durable log.
+
+        From then on a crash loses none of them: they run after a restart. (Events emitted
+        by handlers still running are recorded when those handlers return.) With a store that is
+        not durable there is nothing to wait for.
+
+        Example:
+            >>> import asyncio, os, tempfile
+            >>> from tidings import EventBus
+            >>> from tidings.store import SQLiteStore
+            >>> bus = EventBus(store=SQLiteStore(os.path.join(tempfile.mkdtemp(), "log.db")))
+            >>> @bus.on("report.requested")
+            ... async def build(event): ...
+            >>> async def main() -> None:
+            ...     async with bus:
+            ...         bus.emit("report.requested", {"month": "2026-11"})
+            ...         await bus.flush()  # durable from here on
+            >>> asyncio.run(main())
+        """
+        if self._state not in (BusState.RUNNING, BusState.DRAINING) or not self.store.durable:
+            return
+        if self._outside:
+            self._spawn_outside_job()
+        await self._runner.wait_recorded()
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every pending and in-flight handler call has finished.
@@ -418,7 +546,7 @@ class EventBus:
             if not await runner.wait_idle(until):
                 break
             await asyncio.sleep(0)  # let emits scheduled by the last handlers (threads) land
-            if not self._outside and runner.idle():
+            if not self._outside and runner.idle(until):
                 return
         await self._cut_off()
 
@@ -458,6 +586,7 @@ class EventBus:
         deadline = self._drain_deadline
         timeout = self.drain_timeout if deadline is None else max(0.0, deadline - monotonic())
         try:
+            await self._stop_relay()
             await self.drain(timeout)
         except DrainTimeoutError:
             pass  # already logged with every unfinished call
@@ -466,6 +595,16 @@ class EventBus:
                 self._state = BusState.CLOSED
                 unregister_running(self)
             self._runner.shutdown()
+            await self._close_store()
+
+    async def _close_store(self) -> None:
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()
+        try:
+            await self.store.aclose()
+        except StoreError as exc:
+            logger.error("bus %r could not close its store: %s", self.name, exc, exc_info=exc)
 
     async def begin_shutdown(self) -> None:
         """Drain before the app's own shutdown code runs, so handlers still have its resources.
@@ -477,6 +616,7 @@ class EventBus:
         self._state = BusState.DRAINING
         self._drain_deadline = monotonic() + self.drain_timeout
         try:
+            await self._stop_relay()
             await self.drain(self.drain_timeout)
         except DrainTimeoutError:
             pass  # already logged with every unfinished call

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass
 from typing import Literal
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["Limits", "RequestErrorPolicy", "RequestHandlerMode"]
+__all__ = ["NO_RETRY", "Limits", "RequestErrorPolicy", "RequestHandlerMode", "RetryPolicy"]
 
 RequestErrorPolicy = Literal["deliver", "drop"]
 """What happens to a request's events when its app raises an unhandled exception.
@@ -58,3 +60,102 @@ class Limits:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"Limits.{field} must be an int >= 1, got {value!r}")
+
+
+_ExceptionTypes = tuple[type[BaseException], ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetryPolicy:
+    """When a failed handler call is tried again, and when it becomes a dead letter.
+
+    A call fails when it raises, times out (:class:`~tidings.HandlerTimeoutError`) or cancels
+    itself. Attempt ``n`` (``n >= 1``) that fails is retried after ``backoff * multiplier**(n-1)``
+    seconds (capped at ``max_backoff``, then shortened at random by up to ``jitter`` of itself, so
+    that many failing calls do not retry in lockstep) unless one of these holds, in which case the
+    call becomes a dead letter (see :attr:`tidings.EventBus.dead_letters`):
+
+    - ``n == max_attempts``;
+    - the exception is an instance of a ``fail_on`` class, or of no ``retry_on`` class;
+    - the retry would start more than ``deadline`` seconds after the first attempt started.
+
+    Retries run in a job of their own; they never hold up the request or the other handlers.
+
+    Attributes:
+        max_attempts: attempts in all, the first included (``1``: never retry).
+        backoff: seconds before the first retry.
+        multiplier: growth of the delay from one retry to the next.
+        max_backoff: the longest delay between two attempts.
+        jitter: the fraction (0 to 1) of each delay that is random: ``0.5`` waits between half the
+            delay and all of it; ``1`` is "full jitter".
+        deadline: seconds from the start of the first attempt after which no retry starts
+            (``None``: no limit beyond ``max_attempts``).
+        attempt_timeout: seconds one attempt may take, for handlers registered without their own
+            ``timeout=`` (``None``: the bus's ``handler_timeout``).
+        retry_on: exception classes worth another attempt.
+        fail_on: exception classes that make a dead letter at once (checked first).
+
+    Example:
+        >>> from tidings import RetryPolicy
+        >>> policy = RetryPolicy(max_attempts=5, backoff=1.0, retry_on=(ConnectionError,))
+        >>> policy.delay(3, rand=1.0)
+        4.0
+    """
+
+    max_attempts: int = 3
+    backoff: float = 0.5
+    multiplier: float = 2.0
+    max_backoff: float = 60.0
+    jitter: float = 0.5
+    deadline: float | None = None
+    attempt_timeout: float | None = None
+    retry_on: _ExceptionTypes = (Exception,)
+    fail_on: _ExceptionTypes = ()
+
+    def __post_init__(self) -> None:
+        attempts = self.max_attempts
+        if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 1:
+            raise ConfigurationError(f"RetryPolicy.max_attempts must be an int >= 1, got {attempts!r}")
+        for field in ("backoff", "max_backoff"):
+            value = getattr(self, field)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+                raise ConfigurationError(f"RetryPolicy.{field} must be a finite number >= 0, got {value!r}")
+        multiplier = self.multiplier
+        if not (isinstance(multiplier, int | float) and math.isfinite(multiplier)) or multiplier < 1:
+            raise ConfigurationError(f"RetryPolicy.multiplier must be >= 1, got {multiplier!r}")
+        if not (isinstance(self.jitter, int | float) and 0 <= self.jitter <= 1):
+            raise ConfigurationError(f"RetryPolicy.jitter must be between 0 and 1, got {self.jitter!r}")
+        for field in ("deadline", "attempt_timeout"):
+            value = getattr(self, field)
+            if value is not None and not (isinstance(value, int | float) and value > 0):
+                raise ConfigurationError(f"RetryPolicy.{field} must be > 0 or None, got {value!r}")
+        for field in ("retry_on", "fail_on"):
+            value = getattr(self, field)
+            if not isinstance(value, tuple) or not all(
+                isinstance(cls, type) and issubclass(cls, BaseException) for cls in value
+            ):
+                raise ConfigurationError(
+                    f"RetryPolicy.{field} must be a tuple of exception classes, got {value!r}"
+                )
+
+    def delay(self, attempt: int, *, rand: float | None = None) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based) before the next.
+
+        ``rand`` (0 to 1, drawn at random when omitted) picks the point within the jitter range:
+        ``1.0`` gives the full delay.
+        """
+        try:
+            base = min(self.max_backoff, self.backoff * self.multiplier ** (attempt - 1))
+        except OverflowError:
+            base = self.max_backoff
+        if rand is None:
+            rand = random.random()
+        return base * (1.0 - self.jitter * (1.0 - rand))
+
+    def retries(self, error: BaseException) -> bool:
+        """Whether an attempt that failed with ``error`` is worth another one (attempts aside)."""
+        return not isinstance(error, self.fail_on) and isinstance(error, self.retry_on)
+
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+"""The bus default: a failed call is not retried; it becomes a dead letter at once."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import ConfigurationError
+from .policies import NO_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -57,8 +58,9 @@ class HandlerSpec:
             (the handler itself receives a list of its own).
         is_async: whether ``call`` returns an awaitable (run on the loop) or not (run in a thread).
         batch: whether ``call`` takes every matching event of one flush at once.
-        timeout: seconds one call may take, or ``None`` for no limit.
+        timeout: seconds one call (one attempt) may take, or ``None`` for no limit.
         target: the function or object that was registered.
+        retry: when a failed call is tried again, and when it becomes a dead letter.
     """
 
     name: str
@@ -67,14 +69,28 @@ class HandlerSpec:
     batch: bool
     timeout: float | None
     target: object
+    retry: RetryPolicy = NO_RETRY
 
     @classmethod
-    def from_target(cls, target: object, *, batch: bool, timeout: float | None) -> HandlerSpec:
+    def from_target(
+        cls,
+        target: object,
+        *,
+        batch: bool,
+        timeout: float | None,
+        retry: RetryPolicy = NO_RETRY,
+        name: str | None = None,
+    ) -> HandlerSpec:
         """Inspect ``target`` once: a function, an async callable, or an object with ``handle_many``.
 
         Raises:
-            ConfigurationError: ``target`` is not callable and has no ``handle_many``/``handle``.
+            ConfigurationError: ``target`` is not callable and has no ``handle_many``/``handle``,
+                or a bad timeout, retry policy or name.
         """
+        if not isinstance(retry, RetryPolicy):
+            raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise ConfigurationError(f"a handler name must be a non-empty str without '/', got {name!r}")
         if timeout is not None and not timeout > 0:
             raise ConfigurationError(f"handler timeout must be > 0 seconds or None, got {timeout!r}")
         call: Callable[[Any], Any]
@@ -94,12 +110,13 @@ class HandlerSpec:
         if batch:
             call = _batch_call(call)
         return cls(
-            name=_qualname(target),
+            name=_qualname(target) if name is None else name,
             call=call,
             is_async=is_async,
             batch=batch,
             timeout=timeout,
             target=target,
+            retry=retry,
         )
 
 
@@ -131,10 +148,17 @@ class Registry:
         """Register ``handler`` for ``pattern`` (an exact name or a wildcard).
 
         Raises:
-            ConfigurationError: the pattern is empty or not a string.
+            ConfigurationError: the pattern is empty or not a string, or another handler has the
+                same name (the event log and dead letters name handlers, so names must be unique).
         """
         if not isinstance(pattern, str) or not pattern:
             raise ConfigurationError(f"an event name or pattern must be a non-empty str, got {pattern!r}")
+        existing = self.named(handler.name)
+        if existing is not None and existing.target is not handler.target:
+            raise ConfigurationError(
+                f"two different handlers are named {handler.name!r}; give one of them name=... "
+                "(the event log and dead letters refer to handlers by name)"
+            )
         matches: Callable[[str], bool]
         if is_pattern(pattern):
             matches = re.compile(fnmatch.translate(pattern)).match  # type: ignore[assignment]
@@ -154,6 +178,13 @@ class Registry:
             self._cache.clear()
         self._cache[name] = handlers
         return handlers
+
+    def named(self, name: str) -> HandlerSpec | None:
+        """The handler registered under ``name`` (how the event log refers to it), if any."""
+        for subscription in self._subscriptions:
+            if subscription.handler.name == name:
+                return subscription.handler
+        return None
 
     def __iter__(self) -> Iterator[Subscription]:
         return iter(tuple(self._subscriptions))

@@ -16,6 +16,11 @@ that call and cancels it once it has seen it for longer than its timeout. A tick
 smallest timeout, at most 0.5 s, so a call is cancelled between its timeout and its timeout plus two
 ticks: never before, and never a call the job has not started yet (a job waiting for its task to
 start, or for a concurrency slot, is awaiting no call).
+
+A failed call (raised, timed out, cancelled itself) is retried by its handler's
+:class:`~tidings.RetryPolicy` in a job of its own, after a backoff timer; after its last attempt it
+becomes a dead letter in the bus's store. With a durable store, a job records its (event, handler)
+deliveries before it runs them and completes them after; the failure path updates them.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import traceback
 from asyncio import current_task
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from time import monotonic
+from time import monotonic, time
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import (
@@ -34,17 +40,21 @@ from ..exceptions import (
     HandlerError,
     HandlerTimeoutError,
     PendingDelivery,
+    StoreError,
 )
-from .dispatcher import Scope
+from ..store.base import DeadLetter, Delivery
+from .dispatcher import Scope, set_scope
 from .envelope import EMPTY_HEADERS, Event
 from .registry import HandlerSpec, Registry
 from .threads import DaemonThreadPool
 
 if TYPE_CHECKING:
+    from ..store.base import Store
+    from .bus import EventBus
     from .dispatcher import Record
     from .policies import Limits
 
-__all__ = ["FailureHook", "Job", "Runner", "make_event"]
+__all__ = ["FailureHook", "Job", "Runner", "call_for", "make_event"]
 
 logger = logging.getLogger("tidings")
 
@@ -65,6 +75,34 @@ def _events_of(spec: HandlerSpec, arg: Any) -> list[Event]:
 def make_event(record: Record) -> Event:
     name, payload, timestamp_ns, headers = record
     return Event(name, payload, headers or EMPTY_HEADERS, timestamp_ns)
+
+
+def call_for(spec: HandlerSpec, event: Event) -> Call:
+    """The call that delivers one event to ``spec`` (a batch of one for a batch handler)."""
+    return (spec, (event,)) if spec.batch else (spec, event)
+
+
+def _deliveries(calls: Iterable[Call]) -> list[tuple[Event, str]]:
+    return [(event, spec.name) for spec, arg in calls for event in _events_of(spec, arg)]
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+    waiters.clear()
+
+
+class _Retry:
+    """A failed call waiting for its backoff timer."""
+
+    __slots__ = ("attempt", "call", "due", "handle")
+
+    def __init__(self, call: Call, attempt: int, due: float) -> None:
+        self.call = call
+        self.attempt = attempt  # the attempt it will be
+        self.due = due  # monotonic
+        self.handle: asyncio.TimerHandle | None = None
 
 
 class Job(Scope):
@@ -92,6 +130,13 @@ class Job(Scope):
     sync_current: SyncCall | None = None
     sync_reported: SyncCall | None = None
     sync_stop = False
+    # retries and the event log
+    attempt = 1  # the attempt number of the job's own calls (a retry job's are > 1)
+    durable = False  # its deliveries are in a durable log
+    recorded = False  # its current calls are in the log already (retried, resubmitted, revived)
+    done: list[Call] | None = None  # calls that succeeded, to complete in the log
+    record_waiters: list[asyncio.Future[None]] | None = None  # EventBus.flush() callers
+    failed: list[Call] | None = None  # calls that failed, kept when someone asked (replays)
 
     def unfinished(self, resolve: Callable[[str], tuple[HandlerSpec, ...]]) -> list[PendingDelivery]:
         """Every (event, handler) call this job has not finished, in the order it was due."""
@@ -108,11 +153,24 @@ class Job(Scope):
 class Runner:
     """Executes jobs for one bus. Owned by :class:`~tidings.EventBus`; not public."""
 
-    def __init__(self, registry: Registry, limits: Limits, on_failure: FailureHook | None) -> None:
+    def __init__(
+        self,
+        bus: EventBus,
+        registry: Registry,
+        limits: Limits,
+        on_failure: FailureHook | None,
+        store: Store,
+        lease: float,
+    ) -> None:
+        self.bus = bus
         self.registry = registry
         self.limits = limits
         self.on_failure = on_failure
+        self.store = store
+        self.durable = store.durable
+        self.lease = lease
         self.jobs: set[Job] = set()
+        self.retries: set[_Retry] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._executor: DaemonThreadPool | None = None
         self._running = 0
@@ -131,6 +189,7 @@ class Runner:
             self._executor = DaemonThreadPool(self.limits.max_threads, "tidings-handler")
 
     def shutdown(self) -> None:
+        self.abandon_retries()
         if self._watch_handle is not None:
             self._watch_handle.cancel()
             self._watch_handle = None
@@ -156,10 +215,55 @@ class Runner:
             job.buffer = None
             return False
         job.task = task
+        self._track(job)
+        return True
+
+    def _track(self, job: Job) -> None:
+        if self.durable:
+            job.durable = True
+            job.done = []
         self.jobs.add(job)
         if self._watch_handle is None and self.loop is not None:
             self._watch_handle = self.loop.call_later(self._tick, self._watch)
-        return True
+
+    def spawn(self, job: Job) -> None:
+        """Run a started job in a task of its own, in a clean context whose scope is the job."""
+        assert self.loop is not None
+        context = contextvars.Context()
+        context.run(set_scope, job)
+        job.task = self.loop.create_task(self.run_job(job), context=context)
+
+    def run_calls(self, calls: Sequence[Call], *, attempt: int, recorded: bool) -> Job:
+        """Start a job of given calls (retries, resubmitted or replayed deliveries) in a task."""
+        job = Job(self.bus, [])
+        job.attempt = attempt
+        job.recorded = recorded
+        job.async_calls = [call for call in calls if call[0].is_async]
+        sync_calls = [call for call in calls if not call[0].is_async]
+        if sync_calls:
+            job.sync_calls = sync_calls
+        self._track(job)
+        self.spawn(job)
+        return job
+
+    def run_deliveries(self, deliveries: Iterable[Delivery]) -> list[Job]:
+        """Start the deliveries the log handed back, one job per attempt count.
+
+        A delivery whose handler is no longer registered is logged and left in the log.
+        """
+        by_attempt: dict[int, list[Call]] = {}
+        for delivery in deliveries:
+            spec = self.registry.named(delivery.handler)
+            if spec is None:
+                logger.error(
+                    "delivery %s from the event log was not run: no handler named %r is registered",
+                    delivery.id,
+                    delivery.handler,
+                    extra={"tidings_event": delivery.event.name, "tidings_event_id": delivery.event.id},
+                )
+                continue
+            by_attempt.setdefault(delivery.attempts + 1, []).append(call_for(spec, delivery.event))
+        return [self.run_calls(calls, attempt=a, recorded=True) for a, calls in by_attempt.items()]
 
     def request_job(self, job: Job) -> bool:
         """:meth:`start_job` for a finished request, to be run in the request's own task."""
@@ -178,6 +282,11 @@ class Runner:
             else:
                 await self._wait_for_slot()
             has_slot = True
+            if job.durable and not job.recorded:
+                await self._record(job)
+                job.recorded = True
+                if job.record_waiters:
+                    _wake(job.record_waiters)
             while True:
                 sync_future = self._start_sync(job) if job.sync_calls else None
                 for index, call in enumerate(job.async_calls):
@@ -190,9 +299,12 @@ class Runner:
                         if not job.timed_out:
                             if job.task is not None and job.task.cancelling():
                                 raise  # cancelled from outside (drain bound, server): not ours
-                            self._handler_cancelled(spec, arg, exc)
+                            self._handler_cancelled(job, spec, arg, exc)
                     except Exception as exc:
-                        self._handler_failed(spec, arg, exc)
+                        self._handler_failed(job, spec, arg, exc)
+                    else:
+                        if job.done is not None:
+                            job.done.append(call)
                     job.current = None
                     if job.timed_out:
                         self._handler_timed_out(job, spec, arg)
@@ -206,13 +318,17 @@ class Runner:
                         job.sync_stop = True  # the thread stops before its next call
                         raise
                     job.sync_calls = ()
+                if job.done:
+                    self._complete(job)
                 records = job.buffer  # events the handlers emitted: same job, right after
                 if not records:
                     break
                 if job.cut_off:
                     raise asyncio.CancelledError
                 job.buffer = []
-                self._sort(records, job)
+                job.attempt = 1  # chained events are new: their first attempt
+                if self._sort(records, job) and job.durable:
+                    await self._record(job)
         except asyncio.CancelledError:
             if not job.cut_off:
                 self._cancelled(job)
@@ -222,6 +338,8 @@ class Runner:
             raise
         finally:
             job.buffer = None  # later emits from this context go straight to the bus
+            if job.done:
+                self._complete(job)
             if has_slot:
                 if self._slot_waiters:
                     self._release_slot()
@@ -230,6 +348,22 @@ class Runner:
             self.jobs.discard(job)
             if self._idle_waiters:
                 self._wake_idle_waiters()
+            if job.record_waiters:  # it ended before its record step (cut off): stop waiting
+                _wake(job.record_waiters)
+
+    async def wait_recorded(self) -> None:
+        """Wait until every durable job tracked now has written its first calls to the log."""
+        assert self.loop is not None
+        waiters = []
+        for job in self.jobs:
+            if job.durable and not job.recorded:
+                waiter = self.loop.create_future()
+                if job.record_waiters is None:
+                    job.record_waiters = []
+                job.record_waiters.append(waiter)
+                waiters.append(waiter)
+        if waiters:
+            await asyncio.wait(waiters)
 
     async def _wait_for_slot(self) -> None:
         assert self.loop is not None
@@ -281,14 +415,101 @@ class Runner:
             job.sync_index = 0
         return bool(async_calls or sync_calls)
 
-    def _handler_failed(self, spec: HandlerSpec, arg: Any, exc: Exception) -> None:
-        message = f"handler {spec.name} raised {type(exc).__name__}: {exc}"
-        self.report(HandlerError(message, events=_events_of(spec, arg), handler=spec.name), exc)
+    def _complete(self, job: Job) -> None:
+        done, job.done = job.done or [], []
+        self.store.complete([(event.id, name) for event, name in _deliveries(done)])
 
-    def _handler_cancelled(self, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
+    async def _record(self, job: Job) -> None:
+        """Write the job's current calls to the log before they run (they run even if it fails)."""
+        deliveries = _deliveries(job.async_calls) + _deliveries(job.sync_calls)
+        try:
+            refused = await self.store.record(deliveries, lease=self.lease)
+        except StoreError as exc:
+            logger.error("%s; %d deliveries run without being durable", exc, len(deliveries), exc_info=exc)
+            return
+        for event_id, reason in refused.items():
+            logger.error(
+                "%s; it is handled now, but not durably",
+                reason,
+                extra={"tidings_event_id": event_id},
+            )
+
+    def _handler_failed(self, job: Job, spec: HandlerSpec, arg: Any, exc: Exception) -> None:
+        message = f"handler {spec.name} raised {type(exc).__name__}: {exc}"
+        error = HandlerError(message, events=_events_of(spec, arg), handler=spec.name)
+        self.failed(job, (spec, arg), error, exc)
+
+    def _handler_cancelled(self, job: Job, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
         message = f"handler {spec.name} was cancelled"
         error = HandlerCancelledError(message, events=_events_of(spec, arg), handler=spec.name)
-        self.report(error, exc)
+        self.failed(job, (spec, arg), error, exc)
+
+    def failed(self, job: Job, call: Call, error: HandlerError, cause: BaseException | None) -> None:
+        """A call failed: report it, then retry it later or make dead letters of it.
+
+        Runs on the loop (a worker thread's failures are passed here with ``call_soon_threadsafe``).
+        """
+        spec, arg = call
+        policy = spec.retry
+        attempt = job.attempt
+        error.attempt = attempt
+        delay: float | None = None
+        # A timeout or a cancellation is judged as the HandlerError it became (an Exception).
+        subject = cause if isinstance(cause, Exception) else error
+        if attempt < policy.max_attempts and policy.retries(subject):
+            delay = policy.delay(attempt)
+            deadline = policy.deadline
+            if deadline is not None and time() + delay - error.event.timestamp_ns / 1e9 > deadline:
+                delay = None
+        error.retry_in = delay
+        if delay is None:
+            text = f"{type(subject).__name__}: {subject}"
+            trace = "".join(traceback.format_exception(cause)) if cause is not None else ""
+            now = DeadLetter.now()
+            error.dead_letters = tuple(
+                DeadLetter(event, spec.name, attempt, text, trace, now) for event in _events_of(spec, arg)
+            )
+        if job.failed is not None:
+            job.failed.append(call)
+        self.report(error, cause)
+        if delay is not None:
+            self._retry_later(call, attempt, delay, job.durable)
+        else:
+            self.store.bury(error.dead_letters)
+
+    def _retry_later(self, call: Call, attempt: int, delay: float, durable: bool) -> None:
+        assert self.loop is not None
+        spec, arg = call
+        if durable:
+            for event in _events_of(spec, arg):
+                self.store.retry_later(event.id, spec.name, attempts=attempt, due_in=delay, lease=self.lease)
+        retry = _Retry(call, attempt + 1, monotonic() + delay)
+        retry.handle = self.loop.call_later(delay, self._retry_due, retry)
+        self.retries.add(retry)
+
+    def _retry_due(self, retry: _Retry) -> None:
+        self.retries.discard(retry)
+        self.run_calls([retry.call], attempt=retry.attempt, recorded=self.durable)
+        if self._idle_waiters:  # the retry was what a drain waited for; now a job is
+            self._wake_idle_waiters()
+
+    def abandon_retries(self) -> list[PendingDelivery]:
+        """Cancel every retry still waiting for its timer (the bus is closing): report and list them.
+
+        Drain waits for retries due within its bound (they fire and become jobs); these are due
+        after it.
+        """
+        pending: list[PendingDelivery] = []
+        for retry in sorted(self.retries, key=lambda r: r.due):
+            if retry.handle is not None:
+                retry.handle.cancel()
+            spec, arg = retry.call
+            pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
+        self.retries.clear()
+        if pending:
+            where = "it stays in the event log, to run after the next start" if self.durable else "it is lost"
+            self.report_unfinished(pending, f"its retry was due after the bus closed; {where}")
+        return pending
 
     def _handler_timed_out(self, job: Job, spec: HandlerSpec, arg: Any) -> None:
         """The watchdog cancelled this call: take the cancellation back and report the timeout."""
@@ -299,7 +520,7 @@ class Runner:
         if not job.cut_off:  # a cut-off job's unfinished calls, this one included, are reported
             message = f"handler {spec.name} timed out after {spec.timeout}s and was cancelled"
             error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
-            self.report(error, None)
+            self.failed(job, (spec, arg), error, None)
         if task.cancelling():  # someone else cancelled it too: that one stands
             job.async_index += 1  # this call is reported already: not among the unfinished
             raise asyncio.CancelledError
@@ -333,7 +554,10 @@ class Runner:
                     events=_events_of(spec, arg),
                     handler=spec.name,
                 )
-                loop.call_soon_threadsafe(self.report, error, exc)
+                loop.call_soon_threadsafe(self.failed, job, calls[index], error, exc)
+            else:
+                if job.done is not None:
+                    job.done.append(calls[index])  # list.append is atomic: the loop reads it later
             job.sync_current = None
         job.sync_index = len(calls)
 
@@ -372,11 +596,18 @@ class Runner:
         if cause is not None:
             error.__cause__ = cause
         event = error.event
+        if error.retry_in is not None:
+            outcome = f"; attempt {error.attempt}, retrying in {error.retry_in:.3g}s"
+        elif error.dead_letters:
+            outcome = f"; attempt {error.attempt}, now a dead letter"
+        else:
+            outcome = ""
         logger.error(
-            "%s (event %r, id %s)",
+            "%s (event %r, id %s)%s",
             error,
             event.name,
             event.id,
+            outcome,
             exc_info=cause if cause is not None else False,
             extra={
                 "tidings_event": event.name,
@@ -408,16 +639,30 @@ class Runner:
             message = f"handler {item.handler} did not finish: {why}"
             self.report(HandlerCancelledError(message, events=[item.event], handler=item.handler), None)
 
+    def in_flight(self) -> list[tuple[str, str]]:
+        """(event id, handler) of every delivery of a durable job or retry not finished yet."""
+        resolve = self.registry.resolve
+        pairs = [
+            (item.event.id, item.handler)
+            for job in self.jobs
+            if job.durable
+            for item in job.unfinished(resolve)
+        ]
+        for retry in self.retries:
+            spec, arg = retry.call
+            pairs.extend((event.id, spec.name) for event in _events_of(spec, arg))
+        return pairs
+
     # -- drain -------------------------------------------------------------------------------------
-    def idle(self) -> bool:
-        """Whether no job runs other than the caller's own."""
+    def idle(self, until: float = 0.0) -> bool:
+        """Whether no job runs other than the caller's own, and no retry is due by ``until``."""
         current = asyncio.current_task()
-        return all(job.task is current for job in self.jobs)
+        return all(job.task is current for job in self.jobs) and all(r.due > until for r in self.retries)
 
     async def wait_idle(self, until: float) -> bool:
-        """Wait until no job runs (other than the caller's own) or ``until`` (monotonic) passes."""
+        """Wait until :meth:`idle` (retries due by ``until`` included) or ``until`` (monotonic)."""
         assert self.loop is not None
-        while not self.idle():
+        while not self.idle(until):
             remaining = until - monotonic()
             if remaining <= 0:
                 return False

@@ -1,0 +1,169 @@
+"""The dead letters of a bus: list, inspect, replay, purge (the Python side of ``tidings dead-letters``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..exceptions import BusStateError, ConfigurationError
+from .runner import call_for
+
+if TYPE_CHECKING:
+    import builtins
+    from collections.abc import Sequence
+
+    from ..store.base import DeadLetter
+    from .bus import EventBus
+    from .runner import Runner
+
+__all__ = ["DeadLetters", "ReplayResult"]
+
+logger = logging.getLogger("tidings")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What a replay did.
+
+    Attributes:
+        succeeded: dead letters whose handler ran and returned: they are gone.
+        failed: dead letters whose handler failed again: by the handler's retry policy they are
+            retried later, or dead letters again.
+        skipped: dead letters no registered handler has the name of: left as they were.
+    """
+
+    succeeded: tuple[DeadLetter, ...] = ()
+    failed: tuple[DeadLetter, ...] = ()
+    skipped: tuple[DeadLetter, ...] = ()
+
+
+class DeadLetters:
+    """The dead letters of one bus, from its store: ``bus.dead_letters``.
+
+    Every method takes a filter: dead letter ids (``"<event id>/<handler>"``), and shell-style
+    patterns for the event name and the handler name. :meth:`replay` and :meth:`purge` act on
+    nothing unless given a filter or ``all=True``, so that a forgotten argument cannot replay or
+    delete everything.
+
+    Example:
+        >>> import asyncio
+        >>> from tidings import Event, EventBus
+        >>> bus = EventBus()
+        >>> broken = True
+        >>> @bus.on("invoice.due", name="billing.send")
+        ... def send(event: Event) -> None:
+        ...     if broken:
+        ...         raise ConnectionError("mail server down")
+        >>> async def main() -> None:
+        ...     async with bus:
+        ...         bus.emit("invoice.due", {"invoice": 7})
+        ...         await bus.drain()
+        ...         [letter] = await bus.dead_letters.list()
+        ...         print(letter.handler, letter.error)
+        ...         global broken
+        ...         broken = False
+        ...         result = await bus.dead_letters.replay(all=True)
+        ...         print(len(result.succeeded), await bus.dead_letters.list())
+        >>> asyncio.run(main())
+        billing.send ConnectionError: mail server down
+        1 []
+    """
+
+    def __init__(self, bus: EventBus, runner: Runner) -> None:
+        self._bus = bus
+        self._runner = runner
+
+    async def list(
+        self, *, event: str | None = None, handler: str | None = None
+    ) -> builtins.list[DeadLetter]:
+        """The dead letters, oldest event first, optionally only those matching the patterns.
+
+        Raises:
+            StoreError: the store could not be read.
+        """
+        return await self._bus.store.dead_letters(event=event, handler=handler)
+
+    async def get(self, letter_id: str) -> DeadLetter | None:
+        """One dead letter by id, or ``None``.
+
+        Raises:
+            StoreError: the store could not be read.
+        """
+        found = await self._bus.store.dead_letters(ids=[letter_id])
+        return found[0] if found else None
+
+    async def replay(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        event: str | None = None,
+        handler: str | None = None,
+        all: bool = False,
+    ) -> ReplayResult:
+        """Run the selected dead letters' handlers again now, and wait for their first attempt.
+
+        Each runs as a fresh delivery under its handler's retry policy (attempts start again at
+        one). With a durable store it is a pending delivery again before it runs, so a crash
+        during the replay loses nothing.
+
+        Raises:
+            ConfigurationError: no filter and not ``all``.
+            BusStateError: the bus is not running (start it, or use ``async with bus``).
+            StoreError: the store could not be read or written.
+        """
+        letters = await self._select(ids, event, handler, all)
+        bus = self._bus
+        if bus.state.value not in ("running", "draining") or not bus.loop_is_open():
+            raise BusStateError(f"bus {bus.name!r} is not running: start it to replay dead letters")
+        registry = bus.registry
+        known = [(letter, spec) for letter in letters if (spec := registry.named(letter.handler)) is not None]
+        skipped = tuple(letter for letter in letters if registry.named(letter.handler) is None)
+        for letter in skipped:
+            logger.warning("dead letter %s not replayed: no handler is named %r", letter.id, letter.handler)
+        if not known:
+            return ReplayResult(skipped=skipped)
+        wanted = [letter.id for letter, _ in known]
+        revived = {letter.id for letter in await bus.store.revive(wanted, lease=bus.resubmit_after)}
+        chosen = [(letter, spec) for letter, spec in known if letter.id in revived]
+        calls = [call_for(spec, letter.event) for letter, spec in chosen]
+        job = self._runner.run_calls(calls, attempt=1, recorded=self._runner.durable)
+        job.failed = []
+        assert job.task is not None
+        await asyncio.wait([job.task])  # a cancelled replay leaves the job running
+        failed_calls = {id(call) for call in job.failed}
+        outcomes = [
+            (letter, id(call) in failed_calls) for (letter, _), call in zip(chosen, calls, strict=True)
+        ]
+        return ReplayResult(
+            succeeded=tuple(letter for letter, failed in outcomes if not failed),
+            failed=tuple(letter for letter, failed in outcomes if failed),
+            skipped=skipped,
+        )
+
+    async def purge(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        event: str | None = None,
+        handler: str | None = None,
+        all: bool = False,
+    ) -> int:
+        """Delete the selected dead letters for good; return how many were deleted.
+
+        Raises:
+            ConfigurationError: no filter and not ``all``.
+            StoreError: the store could not be read or written.
+        """
+        letters = await self._select(ids, event, handler, all)
+        return await self._bus.store.purge([letter.id for letter in letters]) if letters else 0
+
+    async def _select(
+        self, ids: Sequence[str] | None, event: str | None, handler: str | None, everything: bool
+    ) -> builtins.list[DeadLetter]:
+        if isinstance(ids, str):
+            raise ConfigurationError("ids must be a sequence of dead letter ids, not one str")
+        if ids is None and event is None and handler is None and not everything:
+            raise ConfigurationError("select dead letters by ids, event or handler, or pass all=True")
+        return await self._bus.store.dead_letters(ids=ids, event=event, handler=handler)

@@ -1,0 +1,87 @@
+"""How events are written to a durable log: JSON, never pickle.
+
+A payload is written as JSON. Besides what ``json`` takes, dataclass instances, Pydantic models
+(``model_dump(mode="json")``), ``datetime``/``date``/``time`` (ISO 8601), ``UUID`` and ``Decimal``
+(strings), sets (lists) and ``Enum`` members (their value) are accepted. Handlers of a recorded event
+that is run again from the log (after a crash, a retry in another process, a replay) receive the
+payload as the JSON it became: dicts, lists, strings and numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import json
+import uuid
+from decimal import Decimal
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from .._core.envelope import EMPTY_HEADERS, Event
+from ..exceptions import SerializationError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "decode_event", "encode_headers", "encode_payload"]
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
+
+
+def _default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    model_dump = getattr(value, "model_dump", None)
+    if callable(model_dump):
+        return model_dump(mode="json")
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return list(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    raise TypeError(f"{type(value).__qualname__} is not JSON-serialisable")
+
+
+_encoder = json.JSONEncoder(default=_default, ensure_ascii=False, separators=(",", ":"))
+
+
+def encode_payload(event: Event, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> str:
+    """The payload of ``event`` as JSON text.
+
+    Raises:
+        SerializationError: it cannot be written as JSON, or it is longer than ``max_bytes``.
+    """
+    try:
+        text = _encoder.encode(event.payload)
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(
+            f"event {event.name!r} ({event.id}) cannot be written to the event log: {exc}", event=event
+        ) from exc
+    if len(text) > max_bytes and len(text.encode()) > max_bytes:
+        raise SerializationError(
+            f"event {event.name!r} ({event.id}) has a payload of {len(text.encode())} bytes, over the "
+            f"event log's limit of {max_bytes}",
+            event=event,
+        )
+    return text
+
+
+def encode_headers(headers: Mapping[str, str]) -> str:
+    """The headers as a JSON object (``"{}"`` when there are none)."""
+    return "{}" if not headers else _encoder.encode(dict(headers))
+
+
+def decode_event(event_id: str, name: str, payload: str, headers: str, timestamp_ns: int) -> Event:
+    """Rebuild an event read from the log (payloads come back as plain JSON values)."""
+    decoded_headers = json.loads(headers)
+    return Event(
+        name,
+        json.loads(payload),
+        MappingProxyType(decoded_headers) if decoded_headers else EMPTY_HEADERS,
+        timestamp_ns,
+        id=event_id,
+    )

@@ -1,0 +1,131 @@
+"""One suite every store passes: the protocol's behaviour, store by store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tidings import Event
+from tidings.store import DeadLetter, MemoryStore, SQLiteStore, Store
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "log.db")
+    await made.open()
+    yield made
+    await made.aclose()
+
+
+def letter(event: Event, handler: str = "h", attempts: int = 3) -> DeadLetter:
+    return DeadLetter(
+        event, handler, attempts, "ValueError: x", "Traceback ...", datetime(2026, 1, 2, tzinfo=UTC)
+    )
+
+
+async def test_recorded_deliveries_are_claimable_only_once_their_lease_ran_out(store: Store) -> None:
+    events = [Event("a", {"n": i}) for i in range(3)]
+    assert await store.record([(e, "h") for e in events], lease=3600) == {}
+    assert await store.claim(limit=10, lease=60) == []
+    await store.record([(Event("b", [1, "two"]), "h")], lease=0)
+    [claimed] = await store.claim(limit=10, lease=60)
+    assert (claimed.event.name, claimed.event.payload, claimed.handler, claimed.attempts) == (
+        "b",
+        [1, "two"],
+        "h",
+        0,
+    )
+    assert await store.claim(limit=10, lease=60) == []  # leased to us now
+
+
+async def test_claim_returns_the_oldest_event_first_and_respects_the_limit(store: Store) -> None:
+    events = [Event("a", i) for i in range(5)]
+    await store.record([(e, "h") for e in reversed(events)], lease=0)
+    first = await store.claim(limit=2, lease=60)
+    rest = await store.claim(limit=10, lease=60)
+    assert [d.event.payload for d in first + rest] == [0, 1, 2, 3, 4]
+    assert [d.event.id for d in first + rest] == [e.id for e in events]
+
+
+async def test_completed_deliveries_are_gone(store: Store) -> None:
+    done, kept = Event("a", 1), Event("a", 2)
+    await store.record([(done, "h"), (kept, "h"), (done, "other")], lease=0)
+    store.complete([(done.id, "h")])
+    await store.flush()
+    claimed = await store.claim(limit=10, lease=60)
+    assert sorted((d.event.payload, d.handler) for d in claimed) == [(1, "other"), (2, "h")]
+
+
+async def test_a_retry_keeps_its_attempts_and_waits_for_its_backoff(store: Store) -> None:
+    event = Event("a", 1)
+    await store.record([(event, "h")], lease=0)
+    store.retry_later(event.id, "h", attempts=2, due_in=3600, lease=0)
+    await store.flush()
+    assert await store.claim(limit=10, lease=60) == []
+    store.retry_later(event.id, "h", attempts=3, due_in=0, lease=0)
+    await store.flush()
+    [claimed] = await store.claim(limit=10, lease=60)
+    assert claimed.attempts == 3
+
+
+async def test_renew_extends_but_never_shortens_a_lease(store: Store) -> None:
+    event = Event("a", 1)
+    await store.record([(event, "h")], lease=0)
+    store.renew([(event.id, "h")], lease=3600)
+    await store.flush()
+    assert await store.claim(limit=10, lease=60) == []
+    store.renew([(event.id, "h")], lease=0)  # shorter: ignored
+    await store.flush()
+    assert await store.claim(limit=10, lease=60) == []
+
+
+async def test_dead_letters_are_kept_filtered_revived_and_purged(store: Store) -> None:
+    recorded = Event("order.paid", {"order": 1}, {"trace": "t1"})
+    never_recorded = Event("user.created", {"user": 2})
+    await store.record([(recorded, "billing")], lease=0)
+    store.bury([letter(recorded, "billing"), letter(never_recorded, "mail", attempts=1)])
+    await store.flush()
+    assert await store.claim(limit=10, lease=60) == []  # dead letters are not pending
+    letters = await store.dead_letters()
+    assert [(d.event.name, d.handler, d.attempts) for d in letters] == [
+        ("order.paid", "billing", 3),
+        ("user.created", "mail", 1),
+    ]
+    first = letters[0]
+    assert first.event.id == recorded.id
+    assert first.event.payload == {"order": 1}
+    assert dict(first.event.headers) == {"trace": "t1"}
+    assert first.event.timestamp_ns == recorded.timestamp_ns
+    assert (first.error, first.traceback) == ("ValueError: x", "Traceback ...")
+    assert first.failed_at == datetime(2026, 1, 2, tzinfo=UTC)
+    assert [d.handler for d in await store.dead_letters(event="user.*")] == ["mail"]
+    assert [d.handler for d in await store.dead_letters(handler="bill*")] == ["billing"]
+    assert [d.handler for d in await store.dead_letters(ids=[first.id])] == ["billing"]
+
+    revived = await store.revive([first.id, "no/such"], lease=3600)
+    assert [d.id for d in revived] == [first.id]
+    assert [d.handler for d in await store.dead_letters()] == ["mail"]
+    assert await store.revive([first.id], lease=3600) == []  # not a dead letter any more
+
+    assert await store.purge([letters[1].id, "no/such"]) == 1
+    assert await store.dead_letters() == []
+
+
+async def test_burying_again_updates_the_letter(store: Store) -> None:
+    event = Event("a")
+    store.bury([letter(event, attempts=1)])
+    store.bury([letter(event, attempts=4)])
+    await store.flush()
+    assert [d.attempts for d in await store.dead_letters()] == [4]
+
+
+async def test_recording_twice_keeps_one_delivery(store: Store) -> None:
+    event = Event("a")
+    await store.record([(event, "h")], lease=0)
+    await store.record([(event, "h")], lease=0)
+    assert len(await store.claim(limit=10, lease=60)) == 1

@@ -1,0 +1,231 @@
+"""A bus on the SQLite log: recorded before, completed after, resubmitted after a cut-off or crash."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from tidings import Event, EventBus, HandlerError, RetryPolicy, StoreError
+from tidings.store import SQLiteStore
+
+from ..conftest import Recorder
+
+pytestmark = pytest.mark.anyio
+
+
+def make_bus(path: Path, failures: list[HandlerError] | None = None, **options: object) -> EventBus:
+    return EventBus(
+        store=SQLiteStore(path),
+        on_failure=None if failures is None else failures.append,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def pending(path: Path) -> int:
+    store = SQLiteStore(path)
+    count = await store.pending_count()
+    await store.aclose()
+    return count
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_delivery_is_recorded_before_its_handler_runs_and_completed_after(
+    tmp_path: Path, recorder: Recorder, kind: str
+) -> None:
+    path = tmp_path / "log.db"
+    bus = make_bus(path)
+    store = bus.store
+    assert isinstance(store, SQLiteStore)
+    seen_pending: list[int] = []
+
+    if kind == "async":
+
+        @bus.on("a")
+        async def handler(event: Event) -> None:
+            seen_pending.append(await store.pending_count())
+            recorder.add(event.payload)
+
+    else:
+
+        @bus.on("a")
+        def sync_handler(event: Event) -> None:
+            recorder.add(event.payload)
+
+    async with bus:
+        bus.emit("a", 1)
+        await bus.flush()
+        if kind == "sync":
+            assert await store.pending_count() in (0, 1)
+        await recorder.wait_count(1)
+        await bus.drain()
+        await store.flush()
+        assert await store.pending_count() == 0
+    if kind == "async":
+        assert seen_pending == [1]
+
+
+async def test_chained_events_are_recorded_too(tmp_path: Path, recorder: Recorder) -> None:
+    path = tmp_path / "log.db"
+    bus = make_bus(path, resubmit_after=0.2)
+    gate = asyncio.Event()
+
+    @bus.on("parent")
+    async def parent(event: Event) -> None:
+        bus.emit("child", event.payload)
+
+    @bus.on("child")
+    async def child(event: Event) -> None:
+        recorder.add(await bus.store.pending_count())  # type: ignore[attr-defined]
+        await gate.wait()
+
+    async with bus:
+        bus.emit("parent", 1)
+        [count] = await recorder.wait_count(1)
+        assert count == 1  # the child's delivery (the parent's is done, its completion queued)
+        gate.set()
+
+
+async def test_what_the_drain_bound_cut_off_stays_in_the_log_and_runs_at_next_start(
+    tmp_path: Path, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    path = tmp_path / "log.db"
+    first = make_bus(path, failures, drain_timeout=0.05, handler_timeout=None, resubmit_after=0.2)
+
+    @first.on("report", name="reports.build")
+    async def hangs(event: Event) -> None:
+        await asyncio.Event().wait()
+
+    async with first:
+        first.emit("report", {"month": 11})
+        first.emit("report", {"month": 12})
+        await first.flush()
+    assert [f.handler for f in failures] == ["reports.build", "reports.build"]
+    assert await pending(path) == 2
+
+    second = make_bus(path, resubmit_after=0.2)
+
+    @second.on("report", name="reports.build")
+    async def works(event: Event) -> None:
+        recorder.add(event.payload)
+
+    async with second:
+        items = await recorder.wait_count(2)
+        await second.drain()
+    assert sorted(i["month"] for i in items) == [11, 12]
+    assert await pending(path) == 0
+
+
+async def test_a_failed_attempt_is_noted_and_continues_after_a_restart(
+    tmp_path: Path, failures: list[HandlerError]
+) -> None:
+    path = tmp_path / "log.db"
+    policy = RetryPolicy(max_attempts=3, backoff=0.1, jitter=0)
+    first = make_bus(path, failures, retry=policy, drain_timeout=0, resubmit_after=0.1)
+
+    @first.on("x", name="flaky")
+    async def fails(event: Event) -> None:
+        raise ConnectionError("down")
+
+    async with first:
+        first.emit("x")
+        await first.flush()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert [type(f).__name__ for f in failures] == ["HandlerError", "HandlerCancelledError"]
+    assert "stays in the event log" in str(failures[-1])  # its retry was due after the close
+
+    second = make_bus(path, failures, retry=policy, resubmit_after=0.1)
+    second.subscribe(fails, "x", name="flaky")
+    async with second:
+        await bus_idle_until_dead(second, 1)
+        [letter] = await second.dead_letters.list()
+    assert letter.attempts == 3  # attempt 1 before the restart, 2 and 3 after
+    assert [f.attempt for f in failures[2:]] == [2, 3]
+    assert await pending(path) == 0
+
+
+async def bus_idle_until_dead(bus: EventBus, count: int) -> None:
+    async with asyncio.timeout(5):
+        while len(await bus.dead_letters.list()) < count:
+            await bus.drain()
+            await bus.store.flush()
+
+
+async def test_dead_letters_survive_a_restart_and_replay_from_the_next_process(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "log.db"
+    first = make_bus(path)
+
+    @first.on("invoice.due", name="billing.send")
+    async def broken(event: Event) -> None:
+        raise ConnectionError("mail server down")
+
+    async with first:
+        first.emit("invoice.due", {"invoice": 7})
+        await first.drain()
+
+    second = make_bus(path)
+
+    @second.on("invoice.due", name="billing.send")
+    async def fixed(event: Event) -> None:
+        recorder.add(event.payload)
+
+    async with second:
+        [letter] = await second.dead_letters.list()
+        assert letter.error == "ConnectionError: mail server down"
+        result = await second.dead_letters.replay(handler="billing.*")
+        assert [d.id for d in result.succeeded] == [letter.id]
+        assert await second.dead_letters.list() == []
+        await second.store.flush()
+        assert await second.store.pending_count() == 0  # type: ignore[attr-defined]
+    assert recorder.items == [{"invoice": 7}]
+
+
+async def test_an_unserialisable_payload_is_still_handled_and_the_loss_of_durability_logged(
+    tmp_path: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = make_bus(tmp_path / "log.db")
+
+    @bus.on("a")
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    payload = object()
+    async with bus:
+        bus.emit("a", payload)
+        await recorder.wait_count(1)
+    assert recorder.items == [payload]
+    assert "cannot be written to the event log" in caplog.text
+    assert "it is handled now, but not durably" in caplog.text
+
+
+async def test_a_store_that_cannot_open_fails_the_start(tmp_path: Path) -> None:
+    bus = make_bus(tmp_path)  # a directory is not a database
+    with pytest.raises(StoreError, match="could not open"):
+        await bus.start()
+    await bus.aclose()
+
+
+async def test_a_log_write_failing_mid_run_does_not_stop_the_handlers(
+    tmp_path: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="tidings")
+    bus = make_bus(tmp_path / "log.db")
+
+    @bus.on("a")
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    async with bus:
+
+        async def broken_record(*args: object, **kwargs: object) -> dict[str, str]:
+            raise StoreError("disk full")
+
+        bus._runner.store.record = broken_record  # type: ignore[method-assign]
+        bus.emit("a", 1)
+        await recorder.wait_count(1)
+    assert "disk full; 1 deliveries run without being durable" in caplog.text

@@ -1,0 +1,128 @@
+"""The SQLite log's own cases: durability across instances, refusals, failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import sqlite3
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from tidings import ConfigurationError, Event, StoreError
+from tidings.store import SQLiteStore, inbox
+
+pytestmark = pytest.mark.anyio
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+async def test_what_one_instance_recorded_another_claims(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    first = SQLiteStore(path)
+    await first.open()
+    await first.record([(Event("a", 1), "h")], lease=0)
+    await first.aclose()
+    await first.aclose()  # idempotent
+    second = SQLiteStore(path)
+    await second.open()
+    [delivery] = await second.claim(limit=10, lease=60)
+    assert delivery.event.payload == 1
+    await second.aclose()
+
+
+async def test_payloads_are_json_with_common_types_and_never_pickle(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    payload = {
+        "point": Point(1, 2),
+        "when": dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC),
+        "day": dt.date(2026, 11, 23),
+        "id": uuid.UUID(int=1),
+        "price": Decimal("9.99"),
+        "tags": {"a"},
+        "color": Color.RED,
+    }
+    await store.record([(Event("a", payload), "h")], lease=0)
+    [delivery] = await store.claim(limit=1, lease=60)
+    assert delivery.event.payload == {
+        "point": {"x": 1, "y": 2},
+        "when": "2026-11-23T12:00:00+00:00",
+        "day": "2026-11-23",
+        "id": "00000000-0000-0000-0000-000000000001",
+        "price": "9.99",
+        "tags": ["a"],
+        "color": "red",
+    }
+    await store.aclose()
+
+
+async def test_unserialisable_and_oversized_payloads_are_refused_by_id(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db", max_payload_bytes=100)
+    good, bad, big = Event("a", 1), Event("a", object()), Event("a", "x" * 200)
+    refused = await store.record([(good, "h"), (bad, "h"), (big, "h")], lease=0)
+    assert set(refused) == {bad.id, big.id}
+    assert "is not JSON-serialisable" in refused[bad.id]
+    assert "over the event log's limit of 100" in refused[big.id]
+    assert [d.event.id for d in await store.claim(limit=10, lease=60)] == [good.id]
+    await store.aclose()
+
+
+async def test_a_path_that_is_not_a_database_fails_clearly(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path)  # a directory
+    with pytest.raises(StoreError, match="could not open"):
+        await store.open()
+    with pytest.raises(StoreError):
+        await store.dead_letters()
+    await store.aclose()
+
+
+async def test_a_failing_write_is_logged_and_the_others_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+
+    def broken(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO no_such_table VALUES (1)")
+
+    store._submit(broken, "write something impossible")
+    await store.record([(Event("a", 1), "h")], lease=0)
+    assert len(await store.claim(limit=10, lease=60)) == 1
+    assert "could not write something impossible: no such table" in caplog.text
+    await store.aclose()
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="MemoryStore"):
+        SQLiteStore(":memory:")
+    with pytest.raises(ConfigurationError, match="synchronous"):
+        SQLiteStore("x.db", synchronous="OFF")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="max_payload_bytes"):
+        SQLiteStore("x.db", max_payload_bytes=0)
+    assert "closed" in repr(SQLiteStore("x.db"))
+
+
+def test_the_inbox_records_a_pair_once_and_rolls_back_with_the_work(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as db:
+        inbox.create_table(db)
+    event = Event("a")
+    db = sqlite3.connect(path)
+    assert inbox.record_once(db, event, "h")
+    db.rollback()  # the work failed: the pair goes with it
+    assert inbox.record_once(db, event.id, "h")
+    db.commit()
+    assert not inbox.record_once(db, event, "h")
+    assert inbox.record_once(db, event, "other")
+    db.close()
