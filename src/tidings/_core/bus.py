@@ -150,6 +150,7 @@ class EventBus:
         self.dead_letters = DeadLetters(self, self._runner)
         """The dead letters: list, inspect, replay and purge them (see :class:`DeadLetters`)."""
         self._opening: asyncio.Task[None] | None = None
+        self._resubmit = True
         self._relay_task: asyncio.Task[None] | None = None
         self._state = BusState.CREATED
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -443,35 +444,42 @@ class EventBus:
         except StoreError as exc:
             logger.error("bus %r could not open its store: %s", self.name, exc, exc_info=exc)
             raise
-        if self.store.durable:
+        if self.store.durable and self._resubmit:
             self._relay_task = asyncio.create_task(self._relay(), name=f"tidings {self.name}: relay")
 
     async def _relay(self) -> None:
         """Run what the log holds for nobody: deliveries of a process that died, revived dead letters.
 
-        It also renews the leases of this process's own deliveries, so that a slow handler is
-        never taken over by another process.
+        Every tick it first renews the leases of this process's own unfinished deliveries, so that
+        a slow handler is never taken over; then, if the deliveries it took last time are done, it
+        takes the next batch whose lease has run out (one batch at a time: a backlog of a million
+        deliveries is worked through, not loaded into memory).
         """
         interval = min(5.0, self.resubmit_after / 4)
         store = self.store
         runner = self._runner
+        taken: list[asyncio.Task[None]] = []
         while True:
-            deliveries = []
+            taken = [task for task in taken if not task.done()]
             try:
                 in_flight = runner.in_flight()
                 if in_flight:
                     store.renew(in_flight, lease=self.resubmit_after)
-                deliveries = await store.claim(limit=_CLAIM_BATCH, lease=self.resubmit_after)
+                if not taken:
+                    deliveries = await store.claim(limit=_CLAIM_BATCH, lease=self.resubmit_after)
+                    # a lease that ran out under a loop too busy to renew it: still ours, running
+                    running = set(in_flight)
+                    fresh = [d for d in deliveries if (d.event.id, d.handler) not in running]
+                    if fresh:
+                        logger.info(
+                            "bus %r resubmits %d deliveries from its event log", self.name, len(fresh)
+                        )
+                        jobs = runner.run_deliveries(fresh)
+                        taken = [job.task for job in jobs if job.task is not None]
+                    if len(deliveries) == _CLAIM_BATCH and not taken:
+                        continue
             except StoreError as exc:
-                logger.error("bus %r could not read its event log: %s", self.name, exc, exc_info=exc)
-            if deliveries:
-                logger.info("bus %r resubmits %d deliveries from its event log", self.name, len(deliveries))
-                jobs = runner.run_deliveries(deliveries)
-                tasks = [job.task for job in jobs if job.task is not None]
-                if tasks:
-                    await asyncio.wait(tasks)  # take more only once these are done
-                if len(deliveries) == _CLAIM_BATCH:
-                    continue
+                logger.error("bus %r could not use its event log: %s", self.name, exc, exc_info=exc)
             await asyncio.sleep(interval)
 
     async def _stop_relay(self) -> None:
@@ -484,15 +492,22 @@ class EventBus:
                 if asyncio.current_task().cancelling():  # type: ignore[union-attr]
                     raise
 
-    async def start(self) -> None:
+    async def start(self, *, resubmit: bool = True) -> None:
         """Start handling events on the running event loop. Idempotent.
 
         Events emitted before the start are handled now.
+
+        Args:
+            resubmit: with a durable store, run the deliveries whose lease ran out (left by a
+                process that died, or cut off by a drain) and keep doing so while running.
+                ``False`` is for tools that use the bus briefly, like ``tidings dead-letters
+                replay``: they should not take over the app's backlog.
 
         Raises:
             BusStateError: the bus is already running on another event loop.
             StoreError: the bus's store could not be opened.
         """
+        self._resubmit = resubmit
         self._ensure_running_slow()
         opening = self._opening
         if opening is not None:

@@ -134,7 +134,8 @@ class Job(Scope):
     attempt = 1  # the attempt number of the job's own calls (a retry job's are > 1)
     durable = False  # its deliveries are in a durable log
     recorded = False  # its current calls are in the log already (retried, resubmitted, revived)
-    done: list[Call] | None = None  # calls that succeeded, to complete in the log
+    done: list[Call] | None = None  # async calls that succeeded, to complete in the log
+    sync_done: list[Call] | None = None  # the same for sync calls; appended by the worker thread
     record_waiters: list[asyncio.Future[None]] | None = None  # EventBus.flush() callers
     failed: list[Call] | None = None  # calls that failed, kept when someone asked (replays)
 
@@ -222,6 +223,7 @@ class Runner:
         if self.durable:
             job.durable = True
             job.done = []
+            job.sync_done = []
         self.jobs.add(job)
         if self._watch_handle is None and self.loop is not None:
             self._watch_handle = self.loop.call_later(self._tick, self._watch)
@@ -312,13 +314,15 @@ class Runner:
                         raise asyncio.CancelledError
                 job.async_calls = ()
                 if sync_future is not None:
+                    if job.done:  # the async calls are done: the log hears it now, not after the hop
+                        self._complete(job)
                     try:
                         await sync_future
                     except asyncio.CancelledError:
                         job.sync_stop = True  # the thread stops before its next call
                         raise
                     job.sync_calls = ()
-                if job.done:
+                if job.done or job.sync_done:
                     self._complete(job)
                 records = job.buffer  # events the handlers emitted: same job, right after
                 if not records:
@@ -338,7 +342,7 @@ class Runner:
             raise
         finally:
             job.buffer = None  # later emits from this context go straight to the bus
-            if job.done:
+            if job.done or job.sync_done:
                 self._complete(job)
             if has_slot:
                 if self._slot_waiters:
@@ -416,8 +420,14 @@ class Runner:
         return bool(async_calls or sync_calls)
 
     def _complete(self, job: Job) -> None:
+        """Tell the log which calls succeeded (sync ones only once the worker thread is done)."""
         done, job.done = job.done or [], []
-        self.store.complete([(event.id, name) for event, name in _deliveries(done)])
+        sync_done = job.sync_done
+        if sync_done and not job.sync_calls:  # the hop is over: nobody appends to it any more
+            done += sync_done
+            job.sync_done = []
+        if done:
+            self.store.complete([(event.id, name) for event, name in _deliveries(done)])
 
     async def _record(self, job: Job) -> None:
         """Write the job's current calls to the log before they run (they run even if it fails)."""
@@ -556,8 +566,8 @@ class Runner:
                 )
                 loop.call_soon_threadsafe(self.failed, job, calls[index], error, exc)
             else:
-                if job.done is not None:
-                    job.done.append(calls[index])  # list.append is atomic: the loop reads it later
+                if job.sync_done is not None:
+                    job.sync_done.append(calls[index])  # read by the loop once this hop is over
             job.sync_current = None
         job.sync_index = len(calls)
 

@@ -1,0 +1,152 @@
+"""``tidings dead-letters``: list, show, replay and purge the dead letters of an app's bus."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tidings.cli import load_bus, main
+
+_names = itertools.count()
+
+APP = """
+from tidings import Event, EventBus
+from tidings.store import SQLiteStore
+
+bus = EventBus(store=SQLiteStore({path!r}))
+broken = True
+
+@bus.on("invoice.due", name="billing.send")
+def send(event: Event) -> None:
+    if broken:
+        raise ConnectionError("mail server down")
+
+@bus.on("user.created", name="mail.welcome")
+async def welcome(event: Event) -> None:
+    raise ValueError("no template")
+"""
+
+
+@pytest.fixture
+def app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """A fresh app module with a bus on its own SQLite log, and two dead letters in it."""
+    name = f"cli_app_{next(_names)}"
+    (tmp_path / f"{name}.py").write_text(APP.format(path=str(tmp_path / "log.db")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    bus = load_bus(f"{name}:bus")
+
+    async def fail_twice() -> None:
+        async with bus:
+            bus.emit("invoice.due", {"invoice": 7})
+            bus.emit("user.created", {"user": 1})
+            await bus.drain()
+
+    asyncio.run(fail_twice())
+    module = sys.modules[name]
+    yield module
+    del sys.modules[name]
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    status = main(list(argv), out=out)
+    return status, out.getvalue()
+
+
+def test_list_shows_every_dead_letter(app: ModuleType) -> None:
+    status, out = run("dead-letters", "list", "--bus", f"{app.__name__}:bus")
+    assert status == 0
+    assert "billing.send" in out and "ConnectionError: mail server down" in out
+    assert "mail.welcome" in out and "ValueError: no template" in out
+    assert out.splitlines()[-1] == "2 dead letter(s)"
+    status, out = run("dead-letters", "list", "--bus", app.__name__, "--event", "user.*", "--json")
+    [line] = out.splitlines()
+    record = json.loads(line)
+    assert (record["handler"], record["payload"], record["attempts"]) == ("mail.welcome", {"user": 1}, 1)
+
+
+def test_show_prints_payload_and_traceback(app: ModuleType) -> None:
+    _, listing = run("dead-letters", "list", "--bus", f"{app.__name__}:bus", "--json")
+    letter_id = next(json.loads(line)["id"] for line in listing.splitlines() if "billing" in line)
+    status, out = run("dead-letters", "show", letter_id, "--bus", f"{app.__name__}:bus")
+    assert status == 0
+    assert f"id:         {letter_id}" in out
+    assert '"invoice": 7' in out
+    assert 'raise ConnectionError("mail server down")' in out
+    assert run("dead-letters", "show", "nope/x", "--bus", f"{app.__name__}:bus")[0] == 2
+
+
+def test_replay_runs_the_handler_again_and_reports(app: ModuleType) -> None:
+    bus = f"{app.__name__}:bus"
+    status, out = run("dead-letters", "replay", "--bus", bus, "--handler", "billing.*")
+    assert (status, out.splitlines()[0]) == (1, "replayed 1: 0 succeeded, 1 failed again, 0 skipped")
+    setattr(app, "broken", False)  # noqa: B010 - the module's flag, unknown to mypy
+    status, out = run("dead-letters", "replay", "--bus", bus, "--handler", "billing.*")
+    assert (status, out.splitlines()[0]) == (0, "replayed 1: 1 succeeded, 0 failed again, 0 skipped")
+    _, listing = run("dead-letters", "list", "--bus", bus)
+    assert "billing.send" not in listing and "1 dead letter(s)" in listing
+
+
+def test_purge_needs_a_selection_and_deletes_it(app: ModuleType) -> None:
+    bus = f"{app.__name__}:bus"
+    assert run("dead-letters", "purge", "--bus", bus)[0] == 2
+    assert run("dead-letters", "purge", "x/y", "--all", "--bus", bus)[0] == 2
+    assert run("dead-letters", "purge", "--bus", bus, "--event", "user.*") == (0, "purged 1 dead letter(s)\n")
+    assert run("dead-letters", "purge", "--bus", bus, "--all") == (0, "purged 1 dead letter(s)\n")
+    assert run("dead-letters", "list", "--bus", bus) == (0, "no dead letters\n")
+
+
+def test_a_bus_that_cannot_be_found_is_a_usage_error(
+    app: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("dead-letters", "list", "--bus", "no_such_module_here:bus")[0] == 2
+    assert run("dead-letters", "list", "--bus", f"{app.__name__}:broken")[0] == 2
+    assert run("dead-letters", "list", "--bus", "json")[0] == 2
+    err = capsys.readouterr().err
+    assert "cannot import 'no_such_module_here'" in err
+    assert "is bool, not an EventBus" in err
+    assert "json holds 0 EventBus objects" in err
+
+
+def test_the_console_script_runs(app: ModuleType) -> None:
+    script = shutil.which("tidings", path=os.path.dirname(sys.executable))
+    assert script is not None, "the tidings console script is not installed"
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(
+        [script, "dead-letters", "list", "--bus", f"{app.__name__}:bus"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 dead letter(s)" in done.stdout
+
+
+def test_a_memory_store_bus_says_it_sees_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "memory_app.py").write_text(
+        textwrap.dedent("""
+        from tidings import EventBus
+        bus = EventBus()
+        """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert run("dead-letters", "list", "--bus", "memory_app") == (0, "no dead letters\n")
+    assert "keeps dead letters in memory only" in capsys.readouterr().err
+    del sys.modules["memory_app"]
