@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from .apps import EVENT_SYSTEMS, SYSTEMS
+from .apps import EVENT_SYSTEMS, LOOPBACK_SYSTEMS
 from .loopback import HTTP_IMPL, run_wrk, serve
 from .report import BASELINE, Measurement, Results, build_rows, render_markdown
 
@@ -140,7 +140,7 @@ def run_loopback(settings: Settings, workdir: Path, results: Results) -> None:
         f"uvicorn (loop {settings.loop}, http {HTTP_IMPL}) + wrk -t1 -c16 -d{settings.wrk_seconds}s, "
         f"{settings.wrk_repeats} run(s) per system after a 1s warm-up"
     )
-    for system in SYSTEMS:
+    for system in LOOPBACK_SYSTEMS:
         log = workdir / f"uvicorn-{system}.log"
         try:
             with serve(system, events=1, loop=settings.loop, log=log) as url:

@@ -11,22 +11,24 @@ fastapi-events read handler signatures at runtime.
 import asyncio
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter_ns
 from typing import Any, Final, Literal, cast
 
 from ._types import ASGIApp
 
-SystemName = Literal["starlette", "tidings", "fastapi-events", "litestar", "litestar-bare"]
+SystemName = Literal["starlette", "tidings", "tidings-sqlite", "fastapi-events", "litestar", "litestar-bare"]
 SYSTEMS: Final[tuple[SystemName, ...]] = (
     "starlette",
     "tidings",
+    "tidings-sqlite",
     "fastapi-events",
     "litestar",
     "litestar-bare",
 )
-EVENT_SYSTEMS: Final[tuple[SystemName, ...]] = ("tidings", "fastapi-events", "litestar")
+EVENT_SYSTEMS: Final[tuple[SystemName, ...]] = ("tidings", "tidings-sqlite", "fastapi-events", "litestar")
+LOOPBACK_SYSTEMS: Final[tuple[SystemName, ...]] = tuple(s for s in SYSTEMS if s != "tidings-sqlite")
 
 EVENT: Final = "bench.event"
 PAYLOAD: Final = {"id": 1}
@@ -91,6 +93,16 @@ class Tally:
 
 TALLY: Final = Tally()
 
+SETTLERS: Final[list[Callable[[], Awaitable[None]]]] = []
+"""Awaited after the handlers ran, before the clock stops: the durable log's commits of completions."""
+
+
+async def settle() -> None:
+    """Wait until what the handlers' runs left behind is done (for tidings-sqlite: committed)."""
+    for settler in SETTLERS:
+        await settler()
+
+
 EMIT_SAMPLES: Final[list[float]] = []
 """µs per emit, one sample per emit-cost request (the loop's time minus an empty loop's, over n)."""
 
@@ -129,6 +141,8 @@ def build_app(system: SystemName, spec: AppSpec) -> ASGIApp:
         return _starlette(spec, None)
     if system == "tidings":
         return _tidings(spec)
+    if system == "tidings-sqlite":
+        return _tidings(spec, durable=True)
     if system == "fastapi-events":
         return _fastapi_events(spec)
     if system == "litestar":
@@ -161,12 +175,19 @@ def _starlette(spec: AppSpec, emit: EmitFn | None, middleware: list[Any] | None 
     return Starlette(routes=[Route("/", index)], middleware=middleware)
 
 
-def _tidings(spec: AppSpec) -> ASGIApp:
+def _tidings(spec: AppSpec, *, durable: bool = False) -> ASGIApp:
+    import tempfile
+
     from starlette.middleware import Middleware
 
     from tidings import Event, EventBus, TidingsMiddleware, emit
+    from tidings.store import SQLiteStore
 
-    bus = EventBus()
+    if durable:  # every delivery recorded before its handler runs, completed after (one file, WAL)
+        bus = EventBus(store=SQLiteStore(os.path.join(tempfile.mkdtemp(prefix="tidings-bench-"), "log.db")))
+        SETTLERS.append(bus.store.flush)
+    else:
+        bus = EventBus()
     if spec.sync_handler:
 
         @bus.on(EVENT)

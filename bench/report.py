@@ -21,6 +21,7 @@ BASELINE: Final = "baseline"
 COLUMNS: Final[tuple[tuple[SystemName, str], ...]] = (
     ("starlette", "bare Starlette"),
     ("tidings", "tidings"),
+    ("tidings-sqlite", "tidings + SQLite log"),
     ("fastapi-events", "fastapi-events"),
     ("litestar", "Litestar events"),
     ("litestar-bare", "bare Litestar"),
@@ -141,6 +142,18 @@ def build_rows(results: Results) -> list[Row]:
             )
         )
 
+    if "tidings" in emit and "tidings-sqlite" in emit:
+        rows.append(
+            _row(
+                "emit cost (in a request)",
+                f"SQLite log: {TIMES} the in-memory emit",
+                {"tidings-sqlite": emit["tidings-sqlite"] / emit["tidings"]},
+                _ratio,
+                Target("<=", 2.0, f"≤ 2{TIMES} in-memory"),
+                emit["tidings-sqlite"] / emit["tidings"],
+            )
+        )
+
     # 2. in-process ASGI requests/s
     bare = med("requests", "starlette", BASELINE)
     bare_litestar = med("requests", "litestar-bare", BASELINE)
@@ -202,6 +215,18 @@ def build_rows(results: Results) -> list[Row]:
                     eps.get("tidings"),
                 )
             )
+    durable = collect("burst", "async").get("tidings-sqlite")
+    if durable is not None:
+        rows.append(
+            _row(
+                "1,000 events in one request",
+                "SQLite log: events/s recorded, handled and completed (committed)",
+                {"tidings-sqlite": durable},
+                lambda v: _num(v),
+                Target(">=", 20_000, "≥ 20k events/s"),
+                durable,
+            )
+        )
 
     # 4. uvicorn + wrk
     wrk_rps = collect("wrk", "rps")

@@ -18,7 +18,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import Literal
 
-from .apps import EMIT_SAMPLES, SYSTEMS, TALLY, AppSpec, SystemName, build_app
+from .apps import EMIT_SAMPLES, SYSTEMS, TALLY, AppSpec, SystemName, build_app, settle
 from .harness import Lifespan, RequestDriver
 
 _WARMUP_REQUESTS = 300
@@ -57,6 +57,7 @@ async def _emit_cost(args: WorkerArgs) -> WorkerResult:
             gc.collect()
             await driver.run(1)
             await TALLY.wait_for(driver.responses * args.size)  # let every handler run before the next
+            await settle()
     return WorkerResult(samples=EMIT_SAMPLES[2:], unit="us/emit", handler_calls=TALLY.count)
 
 
@@ -75,6 +76,7 @@ async def _requests(args: WorkerArgs) -> WorkerResult:
             start = perf_counter()
             await driver.run(n)
             await TALLY.wait_for(driver.responses * per_request)
+            await settle()
             return (perf_counter() - start) / n
 
         await timed(_WARMUP_REQUESTS)
@@ -101,6 +103,7 @@ async def _burst(args: WorkerArgs) -> WorkerResult:
             for _ in range(n):
                 await driver.run(1)
                 await TALLY.wait_for(driver.responses * args.events)
+                await settle()
             return (perf_counter() - start) / n
 
         await timed(1)

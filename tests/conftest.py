@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,6 +14,9 @@ import pytest
 
 import tidings
 from tidings._core.dispatcher import live_buses, unregister_running
+
+# The demo shop keeps its event log in a file: the tests' goes to a directory of their own.
+os.environ.setdefault("SHOP_EVENT_LOG", os.path.join(tempfile.mkdtemp(prefix="tidings-shop-"), "events.db"))
 
 
 @pytest.fixture(

@@ -14,10 +14,15 @@ then try::
          -d '{"user_id": 1, "item": "gremlin", "unit_price": 1}'     # notify_warehouse fails on purpose
     curl -X POST localhost:8000/orders/1/cancel
     curl localhost:8000/stats
+    curl localhost:8000/dead-letters                  # the gremlin's notify_warehouse, after 3 attempts
+    curl -X POST localhost:8000/warehouse/gremlins    # the warehouse changes its mind ...
+    curl -X POST localhost:8000/dead-letters/replay   # ... and the dead letter is replayed
+    uv run tidings dead-letters list --bus examples.shop.handlers:bus   # the same, from the shell
 
 Each endpoint only calls ``emit()``; the handlers in :mod:`examples.shop.handlers` run after the
 response has been sent (watch the server log). ``/stats`` shows what they did. Stop the server with
-Ctrl+C: pending handlers finish before the lifespan's shutdown code runs.
+Ctrl+C: pending handlers finish before the lifespan's shutdown code runs. Every delivery goes through
+the SQLite event log ``shop-events.db``: kill the server mid-way and the next start runs what was left.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pydantic import BaseModel, Field
 
 from tidings import TidingsMiddleware, emit
 
-from .handlers import Stats, bus, stats
+from .handlers import Stats, bus, stats, warehouse
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
 logger = logging.getLogger("shop")
@@ -137,3 +142,37 @@ async def cancel_order(order_id: int) -> Order:
 @app.get("/stats")
 async def get_stats() -> Stats:
     return stats
+
+
+class DeadLetterView(BaseModel):
+    id: str
+    event: str
+    handler: str
+    attempts: int
+    error: str
+
+
+class ReplayView(BaseModel):
+    succeeded: list[str]
+    failed: list[str]
+
+
+@app.get("/dead-letters")
+async def list_dead_letters() -> list[DeadLetterView]:
+    return [
+        DeadLetterView(id=d.id, event=d.event.name, handler=d.handler, attempts=d.attempts, error=d.error)
+        for d in await bus.dead_letters.list()
+    ]
+
+
+@app.post("/warehouse/gremlins")
+async def ship_gremlins() -> dict[str, bool]:
+    warehouse.ships_gremlins = True
+    return {"ships_gremlins": True}
+
+
+@app.post("/dead-letters/replay")
+async def replay_dead_letters() -> ReplayView:
+    """Runs every dead letter's handler once more, now, and says how each went."""
+    result = await bus.dead_letters.replay(all=True)
+    return ReplayView(succeeded=[d.id for d in result.succeeded], failed=[d.id for d in result.failed])

@@ -2,16 +2,22 @@
 
 None of them delays a response: tidings runs them after the response has been sent. A handler that
 raises is logged and reported to ``on_failure``; the other handlers of the event still run.
+
+Every delivery is recorded in a SQLite event log (``shop-events.db``, or ``$SHOP_EVENT_LOG``) before
+its handler runs, so a crash loses nothing; a delivery whose last attempt fails is kept there as a
+dead letter, to be replayed once the cause is fixed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
-from tidings import Event, EventBus, HandlerError, emit
+from tidings import Event, EventBus, HandlerError, RetryPolicy, emit
+from tidings.store import SQLiteStore
 
-__all__ = ["AnalyticsForwarder", "Stats", "bus", "stats"]
+__all__ = ["AnalyticsForwarder", "Stats", "Warehouse", "bus", "stats", "warehouse"]
 
 logger = logging.getLogger("shop")
 
@@ -29,7 +35,8 @@ class Stats:
     revenue: float = 0.0
     audited: list[str] = field(default_factory=list)
     analytics_batches: list[list[str]] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # calls that gave up: now dead letters
+    failed_attempts: int = 0
 
     def reset(self) -> None:
         vars(self).update(vars(Stats()))
@@ -38,12 +45,28 @@ class Stats:
 stats = Stats()
 
 
+class Warehouse:
+    """The outside service ``notify_warehouse`` talks to."""
+
+    ships_gremlins = False
+
+
+warehouse = Warehouse()
+
+
 def record_failure(error: HandlerError) -> None:
     """tidings has logged the failure with its traceback already; we also count it."""
-    stats.failures.append(f"{error.handler.rsplit('.', 1)[-1]}: {error.__cause__!r}")
+    stats.failed_attempts += 1
+    if error.dead_letters:
+        stats.failures.append(f"{error.handler.rsplit('.', 1)[-1]}: {error.__cause__!r}")
 
 
-bus = EventBus(handler_timeout=5.0, on_failure=record_failure, name="shop")
+bus = EventBus(
+    handler_timeout=5.0,
+    on_failure=record_failure,
+    store=SQLiteStore(os.environ.get("SHOP_EVENT_LOG", "shop-events.db")),
+    name="shop",
+)
 
 
 @bus.on("*")
@@ -70,10 +93,14 @@ async def count_order(event: Event) -> None:
     stats.revenue += event.payload["total"]
 
 
-@bus.on("order.placed")
+@bus.on("order.placed", retry=RetryPolicy(max_attempts=3, backoff=0.1))
 async def notify_warehouse(event: Event) -> None:
-    """Fails on purpose for gremlins, to show that one failing handler does not stop the others."""
-    if event.payload["item"] == "gremlin":
+    """Fails on purpose for gremlins, to show that one failing handler does not stop the others.
+
+    It is tried three times, then becomes a dead letter: ``POST /warehouse/gremlins`` changes the
+    warehouse's mind, and ``POST /dead-letters/replay`` ships the order after all.
+    """
+    if event.payload["item"] == "gremlin" and not warehouse.ships_gremlins:
         raise RuntimeError("the warehouse refuses to ship gremlins")
     stats.orders_shipped.append(event.payload["id"])
 
