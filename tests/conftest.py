@@ -6,10 +6,13 @@ import asyncio
 import os
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
+import asyncpg
 import pytest
 
 import tidings
@@ -91,3 +94,40 @@ def no_bus_left_running() -> Iterator[None]:
     for bus in leaked:
         unregister_running(bus)  # keep the next tests independent of this failure
     assert not leaked, f"test left running buses: {leaked}"
+
+
+# -- PostgreSQL: the machine's real server, a schema of its own per test ------------------------------
+
+POSTGRES_DSN = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+async def _execute_async(sql: str) -> None:
+    connection = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def _execute(sql: str) -> None:
+    # on a thread of its own: the test's event loop may be running in this one already
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, _execute_async(sql)).result()
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A schema name no other test uses, dropped afterwards. Skips without a server (fails under CI).
+
+    A plain fixture (its SQL runs on a thread and loop of its own), so that parametrised async
+    fixtures can ask for it by name.
+    """
+    try:
+        _execute("SELECT 1")
+    except (OSError, asyncpg.PostgresError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI needs PostgreSQL at {POSTGRES_DSN} (../shared/scripts/services-up): {exc}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_DSN} (set TIDINGS_TEST_POSTGRES): {exc}")
+    schema = f"tidings_test_{uuid.uuid4().hex[:12]}"
+    yield schema
+    _execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -10,13 +10,22 @@ import pytest
 
 from tidings import Event
 from tidings.store import DeadLetter, MemoryStore, SQLiteStore, Store
+from tidings.store.postgres import PostgresStore
+
+from ..conftest import POSTGRES_DSN
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    made: Store = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "log.db")
+    made: Store
+    if request.param == "memory":
+        made = MemoryStore()
+    elif request.param == "sqlite":
+        made = SQLiteStore(tmp_path / "log.db")
+    else:
+        made = PostgresStore(POSTGRES_DSN, schema=request.getfixturevalue("pg_schema"))
     await made.open()
     yield made
     await made.aclose()

@@ -1,44 +1,60 @@
-"""A bus on the SQLite log: recorded before, completed after, resubmitted after a cut-off or crash."""
+"""A bus on a durable log (SQLite, PostgreSQL): recorded before, completed after, resubmitted later."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tidings import Event, EventBus, HandlerError, RetryPolicy, StoreError
 from tidings.store import SQLiteStore
+from tidings.store.postgres import PostgresStore
 
-from ..conftest import Recorder
+from ..conftest import POSTGRES_DSN, Recorder
 
 pytestmark = pytest.mark.anyio
 
+DurableStore = SQLiteStore | PostgresStore
+Log = Callable[[], DurableStore]  # a new store object on the same log, as a restarted process makes
 
-def make_bus(path: Path, failures: list[HandlerError] | None = None, **options: object) -> EventBus:
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def log(request: pytest.FixtureRequest, tmp_path: Path) -> Log:
+    if request.param == "sqlite":
+        return lambda: SQLiteStore(tmp_path / "log.db")
+    schema: str = request.getfixturevalue("pg_schema")
+    return lambda: PostgresStore(POSTGRES_DSN, schema=schema)
+
+
+def make_bus(log: Log, failures: list[HandlerError] | None = None, **options: object) -> EventBus:
     return EventBus(
-        store=SQLiteStore(path),
+        store=log(),
         on_failure=None if failures is None else failures.append,
         **options,  # type: ignore[arg-type]
     )
 
 
-async def pending(path: Path) -> int:
-    store = SQLiteStore(path)
+async def pending(log: Log) -> int:
+    store = log()
     count = await store.pending_count()
     await store.aclose()
     return count
 
 
+def store_of(bus: EventBus) -> DurableStore:
+    assert isinstance(bus.store, SQLiteStore | PostgresStore)
+    return bus.store
+
+
 @pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_a_delivery_is_recorded_before_its_handler_runs_and_completed_after(
-    tmp_path: Path, recorder: Recorder, kind: str
+    log: Log, recorder: Recorder, kind: str
 ) -> None:
-    path = tmp_path / "log.db"
-    bus = make_bus(path)
-    store = bus.store
-    assert isinstance(store, SQLiteStore)
+    bus = make_bus(log)
+    store = store_of(bus)
     seen_pending: list[int] = []
 
     if kind == "async":
@@ -67,9 +83,8 @@ async def test_a_delivery_is_recorded_before_its_handler_runs_and_completed_afte
         assert seen_pending == [1]
 
 
-async def test_chained_events_are_recorded_too(tmp_path: Path, recorder: Recorder) -> None:
-    path = tmp_path / "log.db"
-    bus = make_bus(path, resubmit_after=0.2)
+async def test_chained_events_are_recorded_too(log: Log, recorder: Recorder) -> None:
+    bus = make_bus(log, resubmit_after=0.2)
     gate = asyncio.Event()
 
     @bus.on("parent")
@@ -78,7 +93,7 @@ async def test_chained_events_are_recorded_too(tmp_path: Path, recorder: Recorde
 
     @bus.on("child")
     async def child(event: Event) -> None:
-        recorder.add(await bus.store.pending_count())  # type: ignore[attr-defined]
+        recorder.add(await store_of(bus).pending_count())
         await gate.wait()
 
     async with bus:
@@ -89,10 +104,9 @@ async def test_chained_events_are_recorded_too(tmp_path: Path, recorder: Recorde
 
 
 async def test_what_the_drain_bound_cut_off_stays_in_the_log_and_runs_at_next_start(
-    tmp_path: Path, recorder: Recorder, failures: list[HandlerError]
+    log: Log, recorder: Recorder, failures: list[HandlerError]
 ) -> None:
-    path = tmp_path / "log.db"
-    first = make_bus(path, failures, drain_timeout=0.05, handler_timeout=None, resubmit_after=0.2)
+    first = make_bus(log, failures, drain_timeout=0.05, handler_timeout=None, resubmit_after=0.2)
 
     @first.on("report", name="reports.build")
     async def hangs(event: Event) -> None:
@@ -103,9 +117,9 @@ async def test_what_the_drain_bound_cut_off_stays_in_the_log_and_runs_at_next_st
         first.emit("report", {"month": 12})
         await first.flush()
     assert [f.handler for f in failures] == ["reports.build", "reports.build"]
-    assert await pending(path) == 2
+    assert await pending(log) == 2
 
-    second = make_bus(path, resubmit_after=0.2)
+    second = make_bus(log, resubmit_after=0.2)
 
     @second.on("report", name="reports.build")
     async def works(event: Event) -> None:
@@ -115,15 +129,14 @@ async def test_what_the_drain_bound_cut_off_stays_in_the_log_and_runs_at_next_st
         items = await recorder.wait_count(2)
         await second.drain()
     assert sorted(i["month"] for i in items) == [11, 12]
-    assert await pending(path) == 0
+    assert await pending(log) == 0
 
 
 async def test_a_failed_attempt_is_noted_and_continues_after_a_restart(
-    tmp_path: Path, failures: list[HandlerError]
+    log: Log, failures: list[HandlerError]
 ) -> None:
-    path = tmp_path / "log.db"
     policy = RetryPolicy(max_attempts=3, backoff=0.1, jitter=0)
-    first = make_bus(path, failures, retry=policy, drain_timeout=0, resubmit_after=0.1)
+    first = make_bus(log, failures, retry=policy, drain_timeout=0, resubmit_after=0.1)
 
     @first.on("x", name="flaky")
     async def fails(event: Event) -> None:
@@ -137,14 +150,14 @@ async def test_a_failed_attempt_is_noted_and_continues_after_a_restart(
     assert [type(f).__name__ for f in failures] == ["HandlerError", "HandlerCancelledError"]
     assert "stays in the event log" in str(failures[-1])  # its retry was due after the close
 
-    second = make_bus(path, failures, retry=policy, resubmit_after=0.1)
+    second = make_bus(log, failures, retry=policy, resubmit_after=0.1)
     second.subscribe(fails, "x", name="flaky")
     async with second:
         await bus_idle_until_dead(second, 1)
         [letter] = await second.dead_letters.list()
     assert letter.attempts == 3  # attempt 1 before the restart, 2 and 3 after
     assert [f.attempt for f in failures[2:]] == [2, 3]
-    assert await pending(path) == 0
+    assert await pending(log) == 0
 
 
 async def bus_idle_until_dead(bus: EventBus, count: int) -> None:
@@ -155,10 +168,9 @@ async def bus_idle_until_dead(bus: EventBus, count: int) -> None:
 
 
 async def test_dead_letters_survive_a_restart_and_replay_from_the_next_process(
-    tmp_path: Path, recorder: Recorder
+    log: Log, recorder: Recorder
 ) -> None:
-    path = tmp_path / "log.db"
-    first = make_bus(path)
+    first = make_bus(log)
 
     @first.on("invoice.due", name="billing.send")
     async def broken(event: Event) -> None:
@@ -168,7 +180,7 @@ async def test_dead_letters_survive_a_restart_and_replay_from_the_next_process(
         first.emit("invoice.due", {"invoice": 7})
         await first.drain()
 
-    second = make_bus(path)
+    second = make_bus(log)
 
     @second.on("invoice.due", name="billing.send")
     async def fixed(event: Event) -> None:
@@ -181,14 +193,14 @@ async def test_dead_letters_survive_a_restart_and_replay_from_the_next_process(
         assert [d.id for d in result.succeeded] == [letter.id]
         assert await second.dead_letters.list() == []
         await second.store.flush()
-        assert await second.store.pending_count() == 0  # type: ignore[attr-defined]
+        assert await store_of(second).pending_count() == 0
     assert recorder.items == [{"invoice": 7}]
 
 
 async def test_an_unserialisable_payload_is_still_handled_and_the_loss_of_durability_logged(
-    tmp_path: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+    log: Log, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    bus = make_bus(tmp_path / "log.db")
+    bus = make_bus(log)
 
     @bus.on("a")
     async def handler(event: Event) -> None:
@@ -204,17 +216,17 @@ async def test_an_unserialisable_payload_is_still_handled_and_the_loss_of_durabi
 
 
 async def test_a_store_that_cannot_open_fails_the_start(tmp_path: Path) -> None:
-    bus = make_bus(tmp_path)  # a directory is not a database
+    bus = make_bus(lambda: SQLiteStore(tmp_path))  # a directory is not a database
     with pytest.raises(StoreError, match="could not open"):
         await bus.start()
     await bus.aclose()
 
 
 async def test_a_log_write_failing_mid_run_does_not_stop_the_handlers(
-    tmp_path: Path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+    log: Log, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.ERROR, logger="tidings")
-    bus = make_bus(tmp_path / "log.db")
+    bus = make_bus(log)
 
     @bus.on("a")
     async def handler(event: Event) -> None:
@@ -229,3 +241,10 @@ async def test_a_log_write_failing_mid_run_does_not_stop_the_handlers(
         bus.emit("a", 1)
         await recorder.wait_count(1)
     assert "disk full; 1 deliveries run without being durable" in caplog.text
+
+
+async def test_an_unreachable_postgres_fails_the_start_clearly() -> None:
+    bus = EventBus(store=PostgresStore("postgresql://nobody@127.0.0.1:1/none", connect_timeout=2))
+    with pytest.raises(StoreError, match="PostgreSQL event log could not open"):
+        await bus.start()
+    await bus.aclose()

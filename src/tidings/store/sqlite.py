@@ -16,13 +16,13 @@ import queue
 import sqlite3
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from time import time
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from ..exceptions import ConfigurationError, SerializationError, StoreError
+from ..exceptions import ConfigurationError, StoreError
+from ._rows import COLUMNS, dead_letter_rows, delivery_rows, letter_from_row, split_id
 from .base import DeadLetter, Delivery, matches
-from .codec import DEFAULT_MAX_PAYLOAD_BYTES, decode_event, encode_headers, encode_payload
+from .codec import DEFAULT_MAX_PAYLOAD_BYTES, decode_event
 from .inbox import create_table as create_inbox_table
 
 if TYPE_CHECKING:
@@ -53,9 +53,6 @@ CREATE TABLE IF NOT EXISTS tidings_deliveries (
 CREATE INDEX IF NOT EXISTS tidings_deliveries_claim ON tidings_deliveries (status, lease_until);
 """
 
-_COLUMNS: Final = (
-    "event_id, handler, name, payload, headers, timestamp_ns, attempts, error, traceback, failed_at"
-)
 _MAX_BATCH: Final = 2000  # queued operations committed in one transaction
 
 
@@ -68,26 +65,6 @@ class _Op:
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future[Any] | None = None
     result: Any = field(default=None)
-
-
-def _split(letter_id: str) -> tuple[str, str]:
-    event_id, _, handler = letter_id.partition("/")
-    return event_id, handler
-
-
-def _row_event(row: sqlite3.Row | tuple[Any, ...]) -> Event:
-    return decode_event(row[0], row[2], row[3], row[4], row[5])
-
-
-def _row_letter(row: tuple[Any, ...]) -> DeadLetter:
-    return DeadLetter(
-        event=_row_event(row),
-        handler=row[1],
-        attempts=row[6],
-        error=row[7] or "",
-        traceback=row[8] or "",
-        failed_at=datetime.fromtimestamp(row[9] or 0.0, tz=UTC),
-    )
 
 
 class SQLiteStore:
@@ -255,27 +232,14 @@ class SQLiteStore:
         max_bytes = self.max_payload_bytes
 
         def run(connection: sqlite3.Connection) -> dict[str, str]:
-            rows = []
-            refused: dict[str, str] = {}
-            encoded: dict[str, tuple[str, str] | None] = {}
+            # encoded in this thread, off the event loop
+            rows, refused = delivery_rows(deliveries, max_bytes, 0.0)
             until = time() + lease
-            for event, handler in deliveries:
-                event_id = event.id
-                if event_id not in encoded:
-                    try:
-                        encoded[event_id] = (encode_payload(event, max_bytes), encode_headers(event.headers))
-                    except SerializationError as exc:
-                        encoded[event_id] = None
-                        refused[event_id] = str(exc)
-                texts = encoded[event_id]
-                if texts is not None:
-                    payload, headers = texts
-                    rows.append((event_id, handler, event.name, payload, headers, event.timestamp_ns, until))
             connection.executemany(
                 "INSERT OR IGNORE INTO tidings_deliveries "
                 "(event_id, handler, name, payload, headers, timestamp_ns, lease_until) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
+                [(*row[:6], until) for row in rows],
             )
             return refused
 
@@ -316,28 +280,7 @@ class SQLiteStore:
 
     def bury(self, letters: Sequence[DeadLetter]) -> None:
         """Make dead letters of these deliveries (writing them whole if they were not recorded)."""
-        rows = []
-        for letter in letters:
-            event = letter.event
-            try:
-                payload = encode_payload(event, self.max_payload_bytes)
-            except SerializationError as exc:
-                logger.error("dead letter %s cannot be written to the event log: %s", letter.id, exc)
-                continue
-            rows.append(
-                (
-                    event.id,
-                    letter.handler,
-                    event.name,
-                    payload,
-                    encode_headers(event.headers),
-                    event.timestamp_ns,
-                    letter.attempts,
-                    letter.error,
-                    letter.traceback,
-                    letter.failed_at.timestamp(),
-                )
-            )
+        rows = dead_letter_rows(letters, self.max_payload_bytes)
         if rows:
             self._submit(
                 lambda connection: connection.executemany(
@@ -362,11 +305,11 @@ class SQLiteStore:
                 f"UPDATE tidings_deliveries SET lease_until = ? WHERE (event_id, handler) IN ("
                 f"SELECT event_id, handler FROM tidings_deliveries "
                 f"WHERE status = 'pending' AND lease_until <= ? ORDER BY event_id LIMIT ?) "
-                f"RETURNING {_COLUMNS}",
+                f"RETURNING {COLUMNS}",
                 (now + lease, now, limit),
             ).fetchall()
             return sorted(
-                (Delivery(_row_event(row), row[1], row[6]) for row in rows),
+                (Delivery(decode_event(r[0], r[2], r[3], r[4], r[5]), r[1], r[6]) for r in rows),
                 key=lambda d: (d.event.id, d.handler),
             )
 
@@ -384,9 +327,9 @@ class SQLiteStore:
 
         def run(connection: sqlite3.Connection) -> list[DeadLetter]:
             rows = connection.execute(
-                f"SELECT {_COLUMNS} FROM tidings_deliveries WHERE status = 'dead' ORDER BY event_id, handler"
+                f"SELECT {COLUMNS} FROM tidings_deliveries WHERE status = 'dead' ORDER BY event_id, handler"
             ).fetchall()
-            return [_row_letter(row) for row in rows]
+            return [letter_from_row(row) for row in rows]
 
         letters: list[DeadLetter] = await self._call(run, "list dead letters")
         wanted = None if ids is None else set(ids)
@@ -394,14 +337,14 @@ class SQLiteStore:
 
     async def revive(self, ids: Sequence[str], *, lease: float) -> list[DeadLetter]:
         """Turn dead letters back into pending deliveries leased to this process."""
-        keys = [_split(letter_id) for letter_id in ids]
+        keys = [split_id(letter_id) for letter_id in ids]
 
         def run(connection: sqlite3.Connection) -> list[DeadLetter]:
             revived = []
             until = time() + lease
             for key in keys:
                 row = connection.execute(
-                    f"SELECT {_COLUMNS} FROM tidings_deliveries "
+                    f"SELECT {COLUMNS} FROM tidings_deliveries "
                     f"WHERE event_id = ? AND handler = ? AND status = 'dead'",
                     key,
                 ).fetchone()
@@ -412,7 +355,7 @@ class SQLiteStore:
                     "error = NULL, traceback = NULL, failed_at = NULL WHERE event_id = ? AND handler = ?",
                     (until, *key),
                 )
-                revived.append(_row_letter(row))
+                revived.append(letter_from_row(row))
             return revived
 
         result: list[DeadLetter] = await self._call(run, f"revive {len(keys)} dead letter(s)")
@@ -420,7 +363,7 @@ class SQLiteStore:
 
     async def purge(self, ids: Sequence[str]) -> int:
         """Delete the dead letters ``ids``."""
-        keys = [_split(letter_id) for letter_id in ids]
+        keys = [split_id(letter_id) for letter_id in ids]
 
         def run(connection: sqlite3.Connection) -> int:
             deleted = 0
