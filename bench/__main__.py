@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from .apps import EVENT_SYSTEMS, LOOPBACK_SYSTEMS
-from .loopback import HTTP_IMPL, run_wrk, serve
+from .apps import EVENT_SYSTEMS, LOOPBACK_SYSTEMS, POSTGRES_DSN
+from .loopback import HTTP_IMPL, WRK, run_wrk, serve
 from .report import BASELINE, Measurement, Results, build_rows, render_markdown
 
 if TYPE_CHECKING:
@@ -97,9 +97,33 @@ def _record(results: Results, m: Measurement) -> None:
     _log(f"  {m.scenario:<8} {m.system:<15} {m.variant:<9} median {m.median:,.3f} {m.unit}{note}")
 
 
+def _event_systems() -> tuple[SystemName, ...]:
+    """Every event system, less tidings-postgres when no PostgreSQL answers (said on stderr)."""
+    global _POSTGRES_UP
+    if _POSTGRES_UP is None:
+        import asyncio
+
+        import asyncpg
+
+        async def probe() -> None:
+            connection = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+            await connection.close()
+
+        try:
+            asyncio.run(probe())
+            _POSTGRES_UP = True
+        except (OSError, asyncpg.PostgresError) as exc:
+            _log(f"no PostgreSQL at {POSTGRES_DSN} ({exc}): tidings-postgres is left out")
+            _POSTGRES_UP = False
+    return tuple(s for s in EVENT_SYSTEMS if _POSTGRES_UP or s != "tidings-postgres")
+
+
+_POSTGRES_UP: bool | None = None
+
+
 def run_emit(settings: Settings, workdir: Path, results: Results) -> None:
     _log(f"emit cost: {settings.emit_loop:,} emits per request, {settings.emit_repeats} requests")
-    for system in EVENT_SYSTEMS:
+    for system in _event_systems():
         samples, unit = _worker(settings, workdir, "emit", system)
         _record(results, Measurement("emit", system, "", unit, samples))
 
@@ -111,7 +135,7 @@ def run_requests(settings: Settings, workdir: Path, results: Results) -> None:
     )
     # (system, events, variant); the bare frameworks emit nothing, so one baseline serves every count
     plan: list[tuple[SystemName, int, str]] = [(system, 0, BASELINE) for system in BASELINES]
-    plan += [(system, events, str(events)) for events in (0, 1, 10) for system in EVENT_SYSTEMS]
+    plan += [(system, events, str(events)) for events in (0, 1, 10) for system in _event_systems()]
     # Rounds interleave the processes in time, so drift on a shared machine hits every system alike.
     pooled: dict[tuple[SystemName, str], list[float]] = {}
     unit = ""
@@ -127,7 +151,7 @@ def run_requests(settings: Settings, workdir: Path, results: Results) -> None:
 def run_burst(settings: Settings, workdir: Path, results: Results) -> None:
     _log(f"1,000 events in one request: {settings.repeats} repeats of ~{settings.repeat_seconds}s")
     for sync_handler in (False, True):
-        for system in EVENT_SYSTEMS:
+        for system in _event_systems():
             samples, unit = _worker(
                 settings, workdir, "burst", system, events=1000, sync_handler=sync_handler
             )
@@ -136,6 +160,9 @@ def run_burst(settings: Settings, workdir: Path, results: Results) -> None:
 
 
 def run_loopback(settings: Settings, workdir: Path, results: Results) -> None:
+    if not os.access(WRK, os.X_OK):
+        _log(f"{WRK} is not installed (apt-get install wrk): the uvicorn + wrk scenario is left out")
+        return
     _log(
         f"uvicorn (loop {settings.loop}, http {HTTP_IMPL}) + wrk -t1 -c16 -d{settings.wrk_seconds}s, "
         f"{settings.wrk_repeats} run(s) per system after a 1s warm-up"

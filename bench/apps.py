@@ -14,21 +14,24 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import perf_counter_ns
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, cast, get_args
 
 from ._types import ASGIApp
 
-SystemName = Literal["starlette", "tidings", "tidings-sqlite", "fastapi-events", "litestar", "litestar-bare"]
-SYSTEMS: Final[tuple[SystemName, ...]] = (
+SystemName = Literal[
     "starlette",
     "tidings",
     "tidings-sqlite",
+    "tidings-postgres",
     "fastapi-events",
     "litestar",
     "litestar-bare",
-)
-EVENT_SYSTEMS: Final[tuple[SystemName, ...]] = ("tidings", "tidings-sqlite", "fastapi-events", "litestar")
-LOOPBACK_SYSTEMS: Final[tuple[SystemName, ...]] = tuple(s for s in SYSTEMS if s != "tidings-sqlite")
+]
+SYSTEMS: Final[tuple[SystemName, ...]] = get_args(SystemName)
+DURABLE_SYSTEMS: Final[tuple[SystemName, ...]] = ("tidings-sqlite", "tidings-postgres")
+EVENT_SYSTEMS: Final[tuple[SystemName, ...]] = ("tidings", *DURABLE_SYSTEMS, "fastapi-events", "litestar")
+LOOPBACK_SYSTEMS: Final[tuple[SystemName, ...]] = tuple(s for s in SYSTEMS if s not in DURABLE_SYSTEMS)
+POSTGRES_DSN: Final = os.environ.get("TIDINGS_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 EVENT: Final = "bench.event"
 PAYLOAD: Final = {"id": 1}
@@ -142,7 +145,9 @@ def build_app(system: SystemName, spec: AppSpec) -> ASGIApp:
     if system == "tidings":
         return _tidings(spec)
     if system == "tidings-sqlite":
-        return _tidings(spec, durable=True)
+        return _tidings(spec, durable="sqlite")
+    if system == "tidings-postgres":
+        return _tidings(spec, durable="postgres")
     if system == "fastapi-events":
         return _fastapi_events(spec)
     if system == "litestar":
@@ -175,19 +180,24 @@ def _starlette(spec: AppSpec, emit: EmitFn | None, middleware: list[Any] | None 
     return Starlette(routes=[Route("/", index)], middleware=middleware)
 
 
-def _tidings(spec: AppSpec, *, durable: bool = False) -> ASGIApp:
+def _tidings(spec: AppSpec, *, durable: Literal["sqlite", "postgres"] | None = None) -> ASGIApp:
     import tempfile
 
     from starlette.middleware import Middleware
 
     from tidings import Event, EventBus, TidingsMiddleware, emit
     from tidings.store import SQLiteStore
+    from tidings.store.postgres import PostgresStore
 
-    if durable:  # every delivery recorded before its handler runs, completed after (one file, WAL)
+    # With a durable log every delivery is recorded before its handler runs and completed after.
+    if durable == "sqlite":
         bus = EventBus(store=SQLiteStore(os.path.join(tempfile.mkdtemp(prefix="tidings-bench-"), "log.db")))
-        SETTLERS.append(bus.store.flush)
+    elif durable == "postgres":
+        bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema="tidings_bench"))
     else:
         bus = EventBus()
+    if durable:
+        SETTLERS.append(bus.store.flush)
     if spec.sync_handler:
 
         @bus.on(EVENT)

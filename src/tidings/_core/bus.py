@@ -28,6 +28,7 @@ from .dispatcher import (
     register_running,
     unregister_running,
 )
+from .envelope import Event, Prebuilt
 from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
 from .registry import HandlerSpec, Registry
 from .runner import FailureHook, Job, Runner, make_event
@@ -285,7 +286,17 @@ class EventBus:
             event = normalize_name(event)
         if not self.enabled:
             return
-        record = (event, payload, time_ns(), headers)
+        self._route((event, payload, time_ns(), headers))
+
+    def release(self, event: Event) -> None:
+        """Emit an event that exists already, keeping its id (the outbox's events, after commit).
+
+        Routed like :meth:`emit`: inside a request of this bus it waits for the response.
+        """
+        if self.enabled:
+            self._route((event.name, event.payload, event.timestamp_ns, Prebuilt(event)))
+
+    def _route(self, record: Record) -> None:
         scope = current_scope()
         if scope is not None and scope.bus is self and scope.buffer is not None:
             if threading.get_ident() == self.loop_thread:

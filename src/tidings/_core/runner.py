@@ -44,7 +44,7 @@ from ..exceptions import (
 )
 from ..store.base import DeadLetter, Delivery
 from .dispatcher import Scope, set_scope
-from .envelope import EMPTY_HEADERS, Event
+from .envelope import EMPTY_HEADERS, Event, Prebuilt
 from .registry import HandlerSpec, Registry
 from .threads import DaemonThreadPool
 
@@ -74,6 +74,8 @@ def _events_of(spec: HandlerSpec, arg: Any) -> list[Event]:
 
 def make_event(record: Record) -> Event:
     name, payload, timestamp_ns, headers = record
+    if type(headers) is Prebuilt:
+        return headers.event
     return Event(name, payload, headers or EMPTY_HEADERS, timestamp_ns)
 
 
@@ -400,7 +402,12 @@ class Runner:
             handlers = resolve(name)
             if not handlers:
                 continue
-            event = Event(name, payload, headers or EMPTY_HEADERS, timestamp_ns)
+            if headers is None:  # what emit() makes: checked first, so it costs no more than before
+                event = Event(name, payload, EMPTY_HEADERS, timestamp_ns)
+            elif type(headers) is Prebuilt:
+                event = headers.event
+            else:
+                event = Event(name, payload, headers or EMPTY_HEADERS, timestamp_ns)
             for spec in handlers:
                 if spec.batch:
                     if batches is None:

@@ -17,7 +17,7 @@ Example:
     >>> event = Event("order.paid", {"order": 7})
     >>> with sqlite3.connect(path) as db:
     ...     inbox.create_table(db)
-    ...     db.execute("CREATE TABLE charges (order_id INTEGER)")
+    ...     _ = db.execute("CREATE TABLE charges (order_id INTEGER)")
     >>> def charge(event: Event) -> None:
     ...     with sqlite3.connect(path) as db:  # commits on success, rolls back on error
     ...         if not inbox.record_once(db, event, "billing.charge"):

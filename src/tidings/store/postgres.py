@@ -127,6 +127,11 @@ class PostgresStore:
         self._writer: asyncio.Task[None] | None = None
         self._connection: asyncpg.Connection | None = None
 
+    @property
+    def deliveries_table(self) -> str:
+        """The (schema-qualified) table the transactional outbox writes deliveries into."""
+        return self._table
+
     # -- lifecycle -------------------------------------------------------------------------------
     async def open(self) -> None:
         """Connect, create the schema and tables if missing, and start the writer. Idempotent.

@@ -91,6 +91,8 @@ class SQLiteStore:
     """
 
     durable = True
+    deliveries_table: Final = "tidings_deliveries"
+    """The table the transactional outbox writes deliveries into."""
 
     def __init__(
         self,

@@ -1,0 +1,206 @@
+"""The transactional outbox for SQLAlchemy: an event written in your transaction, released after it commits.
+
+The business write and the event can never disagree: :meth:`Outbox.emit` stages the event on the
+session; when the session commits, its (event, handler) deliveries are inserted into the event log
+*in the same transaction*, and only once the commit has succeeded are they released to the bus (after
+the response, inside a request, like any event). A rollback discards them. A process that dies between
+the commit and the handlers loses nothing: the deliveries are in the log, leased, and are resubmitted
+when the lease runs out.
+
+Needs the ``sqlalchemy`` extra, and a bus whose store is a :class:`~tidings.store.SQLiteStore` or
+:class:`~tidings.store.postgres.PostgresStore` *on the same database* as the session.
+
+Example:
+    >>> import asyncio, os, tempfile
+    >>> from sqlalchemy import create_engine, text
+    >>> from sqlalchemy.orm import Session
+    >>> from tidings import Event, EventBus
+    >>> from tidings.store import SQLiteStore
+    >>> from tidings.integrations.sqlalchemy import Outbox
+    >>> path = os.path.join(tempfile.mkdtemp(), "shop.db")
+    >>> bus = EventBus(store=SQLiteStore(path))
+    >>> outbox = Outbox(bus)
+    >>> @bus.on("order.placed", name="mail.confirm")
+    ... async def confirm(event: Event) -> None:
+    ...     print("confirming order", event.payload["order"])
+    >>> engine = create_engine(f"sqlite:///{path}")
+    >>> async def main() -> None:
+    ...     async with bus:
+    ...         with Session(engine) as session, session.begin():
+    ...             session.execute(text("CREATE TABLE IF NOT EXISTS orders (id INTEGER)"))
+    ...             session.execute(text("INSERT INTO orders VALUES (7)"))
+    ...             outbox.emit(session, "order.placed", {"order": 7})
+    ...         with Session(engine) as session, session.begin():
+    ...             outbox.emit(session, "order.placed", {"order": 8})
+    ...             session.rollback()  # never committed: never handled
+    >>> asyncio.run(main())
+    confirming order 7
+"""
+
+from __future__ import annotations
+
+import logging
+from time import time, time_ns
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+from .._core.dispatcher import normalize_name
+from .._core.envelope import EMPTY_HEADERS, Event
+from ..exceptions import BusStateError, ConfigurationError
+from ..store.codec import encode_headers, encode_payload
+from ..store.postgres import PostgresStore
+from ..store.sqlite import SQLiteStore
+
+try:
+    from sqlalchemy import event as sa_event
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession
+except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
+    raise ImportError(
+        'tidings.integrations.sqlalchemy needs SQLAlchemy: pip install "tidings[sqlalchemy]"'
+    ) from exc
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from enum import Enum
+
+    from sqlalchemy.orm import Session, SessionTransaction
+
+    from .._core.bus import EventBus
+
+__all__ = ["Outbox"]
+
+logger = logging.getLogger("tidings")
+
+_INSERT: Final = (
+    "INSERT INTO {table} (event_id, handler, name, payload, headers, timestamp_ns, lease_until) "
+    "VALUES (:event_id, :handler, :name, :payload, :headers, :timestamp_ns, {lease}) "
+    "ON CONFLICT DO NOTHING"
+)
+
+
+class _Staged:
+    """An event emitted in a transaction, with its payload already encoded (the caller's bug, if
+    it cannot be, is raised in the caller's code, not at commit)."""
+
+    __slots__ = ("event", "headers", "payload")
+
+    def __init__(self, event: Event, payload: str, headers: str) -> None:
+        self.event = event
+        self.payload = payload
+        self.headers = headers
+
+
+class Outbox:
+    """Binds events to SQLAlchemy transactions for one bus.
+
+    Args:
+        bus: the bus whose handlers run the events; its store must be durable and on the same
+            database as the sessions you pass to :meth:`emit`.
+
+    Raises:
+        ConfigurationError: the bus's store is not a SQL event log.
+    """
+
+    def __init__(self, bus: EventBus) -> None:
+        store = bus.store
+        if not isinstance(store, SQLiteStore | PostgresStore):
+            raise ConfigurationError(
+                "the outbox writes into the event log's table, so the bus needs a SQLiteStore or "
+                f"PostgresStore on the session's database, not {type(store).__name__}"
+            )
+        self.bus = bus
+        self._table = store.deliveries_table
+        self._max_payload_bytes = store.max_payload_bytes
+        self._staged_key = f"tidings.outbox.{id(self)}.staged"
+        self._written_key = f"tidings.outbox.{id(self)}.written"
+        self._listening_key = f"tidings.outbox.{id(self)}.listening"
+
+    def emit(
+        self,
+        session: Session | AsyncSession,
+        event: str | Enum,
+        payload: object = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Stage an event on ``session``'s transaction: written at its commit, handled after it.
+
+        The session must be in a transaction (``session.begin()``, or any statement it has run
+        since its last commit): an event that belonged to no transaction could not be discarded
+        with one. A rollback, or closing the session without a commit, discards it. Savepoints
+        (``begin_nested()``) are not tracked: an event belongs to the outermost transaction, so
+        emit after a savepoint you may roll back.
+
+        Returns:
+            The event, with the id its deliveries have in the log.
+
+        Raises:
+            TypeError: ``event`` is not a ``str`` or ``str``-valued ``Enum``.
+            SerializationError: the payload cannot be written to the log (your transaction is
+                untouched: this is raised here, not at commit).
+            BusStateError: the session is not in a transaction.
+        """
+        if not session.in_transaction():
+            raise BusStateError(
+                "outbox.emit() needs the session to be in a transaction: call session.begin() first "
+                "(the event is written by that transaction's commit, and discarded by its rollback)"
+            )
+        name = event if type(event) is str else normalize_name(event)
+        built = Event(name, payload, MappingProxyType(dict(headers)) if headers else EMPTY_HEADERS, time_ns())
+        staged = _Staged(built, encode_payload(built, self._max_payload_bytes), encode_headers(built.headers))
+        sync_session = session.sync_session if isinstance(session, AsyncSession) else session
+        info = sync_session.info
+        if not info.get(self._listening_key):
+            sa_event.listen(sync_session, "before_commit", self._write)
+            sa_event.listen(sync_session, "after_commit", self._release)
+            sa_event.listen(sync_session, "after_transaction_end", self._discard)
+            info[self._listening_key] = True
+        info.setdefault(self._staged_key, []).append(staged)
+        return built
+
+    def _write(self, session: Session) -> None:
+        """before_commit: insert the staged events' deliveries through the transaction's connection."""
+        staged: list[_Staged] = session.info.pop(self._staged_key, [])
+        if not staged:
+            return
+        lease = self.bus.resubmit_after
+        connection = session.connection()
+        if connection.dialect.name == "postgresql":
+            lease_sql, params = "extract(epoch from clock_timestamp()) + :lease", {"lease": lease}
+        else:
+            lease_sql, params = ":lease_until", {"lease_until": time() + lease}
+        rows: list[dict[str, Any]] = [
+            {
+                "event_id": item.event.id,
+                "handler": spec.name,
+                "name": item.event.name,
+                "payload": item.payload,
+                "headers": item.headers,
+                "timestamp_ns": item.event.timestamp_ns,
+                **params,
+            }
+            for item in staged
+            for spec in self.bus.registry.resolve(item.event.name)
+        ]
+        if rows:
+            connection.execute(text(_INSERT.format(table=self._table, lease=lease_sql)), rows)
+        session.info.setdefault(self._written_key, []).extend(item.event for item in staged)
+
+    def _release(self, session: Session) -> None:
+        """after_commit: the deliveries are durable; hand the events to the bus."""
+        for event in session.info.pop(self._written_key, []):
+            self.bus.release(event)
+
+    def _discard(self, session: Session, transaction: SessionTransaction) -> None:
+        """after_transaction_end: what the transaction did not commit (rolled back, closed) is gone."""
+        if transaction.parent is not None:  # a savepoint or a subtransaction: not the end
+            return
+        staged = session.info.pop(self._staged_key, [])
+        written = session.info.pop(self._written_key, [])
+        if staged or written:
+            logger.debug(
+                "%d event(s) of a rolled-back transaction were discarded: %s",
+                len(staged) + len(written),
+                ", ".join([s.event.name for s in staged] + [e.name for e in written]),
+            )

@@ -1,0 +1,206 @@
+"""The transactional outbox: committed events are handled once, rolled-back ones never."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from tidings import BusStateError, ConfigurationError, Event, EventBus, SerializationError, TidingsMiddleware
+from tidings.integrations.sqlalchemy import Outbox
+from tidings.store import SQLiteStore
+from tidings.store.postgres import PostgresStore
+
+from ..conftest import POSTGRES_DSN, Recorder
+
+pytestmark = pytest.mark.anyio
+
+
+def sqlite_bus(path: Path, **options: Any) -> EventBus:
+    return EventBus(store=SQLiteStore(path), **options)
+
+
+async def test_a_committed_event_is_handled_once_with_its_id_and_a_rolled_back_one_never(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    outbox = Outbox(bus)
+
+    @bus.on("order.*", name="orders.audit")
+    async def audit(event: Event) -> None:
+        recorder.add((event.name, event.id, event.payload))
+
+    engine = create_engine(f"sqlite:///{path}")
+    async with bus:
+        with Session(engine) as session, session.begin():
+            session.execute(text("CREATE TABLE orders (id INTEGER)"))
+        with Session(engine) as session, session.begin():
+            session.execute(text("INSERT INTO orders VALUES (1)"))
+            placed = outbox.emit(session, "order.placed", {"order": 1})
+        with Session(engine) as session:
+            session.execute(text("INSERT INTO orders VALUES (2)"))
+            outbox.emit(session, "order.placed", {"order": 2})
+            session.rollback()
+        with Session(engine) as session:
+            session.begin()
+            outbox.emit(session, "order.placed", {"order": 3})  # closed without a commit
+        with Session(engine) as session, pytest.raises(BusStateError, match=r"session.begin\(\) first"):
+            outbox.emit(session, "order.placed", {"order": 4})  # no transaction to belong to
+        await recorder.wait_count(1)
+        await bus.drain()
+        await bus.store.flush()
+        assert await bus.store.pending_count() == 0  # type: ignore[attr-defined]
+    assert recorder.items == [("order.placed", placed.id, {"order": 1})]
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT id FROM orders")).scalars().all() == [1]
+    engine.dispose()
+
+
+async def test_out_of_order_commits_deliver_exactly_the_committed_events(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    outbox = Outbox(bus)
+
+    @bus.on("*", name="audit")
+    async def audit(event: Event) -> None:
+        recorder.add(event.payload)
+
+    engine = create_engine(f"sqlite:///{path}")
+    async with bus:
+        first, second, third = Session(engine), Session(engine), Session(engine)
+        for session in (first, second, third):
+            session.begin()
+        outbox.emit(first, "n", 1)
+        outbox.emit(second, "n", 2)
+        outbox.emit(third, "n", 3)
+        second.commit()  # committed before the one that emitted first
+        third.rollback()
+        first.commit()
+        for session in (first, second, third):
+            session.close()
+        await recorder.wait_count(2)
+        await bus.drain()
+    assert sorted(recorder.items) == [1, 2]
+    engine.dispose()
+
+
+async def test_a_process_dying_between_commit_and_release_loses_nothing(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "app.db"
+    dying = sqlite_bus(path, resubmit_after=0.2)
+    outbox = Outbox(dying)
+    dying.subscribe(lambda event: None, "invoice.due", name="billing.send")
+    outbox._release = lambda session: None  # type: ignore[method-assign]  # the process dies here
+    engine = create_engine(f"sqlite:///{path}")
+    async with dying:
+        with Session(engine) as session, session.begin():
+            outbox.emit(session, "invoice.due", {"invoice": 9})
+
+    restarted = sqlite_bus(path, resubmit_after=0.2)
+
+    @restarted.on("invoice.due", name="billing.send")
+    async def send(event: Event) -> None:
+        recorder.add(event.payload)
+
+    async with restarted:
+        await recorder.wait_count(1)
+    assert recorder.items == [{"invoice": 9}]  # from the log: JSON, as recorded in the transaction
+    engine.dispose()
+
+
+async def test_inside_a_request_the_handlers_run_after_the_response(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    outbox = Outbox(bus)
+    engine = create_engine(f"sqlite:///{path}")
+    returned: list[bool] = []
+
+    @bus.on("user.created", name="mail.welcome")
+    async def welcome(event: Event) -> None:
+        recorder.add(("handled", bool(returned)))
+
+    async def create_user(request: Request) -> PlainTextResponse:
+        with Session(engine) as session, session.begin():
+            outbox.emit(session, "user.created", {"user": 1})
+        await asyncio.sleep(0)  # a chance for anything released too early to run
+        returned.append(True)
+        return PlainTextResponse("created", status_code=201)
+
+    app = TidingsMiddleware(Starlette(routes=[Route("/users", create_user, methods=["POST"])]), bus=bus)
+    async with bus:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.post("/users")).status_code == 201
+        await recorder.wait_count(1)
+    assert recorder.items == [("handled", True)]
+    engine.dispose()
+
+
+async def test_an_unserialisable_payload_raises_in_the_caller_and_the_outbox_needs_a_sql_log(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigurationError, match="SQLiteStore or PostgresStore"):
+        Outbox(EventBus())
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    outbox = Outbox(bus)
+    engine = create_engine(f"sqlite:///{path}")
+    async with bus:
+        with Session(engine) as session, session.begin():
+            with pytest.raises(SerializationError, match="cannot be written"):
+                outbox.emit(session, "x", object())
+            with pytest.raises(TypeError):
+                outbox.emit(session, 42, None)  # type: ignore[arg-type]
+    engine.dispose()
+
+
+@pytest.fixture
+async def pg_engine(pg_schema: str) -> AsyncIterator[tuple[str, Callable[[], AsyncSession]]]:
+    engine = create_async_engine(POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"))
+    yield pg_schema, lambda: AsyncSession(engine)
+    await engine.dispose()
+
+
+async def test_async_sessions_on_postgres(
+    pg_engine: tuple[str, Callable[[], AsyncSession]], recorder: Recorder
+) -> None:
+    schema, new_session = pg_engine
+    bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema=schema))
+    outbox = Outbox(bus)
+
+    @bus.on("*", name="audit")
+    async def audit(event: Event) -> None:
+        recorder.add(event.payload)
+
+    async with bus:
+        async with new_session() as first, new_session() as second, new_session() as third:
+            for session in (first, second, third):
+                await session.begin()
+            outbox.emit(first, "n", 1)
+            outbox.emit(second, "n", 2)
+            outbox.emit(third, "n", 3)
+            await second.commit()
+            await third.rollback()
+            await first.commit()
+        await recorder.wait_count(2)
+        await bus.drain()
+        await bus.store.flush()
+        assert await bus.store.pending_count() == 0  # type: ignore[attr-defined]
+    assert sorted(recorder.items) == [1, 2]
