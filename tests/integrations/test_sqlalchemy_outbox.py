@@ -18,7 +18,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from tidings import BusStateError, ConfigurationError, Event, EventBus, SerializationError, TidingsMiddleware
-from tidings.integrations.sqlalchemy import Outbox
+from tidings.integrations.sqlalchemy import Outbox, arecord_once, record_once
 from tidings.store import SQLiteStore
 from tidings.store.postgres import PostgresStore
 
@@ -204,3 +204,31 @@ async def test_async_sessions_on_postgres(
         await bus.store.flush()
         assert await bus.store.pending_count() == 0  # type: ignore[attr-defined]
     assert sorted(recorder.items) == [1, 2]
+
+
+async def test_the_inbox_through_sqlalchemy_records_once_and_rolls_back_with_the_work(
+    pg_engine: tuple[str, Callable[[], AsyncSession]], tmp_path: Path
+) -> None:
+    schema, new_session = pg_engine
+    store = PostgresStore(POSTGRES_DSN, schema=schema)
+    await store.open()  # creates the schema's tidings_inbox
+    await store.aclose()
+    event = Event("order.paid")
+    async with new_session() as session:
+        async with session.begin():
+            assert await arecord_once(session, event, "billing.charge", schema=schema)
+            await session.rollback()  # the work failed: its inbox row goes with it
+        async with session.begin():
+            assert await arecord_once(session, event, "billing.charge", schema=schema)
+        async with session.begin():
+            assert not await arecord_once(session, event.id, "billing.charge", schema=schema)
+            assert await arecord_once(session, event, "mail.receipt", schema=schema)
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    SQLiteStore(tmp_path / "app.db")._connect().close()  # the SQLite log's tables, inbox included
+    with Session(engine) as sync_session, sync_session.begin():
+        assert record_once(sync_session, event, "billing.charge")
+        assert not record_once(sync_session, event, "billing.charge")
+    with pytest.raises(ConfigurationError, match="plain SQL identifier"):
+        record_once(Session(engine), event, "x", schema="bad; drop")
+    engine.dispose()

@@ -40,9 +40,10 @@ Example:
 from __future__ import annotations
 
 import logging
+import re
 from time import time, time_ns
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from .._core.dispatcher import normalize_name
 from .._core.envelope import EMPTY_HEADERS, Event
@@ -52,8 +53,8 @@ from ..store.postgres import PostgresStore
 from ..store.sqlite import SQLiteStore
 
 try:
+    from sqlalchemy import CursorResult, text
     from sqlalchemy import event as sa_event
-    from sqlalchemy import text
     from sqlalchemy.ext.asyncio import AsyncSession
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
     raise ImportError(
@@ -64,11 +65,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
     from enum import Enum
 
+    from sqlalchemy import Connection
+    from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.orm import Session, SessionTransaction
 
     from .._core.bus import EventBus
 
-__all__ = ["Outbox"]
+__all__ = ["Outbox", "arecord_once", "record_once"]
 
 logger = logging.getLogger("tidings")
 
@@ -204,3 +207,56 @@ class Outbox:
                 len(staged) + len(written),
                 ", ".join([s.event.name for s in staged] + [e.name for e in written]),
             )
+
+
+_IDENTIFIER: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_CLAIM: Final = (
+    "INSERT INTO {table} (event_id, handler, done_at) VALUES (:event_id, :handler, :done_at) "
+    "ON CONFLICT DO NOTHING"
+)
+
+
+def _claim(event: Event | str, handler: str, schema: str | None) -> tuple[Any, dict[str, Any]]:
+    if schema is not None and not _IDENTIFIER.match(schema):
+        raise ConfigurationError(f"schema must be a plain SQL identifier, got {schema!r}")
+    table = f'"{schema}".tidings_inbox' if schema else "tidings_inbox"
+    event_id = event if isinstance(event, str) else event.id
+    return text(_CLAIM.format(table=table)), {"event_id": event_id, "handler": handler, "done_at": time()}
+
+
+def record_once(
+    session: Session | Connection, event: Event | str, handler: str, *, schema: str | None = None
+) -> bool:
+    """The idempotency inbox (:mod:`tidings.store.inbox`) in a SQLAlchemy session's transaction.
+
+    Run it first in the transaction that does the handler's work: ``False`` means the work was
+    committed before (this delivery is a repeat), so skip it. The ``tidings_inbox`` table is the
+    one the SQLite and PostgreSQL logs create (in ``schema``, if the log has one).
+
+    Example:
+        >>> import os, tempfile
+        >>> from sqlalchemy import create_engine
+        >>> from sqlalchemy.orm import Session
+        >>> from tidings import Event
+        >>> from tidings.store import inbox
+        >>> engine = create_engine(f"sqlite:///{os.path.join(tempfile.mkdtemp(), 'app.db')}")
+        >>> with engine.begin() as connection:
+        ...     inbox.create_table(connection.connection.driver_connection)
+        >>> event = Event("order.paid")
+        >>> with Session(engine) as session, session.begin():
+        ...     record_once(session, event, "billing.charge")
+        True
+        >>> with Session(engine) as session, session.begin():
+        ...     record_once(session, event, "billing.charge")
+        False
+    """
+    statement, params = _claim(event, handler, schema)
+    return cast("CursorResult[Any]", session.execute(statement, params)).rowcount == 1
+
+
+async def arecord_once(
+    session: AsyncSession | AsyncConnection, event: Event | str, handler: str, *, schema: str | None = None
+) -> bool:
+    """:func:`record_once` for ``AsyncSession`` and ``AsyncConnection``."""
+    statement, params = _claim(event, handler, schema)
+    return cast("CursorResult[Any]", await session.execute(statement, params)).rowcount == 1

@@ -1,4 +1,6 @@
-"""A process that floods a bus on the SQLite log; tests/e2e/test_crash.py kills it with SIGKILL.
+"""A process that floods a bus on a durable log; tests/e2e/test_crash.py kills it with SIGKILL.
+
+The log is SQLite (``$FLOOD_LOG``) or, with ``$FLOOD_PG_SCHEMA`` set, PostgreSQL (``$FLOOD_PG_DSN``).
 
 ``python -m tests.e2e.apps.flood emit``: emits 10,000 ``order.paid`` events in chunks, printing
 ``recorded N`` once the first N are durable (``bus.flush()``), while the handlers work through them.
@@ -20,6 +22,7 @@ import threading
 
 from tidings import Event, EventBus, Limits
 from tidings.store import SQLiteStore, inbox
+from tidings.store.postgres import PostgresStore
 
 TOTAL = 10_000
 CHUNK = 250
@@ -28,7 +31,12 @@ LOG = os.environ["FLOOD_LOG"]
 APP_DB = os.environ["FLOOD_APP_DB"]
 HANDLED = os.open(os.environ["FLOOD_HANDLED"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-bus = EventBus(store=SQLiteStore(LOG), resubmit_after=0.5, limits=Limits(max_threads=2))
+store: SQLiteStore | PostgresStore
+if os.environ.get("FLOOD_PG_SCHEMA"):
+    store = PostgresStore(os.environ["FLOOD_PG_DSN"], schema=os.environ["FLOOD_PG_SCHEMA"])
+else:
+    store = SQLiteStore(LOG)
+bus = EventBus(store=store, resubmit_after=0.5, limits=Limits(max_threads=2))
 _local = threading.local()
 
 
@@ -69,8 +77,6 @@ async def emit() -> None:
 
 
 async def resume() -> None:
-    store = bus.store
-    assert isinstance(store, SQLiteStore)
     async with bus:
         async with asyncio.timeout(120):
             # the log is written by another thread: its count, polled under a deadline, is the signal
