@@ -294,6 +294,8 @@ class EventBus:
         Routed like :meth:`emit`: inside a request of this bus it waits for the response.
         """
         if self.enabled:
+            if self.store.durable:
+                self._runner.released[event.id] = event
             self._route((event.name, event.payload, event.timestamp_ns, Prebuilt(event)))
 
     def _route(self, record: Record) -> None:
@@ -455,16 +457,19 @@ class EventBus:
         except StoreError as exc:
             logger.error("bus %r could not open its store: %s", self.name, exc, exc_info=exc)
             raise
-        if self.store.durable and self._resubmit:
-            self._relay_task = asyncio.create_task(self._relay(), name=f"tidings {self.name}: relay")
+        if self.store.durable:
+            self._relay_task = asyncio.create_task(
+                self._relay(claim=self._resubmit), name=f"tidings {self.name}: relay"
+            )
 
-    async def _relay(self) -> None:
+    async def _relay(self, *, claim: bool) -> None:
         """Run what the log holds for nobody: deliveries of a process that died, revived dead letters.
 
         Every tick it first renews the leases of this process's own unfinished deliveries, so that
         a slow handler is never taken over; then, if the deliveries it took last time are done, it
         takes the next batch whose lease has run out (one batch at a time: a backlog of a million
-        deliveries is worked through, not loaded into memory).
+        deliveries is worked through, not loaded into memory). With ``claim=False`` (see
+        :meth:`start`) it only renews.
         """
         interval = min(5.0, self.resubmit_after / 4)
         store = self.store
@@ -476,7 +481,7 @@ class EventBus:
                 in_flight = runner.in_flight()
                 if in_flight:
                     store.renew(in_flight, lease=self.resubmit_after)
-                if not taken:
+                if claim and not taken:
                     deliveries = await store.claim(limit=_CLAIM_BATCH, lease=self.resubmit_after)
                     # a lease that ran out under a loop too busy to renew it: still ours, running
                     running = set(in_flight)
@@ -512,7 +517,8 @@ class EventBus:
             resubmit: with a durable store, run the deliveries whose lease ran out (left by a
                 process that died, or cut off by a drain) and keep doing so while running.
                 ``False`` is for tools that use the bus briefly, like ``tidings dead-letters
-                replay``: they should not take over the app's backlog.
+                replay``: they should not take over the app's backlog. (The leases of the bus's
+                own deliveries are renewed either way.)
 
         Raises:
             BusStateError: the bus is already running on another event loop.
@@ -531,6 +537,9 @@ class EventBus:
         by handlers still running are recorded when those handlers return.) With a store that is
         not durable there is nothing to wait for.
 
+        Raises:
+            StoreError: the log refused some of them (they are handled, but not durably).
+
         Example:
             >>> import asyncio, os, tempfile
             >>> from tidings import EventBus
@@ -548,7 +557,11 @@ class EventBus:
             return
         if self._outside:
             self._spawn_outside_job()
-        await self._runner.wait_recorded()
+        errors = await self._runner.wait_recorded()
+        if errors:
+            raise StoreError(
+                f"the event log refused {len(errors)} job(s) of events (handled, not durably): {errors[0]}"
+            ) from errors[0]
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until every pending and in-flight handler call has finished.

@@ -132,10 +132,11 @@ class Subscription:
 class Registry:
     """Maps event names to handlers.
 
-    Handlers for a name are returned in registration order, exact and wildcard registrations
-    interleaved as they were made. A name's handler tuple is computed once and cached; any new
-    registration clears the cache. Wildcards use ``fnmatch`` rules, case-sensitive: ``*`` matches any
-    run of characters, dots included (``user.*`` matches ``user.created`` and ``user.email.changed``).
+    Handlers for a name are returned in registration order, exact and wildcard registrations interleaved
+    as they were made, each once however many of its patterns match. A name's handler tuple is computed
+    once and cached; any new registration clears the cache. Wildcards use ``fnmatch`` rules,
+    case-sensitive: ``*`` matches any run of characters, dots included (``user.*`` matches
+    ``user.created`` and ``user.email.changed``).
     """
 
     __slots__ = ("_cache", "_subscriptions")
@@ -173,7 +174,13 @@ class Registry:
             return self._cache[name]
         except KeyError:
             pass
-        handlers = tuple(s.handler for s in self._subscriptions if s.matches(name))
+        # One handler per name, at its first match: a handler under two patterns that both match
+        # runs once (the event log keys a delivery by event and handler name).
+        found: dict[str, HandlerSpec] = {}
+        for subscription in self._subscriptions:
+            if subscription.matches(name):
+                found.setdefault(subscription.handler.name, subscription.handler)
+        handlers = tuple(found.values())
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
         self._cache[name] = handlers

@@ -138,6 +138,8 @@ class Job(Scope):
     recorded = False  # its current calls are in the log already (retried, resubmitted, revived)
     done: list[Call] | None = None  # async calls that succeeded, to complete in the log
     sync_done: list[Call] | None = None  # the same for sync calls; appended by the worker thread
+    sync_running = False  # a thread hop of this job has started and not been awaited to its end
+    record_error: StoreError | None = None  # the log refused its deliveries (flush() raises it)
     record_waiters: list[asyncio.Future[None]] | None = None  # EventBus.flush() callers
     failed: list[Call] | None = None  # calls that failed, kept when someone asked (replays)
 
@@ -174,6 +176,10 @@ class Runner:
         self.lease = lease
         self.jobs: set[Job] = set()
         self.retries: set[_Retry] = set()
+        # outbox events handed to the bus whose job has not recorded them yet (their log rows
+        # exist; their leases need renewing meanwhile), by id
+        self.released: dict[str, Event] = {}
+        self.closed = False  # shut down: nothing is scheduled any more
         self.loop: asyncio.AbstractEventLoop | None = None
         self._executor: DaemonThreadPool | None = None
         self._running = 0
@@ -185,6 +191,7 @@ class Runner:
     # -- lifecycle -------------------------------------------------------------------------------
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.closed = False
         self._running = 0
         self._slot_waiters.clear()
         self._watch_handle = None
@@ -192,6 +199,8 @@ class Runner:
             self._executor = DaemonThreadPool(self.limits.max_threads, "tidings-handler")
 
     def shutdown(self) -> None:
+        self.closed = True
+        self.released.clear()
         self.abandon_retries()
         if self._watch_handle is not None:
             self._watch_handle.cancel()
@@ -316,25 +325,28 @@ class Runner:
                         raise asyncio.CancelledError
                 job.async_calls = ()
                 if sync_future is not None:
-                    if job.done:  # the async calls are done: the log hears it now, not after the hop
-                        self._complete(job)
                     try:
                         await sync_future
                     except asyncio.CancelledError:
                         job.sync_stop = True  # the thread stops before its next call
                         raise
                     job.sync_calls = ()
-                if job.done or job.sync_done:
-                    self._complete(job)
+                    job.sync_running = False
                 records = job.buffer  # events the handlers emitted: same job, right after
                 if not records:
+                    if job.done or job.sync_done:
+                        self._complete(job)
                     break
                 if job.cut_off:
                     raise asyncio.CancelledError
                 job.buffer = []
                 job.attempt = 1  # chained events are new: their first attempt
                 if self._sort(records, job) and job.durable:
+                    # The children go into the log before their parents leave it: a crash in
+                    # between must not lose the events a finished handler emitted.
                     await self._record(job)
+                if job.done or job.sync_done:
+                    self._complete(job)
         except asyncio.CancelledError:
             if not job.cut_off:
                 self._cancelled(job)
@@ -343,8 +355,11 @@ class Runner:
                 self.report_unfinished(leftovers, "the drain bound ran out")
             raise
         finally:
+            unrecorded = job.buffer
             job.buffer = None  # later emits from this context go straight to the bus
-            if job.done or job.sync_done:
+            # A finished call whose emitted events never reached the log stays in it, leased:
+            # run again later, it emits them again (at least once beats lost).
+            if (job.done or job.sync_done) and not (job.durable and unrecorded):
                 self._complete(job)
             if has_slot:
                 if self._slot_waiters:
@@ -357,19 +372,24 @@ class Runner:
             if job.record_waiters:  # it ended before its record step (cut off): stop waiting
                 _wake(job.record_waiters)
 
-    async def wait_recorded(self) -> None:
-        """Wait until every durable job tracked now has written its first calls to the log."""
+    async def wait_recorded(self) -> list[StoreError]:
+        """Wait until every durable job tracked now has tried to write its first calls to the log.
+
+        Returns:
+            The log's refusals (empty when every write succeeded).
+        """
         assert self.loop is not None
         waiters = []
-        for job in self.jobs:
-            if job.durable and not job.recorded:
-                waiter = self.loop.create_future()
-                if job.record_waiters is None:
-                    job.record_waiters = []
-                job.record_waiters.append(waiter)
-                waiters.append(waiter)
+        jobs = [job for job in self.jobs if job.durable and not job.recorded]
+        for job in jobs:
+            waiter = self.loop.create_future()
+            if job.record_waiters is None:
+                job.record_waiters = []
+            job.record_waiters.append(waiter)
+            waiters.append(waiter)
         if waiters:
             await asyncio.wait(waiters)
+        return [job.record_error for job in jobs if job.record_error is not None]
 
     async def _wait_for_slot(self) -> None:
         assert self.loop is not None
@@ -430,7 +450,7 @@ class Runner:
         """Tell the log which calls succeeded (sync ones only once the worker thread is done)."""
         done, job.done = job.done or [], []
         sync_done = job.sync_done
-        if sync_done and not job.sync_calls:  # the hop is over: nobody appends to it any more
+        if sync_done and not job.sync_running:  # the hop is over: nobody appends to it any more
             done += sync_done
             job.sync_done = []
         if done:
@@ -443,7 +463,11 @@ class Runner:
             refused = await self.store.record(deliveries, lease=self.lease)
         except StoreError as exc:
             logger.error("%s; %d deliveries run without being durable", exc, len(deliveries), exc_info=exc)
+            job.record_error = exc
             return
+        if self.released:
+            for event, _ in deliveries:
+                self.released.pop(event.id, None)
         for event_id, reason in refused.items():
             logger.error(
                 "%s; it is handled now, but not durably",
@@ -478,6 +502,17 @@ class Runner:
             deadline = policy.deadline
             if deadline is not None and time() + delay - error.event.timestamp_ns / 1e9 > deadline:
                 delay = None
+        if delay is not None and self.closed:  # failed after shutdown (a thread that ran on)
+            error.retry_in = None
+            if job.failed is not None:
+                job.failed.append(call)
+            self.report(error, cause)
+            where = "it stays in the event log, to run after the next start" if job.durable else "it is lost"
+            self.report_unfinished(
+                [PendingDelivery(event, spec.name) for event in _events_of(spec, arg)],
+                f"it failed after the bus closed, so it was not retried; {where}",
+            )
+            return
         error.retry_in = delay
         if delay is None:
             text = f"{type(subject).__name__}: {subject}"
@@ -545,6 +580,7 @@ class Runner:
     def _start_sync(self, job: Job) -> asyncio.Future[None]:
         job.sync_index = 0
         job.sync_stop = False
+        job.sync_running = True
         assert self.loop is not None
         assert self._executor is not None
         # The thread sees the job's context, so sync handlers can emit and their events chain.
@@ -665,6 +701,12 @@ class Runner:
             if job.durable
             for item in job.unfinished(resolve)
         ]
+        for job in self.jobs:  # finished, not yet completed in the log (it waits for its siblings)
+            for calls in (job.done, job.sync_done):
+                if calls:
+                    pairs.extend((event.id, name) for event, name in _deliveries(list(calls)))
+        for event in self.released.values():  # committed by the outbox, waiting for a response
+            pairs.extend((event.id, spec.name) for spec in resolve(event.name))
         for retry in self.retries:
             spec, arg = retry.call
             pairs.extend((event.id, spec.name) for event in _events_of(spec, arg))

@@ -164,6 +164,8 @@ class Outbox:
 
     def _write(self, session: Session) -> None:
         """before_commit: insert the staged events' deliveries through the transaction's connection."""
+        if session.in_nested_transaction():  # a savepoint's commit: the outer one may still roll back
+            return
         staged: list[_Staged] = session.info.pop(self._staged_key, [])
         if not staged:
             return

@@ -90,6 +90,11 @@ class PostgresStore:
         max_payload_bytes: larger payloads are refused (:class:`~tidings.SerializationError`); the
             event is still handled, but not durably.
         connect_timeout: seconds to wait for the server when connecting.
+        command_timeout: seconds one statement may take before it fails (the server stopped
+            answering).
+        close_timeout: seconds closing waits for queued writes to commit; past it they are
+            logged as not committed and the connection is dropped, so a server that stopped
+            answering cannot hold up the app's shutdown.
 
     Example:
         >>> from tidings import EventBus
@@ -106,6 +111,8 @@ class PostgresStore:
         schema: str | None = None,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         connect_timeout: float = 10.0,
+        command_timeout: float = 30.0,
+        close_timeout: float = 5.0,
     ) -> None:
         try:
             import asyncpg  # noqa: F401 - fail here, with the hint, not at the first event
@@ -119,6 +126,8 @@ class PostgresStore:
         self.schema = schema
         self.max_payload_bytes = max_payload_bytes
         self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.close_timeout = close_timeout
         prefix = f'"{schema}".' if schema else ""
         self._table = f"{prefix}tidings_deliveries"
         self.inbox_table = f"{prefix}tidings_inbox"
@@ -153,7 +162,10 @@ class PostgresStore:
     async def _connect(self) -> asyncpg.Connection:
         import asyncpg
 
-        connection = await asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+        # command_timeout: a server that stops answering fails a statement instead of hanging it
+        connection = await asyncpg.connect(
+            self.dsn, timeout=self.connect_timeout, command_timeout=self.command_timeout
+        )
         try:
             async with connection.transaction():
                 # one instance at a time creates the tables (CREATE ... IF NOT EXISTS races otherwise)
@@ -174,9 +186,17 @@ class PostgresStore:
             return
         if not writer.done():
             try:
-                await self.flush()
+                async with asyncio.timeout(self.close_timeout):
+                    await self.flush()
             except StoreError as exc:
                 logger.error("%s", exc)
+            except TimeoutError:
+                logger.error(
+                    "the PostgreSQL event log did not answer within %ss while closing: %d queued "
+                    "write(s) were not committed (completions among them run again: at least once)",
+                    self.close_timeout,
+                    len(self._queue),
+                )
             writer.cancel()
             try:
                 await writer
@@ -187,7 +207,10 @@ class PostgresStore:
         self._writer = None
         connection, self._connection = self._connection, None
         if connection is not None:
-            await connection.close()
+            try:
+                await connection.close(timeout=min(self.connect_timeout, self.close_timeout))
+            except Exception:  # a server that does not answer: drop the socket, nothing to save
+                connection.terminate()
 
     # -- the writer ------------------------------------------------------------------------------
     async def _write(self) -> None:
@@ -199,7 +222,7 @@ class PostgresStore:
                 batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
                 try:
                     connection = await self._connected()
-                except Exception as exc:
+                except Exception as exc:  # the server is gone: these fail, the writer carries on
                     for op in batch:
                         self._fail(op, exc, opening=True)
                     continue
@@ -220,11 +243,17 @@ class PostgresStore:
         except Exception as exc:  # a failed write must never stop the writer
             if connection.is_closed():
                 self._connection = None
-            if len(batch) > 1:  # find the one that failed; the others still commit
-                for op in batch:
-                    await self._commit(await self._connected(), [op])
-            else:
+            if len(batch) == 1:
                 self._fail(batch[0], exc)
+                return
+            for index, op in enumerate(batch):  # find the one that failed; the others still commit
+                try:
+                    connection = await self._connected()
+                except Exception as reconnect_error:  # gone for good: fail what is left, loudly
+                    for rest in batch[index:]:
+                        self._fail(rest, reconnect_error, opening=True)
+                    return
+                await self._commit(connection, [op])
             return
         for op, result in zip(batch, results, strict=True):
             if op.future is not None and not op.future.done():

@@ -114,6 +114,7 @@ class SQLiteStore:
         self.busy_timeout = busy_timeout
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False  # by aclose(): writes are refused (and logged) until open() again
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -122,14 +123,16 @@ class SQLiteStore:
         Raises:
             StoreError: the file cannot be opened or is not a database.
         """
+        self._closed = False
         self._start_writer()
         await self._call(lambda connection: None, "open")
 
     def _start_writer(self) -> None:
-        # Lazy and synchronous: a bus started by a request, or a write that comes after aclose()
-        # (a worker thread finishing late), still gets its write committed rather than lost.
+        # Lazy and synchronous: a bus started by a request (no lifespan) queues writes at once.
         if self._thread is not None:
             return
+        if self._closed:
+            raise StoreError(f"the SQLite event log {self.path!r} is closed")
         self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._writer, name=f"tidings-sqlite {self.path}", daemon=True)
         self._thread.start()
@@ -145,6 +148,7 @@ class SQLiteStore:
             logger.error("%s", exc)
         self._queue.put(None)
         self._thread = None
+        self._closed = True
         await asyncio.to_thread(thread.join)
 
     def _connect(self) -> sqlite3.Connection:
@@ -218,7 +222,11 @@ class SQLiteStore:
             logger.error("%s", error, exc_info=exc)
 
     def _submit(self, run: Callable[[sqlite3.Connection], Any], what: str) -> None:
-        self._start_writer()
+        try:
+            self._start_writer()
+        except StoreError as exc:  # after aclose(): say what is not written, never drop it quietly
+            logger.error("%s: could not %s", exc, what)
+            return
         self._queue.put(_Op(run, what))
 
     async def _call(self, run: Callable[[sqlite3.Connection], Any], what: str) -> Any:

@@ -1,0 +1,268 @@
+"""Regressions from the review of the durable log: each of these lost, doubled or hung something."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from tidings import Event, EventBus, HandlerError, RetryPolicy, StoreError, TidingsMiddleware
+from tidings.integrations.sqlalchemy import Outbox
+from tidings.store import SQLiteStore
+from tidings.store.postgres import PostgresStore
+
+from ..conftest import POSTGRES_DSN, Recorder
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_parent_stays_in_the_log_until_the_events_it_emitted_are_recorded(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    bus = EventBus(store=SQLiteStore(tmp_path / "log.db"), handler_timeout=None)
+    store = bus.store
+    assert isinstance(store, SQLiteStore)
+    sibling_may_finish = threading.Event()
+
+    @bus.on("order.paid", name="a.notify")
+    async def notify(event: Event) -> None:
+        bus.emit("invoice.send", event.payload)
+
+    @bus.on("order.paid", name="b.slow")
+    def slow(event: Event) -> None:
+        recorder.add("slow started")
+        sibling_may_finish.wait(10)
+
+    @bus.on("invoice.send", name="c.invoice")
+    async def invoice(event: Event) -> None:
+        recorder.add("invoiced")
+
+    async with bus:
+        bus.emit("order.paid", {"order": 1})
+        await recorder.wait_count(1)
+        await asyncio.sleep(0.05)
+        await store.flush()
+        # invoice.send is not in the log yet, so a.notify, which emitted it, must still be
+        assert await store.pending_count() == 2
+        sibling_may_finish.set()
+        await recorder.wait_count(2)
+        await bus.drain()
+        await store.flush()
+        assert await store.pending_count() == 0
+
+
+async def test_a_call_failing_after_shutdown_arms_no_retry_and_is_reported(
+    failures: list[HandlerError],
+) -> None:
+    reported = asyncio.Event()
+    release = threading.Event()
+
+    def hook(error: HandlerError) -> None:
+        failures.append(error)
+        if "after the bus closed" in str(error):
+            reported.set()
+
+    bus = EventBus(on_failure=hook, drain_timeout=0.05, retry=RetryPolicy(max_attempts=3, backoff=0.01))
+
+    @bus.on("x", name="late")
+    def late(event: Event) -> None:
+        release.wait(10)
+        raise ValueError("too late")
+
+    async with bus:
+        bus.emit("x")
+        await asyncio.sleep(0.01)
+    release.set()  # the bus is closed; the handler fails now
+    async with asyncio.timeout(5):
+        await reported.wait()
+    assert bus._runner.retries == set()
+    late_failure = [f for f in failures if str(f).startswith("handler late raised")]
+    assert [f.retry_in for f in late_failure] == [None]
+
+
+async def test_a_finished_call_waiting_for_a_slow_sibling_keeps_its_lease(tmp_path: Path) -> None:
+    runs: dict[str, int] = {"fast": 0, "slow": 0}
+    bus = EventBus(store=SQLiteStore(tmp_path / "log.db"), resubmit_after=0.2, handler_timeout=None)
+
+    @bus.on("x", name="fast")
+    async def fast(event: Event) -> None:
+        runs["fast"] += 1
+
+    @bus.on("x", name="slow")
+    def slow(event: Event) -> None:
+        runs["slow"] += 1
+        threading.Event().wait(0.8)  # four leases long
+
+    async with bus:
+        bus.emit("x")
+        await bus.flush()
+        await bus.drain()
+    assert runs == {"fast": 1, "slow": 1}
+
+
+async def test_a_replay_without_resubmission_still_renews_its_lease(tmp_path: Path) -> None:
+    path = tmp_path / "log.db"
+    runs: list[str] = []
+    failing = EventBus(store=SQLiteStore(path))
+
+    @failing.on("x", name="work")
+    async def fails(event: Event) -> None:
+        raise ValueError("first")
+
+    async with failing:
+        failing.emit("x")
+        await failing.drain()
+
+    def make(who: str) -> EventBus:
+        bus = EventBus(store=SQLiteStore(path), resubmit_after=0.2)
+
+        @bus.on("x", name="work")
+        async def work(event: Event) -> None:
+            runs.append(who)
+            await asyncio.sleep(0.8)  # four leases long
+
+        return bus
+
+    cli, app = make("cli"), make("app")
+    await cli.start(resubmit=False)
+    async with app:  # a running app with a relay, on the same log
+        result = await cli.dead_letters.replay(all=True)
+        assert len(result.succeeded) == 1
+        await cli.aclose()
+        await app.drain()
+    assert runs == ["cli"]
+
+
+async def test_an_outbox_event_waiting_for_its_response_keeps_its_lease(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    bus = EventBus(store=SQLiteStore(path), resubmit_after=0.2)
+    outbox = Outbox(bus)
+    engine = create_engine(f"sqlite:///{path}")
+    runs: list[int] = []
+
+    @bus.on("user.created", name="mail.welcome")
+    async def welcome(event: Event) -> None:
+        runs.append(1)
+
+    async def create_user(request: Request) -> PlainTextResponse:
+        with Session(engine) as session, session.begin():
+            outbox.emit(session, "user.created", {"user": 1})
+        await asyncio.sleep(0.8)  # the request goes on for four leases after its commit
+        return PlainTextResponse("created", status_code=201)
+
+    app = TidingsMiddleware(Starlette(routes=[Route("/users", create_user, methods=["POST"])]), bus=bus)
+    async with bus:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            assert (await client.post("/users")).status_code == 201
+        await bus.drain()
+    assert runs == [1]
+    engine.dispose()
+
+
+async def test_flush_raises_when_the_log_refused_the_events(tmp_path: Path) -> None:
+    bus = EventBus(store=SQLiteStore(tmp_path / "log.db"))
+
+    @bus.on("x")
+    async def handler(event: Event) -> None: ...
+
+    async def refuse(*args: Any, **kwargs: Any) -> dict[str, str]:
+        raise StoreError("database is locked")
+
+    async with bus:
+        bus._runner.store.record = refuse  # type: ignore[method-assign]
+        bus.emit("x")
+        with pytest.raises(StoreError, match="refused 1 job"):
+            await bus.flush()
+
+
+async def test_closing_a_postgres_log_that_stopped_answering_is_bounded(
+    pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema, close_timeout=0.2)
+    await store.open()
+
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    store.flush = hangs  # type: ignore[method-assign]
+    async with asyncio.timeout(5):
+        await store.aclose()
+    assert "did not answer within 0.2s while closing" in caplog.text
+
+
+async def test_the_postgres_writer_survives_a_reconnect_that_fails(pg_schema: str) -> None:
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
+    await store.open()
+    real_connected = store._connected
+    calls = 0
+
+    async def second_connect_fails() -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise OSError("connection refused")
+        return await real_connected()
+
+    async def broken(connection: Any) -> None:
+        await connection.execute("SELECT * FROM no_such_table")
+
+    store._connected = second_connect_fails  # type: ignore[method-assign]
+    good = store._call(lambda connection: connection.fetchval("SELECT 1"), "select one")
+    bad = store._call(broken, "break the batch")
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    assert all(isinstance(r, StoreError) for r in results)  # settled, not hung
+    store._connected = real_connected  # type: ignore[method-assign]
+    assert await store.pending_count() == 0  # the writer is still alive
+    await store.aclose()
+
+
+async def test_an_outbox_event_belongs_to_the_outermost_transaction(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "app.db"
+    bus = EventBus(store=SQLiteStore(path))
+    outbox = Outbox(bus)
+    engine = create_engine(f"sqlite:///{path}")
+
+    @bus.on("n", name="audit")
+    async def audit(event: Event) -> None:
+        recorder.add(event.payload)
+
+    async with bus:
+        with Session(engine) as session:
+            session.begin()
+            with session.begin_nested():
+                outbox.emit(session, "n", "rolled back outside")
+            session.rollback()  # the savepoint's release was not a commit
+        with Session(engine) as session:
+            session.begin()
+            with session.begin_nested():
+                outbox.emit(session, "n", "committed")
+            session.commit()
+        await recorder.wait_count(1)
+        await bus.drain()
+    assert recorder.items == ["committed"]
+    engine.dispose()
+
+
+async def test_a_handler_under_two_matching_patterns_runs_once(recorder: Recorder) -> None:
+    bus = EventBus()
+
+    @bus.on("order.*", "order.placed")
+    async def audit(event: Event) -> None:
+        recorder.add(event.name)
+
+    async with bus:
+        bus.emit("order.placed")
+        await bus.drain()
+    assert recorder.items == ["order.placed"]
