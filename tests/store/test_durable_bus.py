@@ -248,3 +248,28 @@ async def test_an_unreachable_postgres_fails_the_start_clearly() -> None:
     with pytest.raises(StoreError, match="PostgreSQL event log could not open"):
         await bus.start()
     await bus.aclose()
+
+
+async def test_failing_n_times_then_succeeding_takes_n_plus_one_attempts_and_empties_the_log(
+    log: Log, failures: list[HandlerError], recorder: Recorder
+) -> None:
+    bus = make_bus(log, failures, retry=RetryPolicy(max_attempts=5, backoff=0.01, jitter=0))
+    attempts = 0
+
+    @bus.on("charge", name="billing.charge")
+    async def charge(event: Event) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 3:
+            raise ConnectionError(f"failure {attempts}")
+        recorder.add(event.payload)
+
+    async with bus:
+        bus.emit("charge", {"order": 5})
+        await recorder.wait_count(1)
+        await bus.drain()
+        assert await bus.dead_letters.list() == []
+        await bus.store.flush()
+        assert await store_of(bus).pending_count() == 0
+    assert attempts == 4
+    assert [f.attempt for f in failures] == [1, 2, 3]
