@@ -266,3 +266,34 @@ async def test_a_handler_under_two_matching_patterns_runs_once(recorder: Recorde
         bus.emit("order.placed")
         await bus.drain()
     assert recorder.items == ["order.placed"]
+
+
+async def test_a_committed_outbox_event_survives_a_request_that_fails_under_the_drop_policy(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "app.db"
+    bus = EventBus(store=SQLiteStore(path), request_errors="drop")
+    outbox = Outbox(bus)
+    engine = create_engine(f"sqlite:///{path}")
+
+    @bus.on("*", name="audit")
+    async def audit(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def failing_app(scope: Any, receive: Any, send: Any) -> None:
+        # a bare ASGI app that raises before any response: what "drop" is about
+        with Session(engine) as session, session.begin():
+            outbox.emit(session, "user.created", {"user": 1})  # committed
+        bus.emit("user.mentioned")  # the request's own event: dropped with its failure
+        raise RuntimeError("after the commit, before the response")
+
+    app = TidingsMiddleware(failing_app, bus=bus)
+    async with bus:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.post("/users")).status_code == 500
+        await recorder.wait_count(1)
+        await bus.drain()
+        assert bus._runner.released == {}  # recorded by its job: no lease renewed for ever
+    assert recorder.items == ["user.created"]
+    engine.dispose()

@@ -366,6 +366,9 @@ class EventBus:
         self._runner.spawn(job)
 
     def _drop(self, record: Record, why: str) -> None:
+        headers = record[3]
+        if type(headers) is Prebuilt:  # committed: its log rows stay, to run after a restart
+            self._runner.released.pop(headers.event.id, None)
         logger.error(
             "event %r was dropped because %s",
             record[0],
@@ -420,8 +423,17 @@ class EventBus:
             job.task = self._loop.create_task(self._runner.run_job(job))
 
     def discard_request_events(self, job: Job, reason: str) -> None:
-        """Drop a failed request's events, naming each one in a warning."""
+        """Drop a failed request's events, naming each one in a warning.
+
+        Events of a transaction the request committed (the outbox's) are not the request's to
+        drop: their commit stands, so they are handled.
+        """
         records, job.buffer = job.buffer or [], None
+        committed = [record for record in records if type(record[3]) is Prebuilt]
+        if committed:
+            records = [record for record in records if type(record[3]) is not Prebuilt]
+            for record in committed:
+                self._submit(record)
         if records:
             logger.warning(
                 "%d event(s) of a request were dropped because %s: %s",
