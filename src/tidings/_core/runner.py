@@ -756,7 +756,4 @@ class Runner:
         return pending
 
     def _wake_idle_waiters(self) -> None:
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        _wake(self._idle_waiters)
