@@ -126,3 +126,24 @@ def test_the_inbox_records_a_pair_once_and_rolls_back_with_the_work(tmp_path: Pa
     assert not inbox.record_once(db, event, "h")
     assert inbox.record_once(db, event, "other")
     db.close()
+
+
+def test_stores_by_url() -> None:
+    from tidings import EventBus
+    from tidings.store import MemoryStore, store_from_url
+    from tidings.store.postgres import PostgresStore
+
+    assert isinstance(store_from_url("memory://"), MemoryStore)
+    relative = store_from_url("sqlite:///events.db")
+    assert isinstance(relative, SQLiteStore)
+    assert relative.path == "events.db"
+    absolute = store_from_url("sqlite:////var/lib/app/events.db")
+    assert isinstance(absolute, SQLiteStore)
+    assert absolute.path == "/var/lib/app/events.db"
+    pg = store_from_url("postgresql://app@db:5432/app?schema=events&sslmode=disable")
+    assert isinstance(pg, PostgresStore)
+    assert (pg.schema, pg.dsn) == ("events", "postgresql://app@db:5432/app?sslmode=disable")
+    assert isinstance(EventBus(store="sqlite:///x.db").store, SQLiteStore)
+    for bad in ("sqlite://", "sqlite://host/x.db", "redis://localhost"):
+        with pytest.raises(ConfigurationError):
+            store_from_url(bad)

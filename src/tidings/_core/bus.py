@@ -18,6 +18,7 @@ from ..exceptions import (
     StoreError,
 )
 from ..store.memory import MemoryStore
+from ..store.url import store_from_url
 from .dead_letters import DeadLetters
 from .dispatcher import (
     Record,
@@ -91,7 +92,9 @@ class EventBus:
             default a failed call is not retried and becomes a dead letter at once.
         store: where dead letters (and, if the store is durable, every delivery) are kept: a
             :class:`~tidings.store.MemoryStore` by default, or a
-            :class:`~tidings.store.SQLiteStore` for a log that survives crashes.
+            :class:`~tidings.store.SQLiteStore` for a log that survives crashes; or a URL for one
+            (``"sqlite:///events.db"``, ``"postgresql://app@db/app?schema=events"``, see
+            :func:`~tidings.store.store_from_url`).
         resubmit_after: with a durable store, the seconds a delivery stays leased to the process
             working on it (the lease is renewed while it runs); a delivery whose lease ran out,
             because its process died, is run again by any bus on the same log. Keep it above
@@ -118,7 +121,7 @@ class EventBus:
         request_handlers: RequestHandlerMode = "inline",
         on_failure: FailureHook | None = None,
         retry: RetryPolicy = NO_RETRY,
-        store: Store | None = None,
+        store: Store | str | None = None,
         resubmit_after: float = 60.0,
         enabled: bool | None = None,
         name: str = "tidings",
@@ -144,6 +147,8 @@ class EventBus:
         self.enabled = (not emit_disabled_by_env()) if enabled is None else enabled
         self.limits = limits or Limits()
         self.retry = retry
+        if isinstance(store, str):
+            store = store_from_url(store)
         self.store: Store = MemoryStore() if store is None else store
         self.resubmit_after = float(resubmit_after)
         self._registry = Registry()

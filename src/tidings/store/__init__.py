@@ -10,5 +10,6 @@ from .base import Delivery as Delivery
 from .base import Store as Store
 from .memory import MemoryStore as MemoryStore
 from .sqlite import SQLiteStore as SQLiteStore
+from .url import store_from_url as store_from_url
 
-__all__ = ["DeadLetter", "Delivery", "MemoryStore", "SQLiteStore", "Store"]
+__all__ = ["DeadLetter", "Delivery", "MemoryStore", "SQLiteStore", "Store", "store_from_url"]
