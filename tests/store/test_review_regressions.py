@@ -297,3 +297,51 @@ async def test_a_committed_outbox_event_survives_a_request_that_fails_under_the_
         assert bus._runner.released == {}  # recorded by its job: no lease renewed for ever
     assert recorder.items == ["user.created"]
     engine.dispose()
+
+
+async def test_committed_outbox_events_nobody_here_handles_are_not_kept_for_renewal(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    bus = EventBus(store=SQLiteStore(path))
+    outbox = Outbox(bus)
+    engine = create_engine(f"sqlite:///{path}")
+    async with bus:
+        with Session(engine) as session, session.begin():
+            for n in range(10):
+                outbox.emit(session, "unhandled.here", n)
+        await bus.drain()
+        assert bus._runner.released == {}
+    engine.dispose()
+
+
+async def test_a_sqlite_log_serves_reads_and_a_second_start_after_it_was_closed(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    bus = EventBus(store=store)
+
+    @bus.on("x", name="h")
+    async def handler(event: Event) -> None:
+        recorder.add(await store.pending_count())  # recorded before it runs
+        if event.payload == "fail":
+            raise RuntimeError("boom")
+
+    async with bus:
+        bus.emit("x", "fail")
+        await bus.drain()
+    assert [d.handler for d in await bus.dead_letters.list()] == ["h"]  # a read after close
+    async with bus:  # the same store object, started again
+        bus.emit("x", "ok")
+        await recorder.wait_count(2)
+    assert recorder.items == [1, 1]
+
+
+async def test_flush_raises_when_a_payload_is_refused_by_the_log(tmp_path: Path) -> None:
+    bus = EventBus(store=SQLiteStore(tmp_path / "log.db", max_payload_bytes=10))
+
+    @bus.on("x")
+    async def handler(event: Event) -> None: ...
+
+    async with bus:
+        bus.emit("x", "far more than ten bytes of payload")
+        with pytest.raises(StoreError, match="over the event log's limit of 10"):
+            await bus.flush()

@@ -421,11 +421,15 @@ class Runner:
         for name, payload, timestamp_ns, headers in records:
             handlers = resolve(name)
             if not handlers:
+                if type(headers) is Prebuilt:  # a committed outbox event nobody here handles
+                    self.released.pop(headers.event.id, None)
                 continue
             if headers is None:  # what emit() makes: checked first, so it costs no more than before
                 event = Event(name, payload, EMPTY_HEADERS, timestamp_ns)
             elif type(headers) is Prebuilt:
                 event = headers.event
+                # from here the job renews its lease (or, should the job die, the lease runs out)
+                self.released.pop(event.id, None)
             else:
                 event = Event(name, payload, headers or EMPTY_HEADERS, timestamp_ns)
             for spec in handlers:
@@ -465,9 +469,10 @@ class Runner:
             logger.error("%s; %d deliveries run without being durable", exc, len(deliveries), exc_info=exc)
             job.record_error = exc
             return
-        if self.released:
-            for event, _ in deliveries:
-                self.released.pop(event.id, None)
+        if refused:
+            job.record_error = StoreError(
+                f"{len(refused)} event(s) could not be written to the log: " + "; ".join(refused.values())
+            )
         for event_id, reason in refused.items():
             logger.error(
                 "%s; it is handled now, but not durably",

@@ -114,7 +114,7 @@ class SQLiteStore:
         self.busy_timeout = busy_timeout
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._closed = False  # by aclose(): writes are refused (and logged) until open() again
+        self._closed = False  # by aclose(): stray writes are refused (and logged) until a call reopens it
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -230,6 +230,9 @@ class SQLiteStore:
         self._queue.put(_Op(run, what))
 
     async def _call(self, run: Callable[[sqlite3.Connection], Any], what: str) -> Any:
+        # Someone is waiting for this one (a bus started again without open(), a read after
+        # close): unlike a stray write from a late thread, it reopens the log.
+        self._closed = False
         self._start_writer()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
