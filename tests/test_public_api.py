@@ -12,6 +12,7 @@ import tidings.exceptions
 import tidings.store
 
 EXPECTED = [
+    "Arguments",
     "BusState",
     "BusStateError",
     "ConfigurationError",
@@ -19,6 +20,7 @@ EXPECTED = [
     "DrainTimeoutError",
     "Event",
     "EventBus",
+    "EventValidationError",
     "FailureHook",
     "HandlerCancelledError",
     "HandlerError",
@@ -34,7 +36,9 @@ EXPECTED = [
     "StoreError",
     "TidingsError",
     "TidingsMiddleware",
+    "default_bus",
     "emit",
+    "on",
 ]
 
 

@@ -22,7 +22,10 @@ from ._core.bus import BusState as BusState
 from ._core.bus import EventBus as EventBus
 from ._core.dead_letters import DeadLetters as DeadLetters
 from ._core.dead_letters import ReplayResult as ReplayResult
+from ._core.default import default_bus as default_bus
+from ._core.default import on as on
 from ._core.dispatcher import emit as emit
+from ._core.envelope import Arguments as Arguments
 from ._core.envelope import Event as Event
 from ._core.policies import Limits as Limits
 from ._core.policies import RequestErrorPolicy as RequestErrorPolicy
@@ -34,6 +37,7 @@ from .asgi.middleware import TidingsMiddleware as TidingsMiddleware
 from .exceptions import BusStateError as BusStateError
 from .exceptions import ConfigurationError as ConfigurationError
 from .exceptions import DrainTimeoutError as DrainTimeoutError
+from .exceptions import EventValidationError as EventValidationError
 from .exceptions import HandlerCancelledError as HandlerCancelledError
 from .exceptions import HandlerError as HandlerError
 from .exceptions import HandlerTimeoutError as HandlerTimeoutError
@@ -43,6 +47,7 @@ from .exceptions import StoreError as StoreError
 from .exceptions import TidingsError as TidingsError
 
 __all__ = [
+    "Arguments",
     "BusState",
     "BusStateError",
     "ConfigurationError",
@@ -50,6 +55,7 @@ __all__ = [
     "DrainTimeoutError",
     "Event",
     "EventBus",
+    "EventValidationError",
     "FailureHook",
     "HandlerCancelledError",
     "HandlerError",
@@ -65,7 +71,9 @@ __all__ = [
     "StoreError",
     "TidingsError",
     "TidingsMiddleware",
+    "default_bus",
     "emit",
+    "on",
 ]
 
 __version__ = "0.1.0"

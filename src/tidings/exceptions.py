@@ -4,6 +4,7 @@ The tree::
 
     TidingsError                 base of everything below
     ├── ConfigurationError       bad options, bad handler, bad pattern (raised where you make the mistake)
+    ├── EventValidationError     a payload does not fit its event's schema (raised by emit, in the caller)
     ├── BusStateError            an operation the bus cannot do in its current state
     ├── HandlerError             one handler call failed (given to failure hooks, never raised by emit)
     │   ├── HandlerTimeoutError  the call ran past its timeout (also a ``TimeoutError``)
@@ -30,6 +31,7 @@ __all__ = [
     "BusStateError",
     "ConfigurationError",
     "DrainTimeoutError",
+    "EventValidationError",
     "HandlerCancelledError",
     "HandlerError",
     "HandlerTimeoutError",
@@ -46,6 +48,27 @@ class TidingsError(Exception):
 
 class ConfigurationError(TidingsError):
     """Raised at set-up time for invalid options, handlers or patterns."""
+
+
+class EventValidationError(TidingsError, ValueError):
+    """An event's payload does not fit the schema registered for its name.
+
+    Raised by ``emit()`` in the code that emitted it: a payload that breaks its schema is the
+    caller's bug, and the caller is the one that can fix it.
+
+    Attributes:
+        event_name: the event's name.
+        schema: the class its payload must fit.
+        errors: one ``(field, message)`` pair per problem; ``field`` is a dotted path, or ``""``
+            when the payload as a whole is wrong.
+    """
+
+    def __init__(self, event_name: str, schema: type, errors: Sequence[tuple[str, str]]) -> None:
+        self.event_name = event_name
+        self.schema = schema
+        self.errors = tuple(errors)
+        details = "; ".join(f"field {field!r}: {message}" if field else message for field, message in errors)
+        super().__init__(f"event {event_name!r} does not fit {schema.__qualname__}: {details}")
 
 
 class BusStateError(TidingsError):

@@ -317,7 +317,7 @@ async def test_emit_with_no_running_bus_logs_what_to_do_and_does_not_raise(
     assert "no tidings bus is running" in record.getMessage()
     assert "bus.emit()" in record.getMessage()
     with pytest.raises(TypeError):
-        emit(3)  # type: ignore[arg-type]  # the caller's own bug still raises
+        emit(3)  # the caller's own bug still raises
 
 
 async def test_emit_with_two_running_buses_refuses_to_guess(
@@ -378,8 +378,8 @@ async def test_enum_names_and_bad_names(bus: EventBus, recorder: Recorder) -> No
         bus.emit(UserEvents.SIGNED_UP)
         emit(UserEvents.SIGNED_UP)
         assert await recorder.wait_count(2) == [str, str]
-        with pytest.raises(TypeError, match="must be a str"):
-            bus.emit(42)  # type: ignore[arg-type]  # the point of the test
+        with pytest.raises(TypeError, match="must be a name"):
+            bus.emit(42)
 
 
 async def test_events_emitted_before_start_run_at_start(bus: EventBus, recorder: Recorder) -> None:

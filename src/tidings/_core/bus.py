@@ -14,6 +14,7 @@ from ..exceptions import (
     BusStateError,
     ConfigurationError,
     DrainTimeoutError,
+    HandlerError,
     PendingDelivery,
     StoreError,
 )
@@ -29,21 +30,24 @@ from .dispatcher import (
     register_running,
     unregister_running,
 )
-from .envelope import Event, Prebuilt
+from .envelope import Arguments, Event, Prebuilt
 from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
-from .registry import HandlerSpec, Registry
+from .registry import HandlerSpec, Registry, is_pattern
 from .runner import FailureHook, Job, Runner, make_event
+from .schemas import Schema, SchemaRegistry, event_name_of, is_event_class
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from ..store.base import Store
+    from .binding import BindingStyle, Plan
 
 __all__ = ["BusState", "EventBus"]
 
 logger = logging.getLogger("tidings")
 
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
+ClassT = TypeVar("ClassT", bound=type)
 
 
 class _Default(enum.Enum):
@@ -152,6 +156,12 @@ class EventBus:
         self.store: Store = MemoryStore() if store is None else store
         self.resubmit_after = float(resubmit_after)
         self._registry = Registry()
+        self.schemas = SchemaRegistry()
+        """The event classes this bus validates payloads against, by event name (see :meth:`schema`)."""
+        # read by emit(): empty (falsy) until a schema is registered, so untyped apps pay a truth test
+        self.schema_names: dict[str, Schema] = self.schemas.by_name
+        self.app: Any = None
+        """The ASGI app the bus serves (set by the middleware; FastAPI dependencies use its overrides)."""
         self._runner = Runner(self, self._registry, self.limits, on_failure, self.store, self.resubmit_after)
         self.dead_letters = DeadLetters(self, self._runner)
         """The dead letters: list, inspect, replay and purge them (see :class:`DeadLetters`)."""
@@ -176,20 +186,28 @@ class EventBus:
     # -- registration ------------------------------------------------------------------------------
     def on(
         self,
-        *patterns: str,
+        *patterns: str | type,
         timeout: float | _Default | None = DEFAULT,
         batch: bool = False,
         retry: RetryPolicy | None = None,
         name: str | None = None,
+        bind: BindingStyle = "auto",
     ) -> Callable[[HandlerT], HandlerT]:
-        """Register the decorated function for one or more event names or wildcard patterns.
+        """Register the decorated function for one or more event names, wildcard patterns or classes.
 
         ``async def`` handlers run on the event loop; plain ``def`` handlers run in a worker thread.
         The function is returned unchanged, so it can still be called directly.
 
+        The handler gets what its parameters ask for: the :class:`~tidings.Event` (a parameter
+        annotated ``Event``, or a lone unannotated one), the typed payload (a parameter annotated
+        with the event's class), single fields of the payload (parameters named after them), the
+        arguments of an event emitted with several, or FastAPI dependencies (``Depends``). A
+        signature the events cannot satisfy fails here, not at the first event.
+
         Args:
-            *patterns: exact names (``"user.created"``) or shell-style wildcards (``"user.*"``,
-                ``"*"``).
+            *patterns: exact names (``"user.created"``), shell-style wildcards (``"user.*"``,
+                ``"*"``), or typed event classes (Pydantic models, dataclasses; registering one
+                registers its schema too).
             timeout: seconds one call (one attempt) may take; defaults to the retry policy's
                 ``attempt_timeout`` if it has one, else the bus's ``handler_timeout``.
             batch: the handler takes a list of every matching event of one job at once.
@@ -197,20 +215,33 @@ class EventBus:
             name: the name logs, the event log and dead letters use for the handler; defaults
                 to its module and qualified name. Give one to keep dead letters and logged
                 deliveries valid across a rename.
+            bind: ``"arguments"`` makes every parameter not annotated ``Event`` an argument of
+                the emit (``emit_now("paid", order_id, amount)``), even a lone unannotated one.
 
         Raises:
-            ConfigurationError: no pattern given, an invalid pattern, timeout or retry policy, or
-                a name another handler has.
+            ConfigurationError: no pattern given, an invalid pattern, timeout or retry policy, a
+                name another handler has, or a signature the events cannot satisfy.
 
         Example:
+            >>> from dataclasses import dataclass
             >>> from tidings import Event, EventBus
             >>> bus = EventBus()
             >>> @bus.on("user.*", "order.placed", timeout=5)
             ... def audit(event: Event) -> None: ...
+            >>> @dataclass
+            ... class UserCreated:
+            ...     __event_name__ = "user.created"
+            ...     email: str
+            >>> @bus.on(UserCreated)
+            ... async def welcome(user: UserCreated) -> None: ...
+            >>> @bus.on(UserCreated)
+            ... async def count_domain(email: str) -> None: ...  # just the field it needs
         """
 
         def decorator(handler: HandlerT) -> HandlerT:
-            self.subscribe(handler, *patterns, timeout=timeout, batch=batch, retry=retry, name=name)
+            self.subscribe(
+                handler, *patterns, timeout=timeout, batch=batch, retry=retry, name=name, bind=bind
+            )
             return handler
 
         return decorator
@@ -218,11 +249,12 @@ class EventBus:
     def subscribe(
         self,
         handler: object,
-        *patterns: str,
+        *patterns: str | type,
         timeout: float | _Default | None = DEFAULT,
         batch: bool = False,
         retry: RetryPolicy | None = None,
         name: str | None = None,
+        bind: BindingStyle = "auto",
     ) -> HandlerSpec:
         """Register ``handler`` (a function, an async callable, or an object) for ``patterns``.
 
@@ -241,6 +273,31 @@ class EventBus:
         """
         if not patterns:
             raise ConfigurationError("a handler needs at least one event name or pattern")
+        if bind not in ("auto", "arguments"):
+            raise ConfigurationError(f"bind must be 'auto' or 'arguments', got {bind!r}")
+        names: list[str] = []
+        schemas: list[Schema] = []
+        classes: list[type] = []
+        for pattern in patterns:
+            if isinstance(pattern, type):
+                if not is_event_class(pattern):
+                    raise ConfigurationError(
+                        f"an event class must be a Pydantic model or a dataclass, got {pattern!r}"
+                    )
+                classes.append(pattern)
+                pattern = event_name_of(pattern)
+                existing = self.schemas.get(pattern)
+                if existing is not None and existing.cls is not classes[-1]:
+                    raise ConfigurationError(
+                        f"event {pattern!r} has the schema {existing.cls.__qualname__} already; "
+                        f"{classes[-1].__qualname__} needs a name of its own (set __event_name__)"
+                    )
+                schemas.append(existing or Schema(classes[-1], pattern))
+            elif isinstance(pattern, str) and pattern and not is_pattern(pattern):
+                known = self.schemas.get(pattern)
+                if known is not None:
+                    schemas.append(known)
+            names.append(pattern)  # a bad one is refused by the registry
         policy = self.retry if retry is None else retry
         if timeout is not DEFAULT:
             effective = timeout
@@ -248,11 +305,68 @@ class EventBus:
             effective = policy.attempt_timeout
         else:
             effective = self.handler_timeout
-        spec = HandlerSpec.from_target(handler, batch=batch, timeout=effective, retry=policy, name=name)
-        for pattern in patterns:
+        spec = HandlerSpec.from_target(
+            handler,
+            batch=batch,
+            timeout=effective,
+            retry=policy,
+            name=name,
+            schemas=schemas,
+            style=bind,
+            dependencies=self._dependency_call,
+        )
+        for cls in classes:
+            self.schemas.add(cls)
+        for pattern in names:
             self._registry.add(pattern, spec)
         self._runner.timeouts_changed(s.handler.timeout for s in self._registry)
         return spec
+
+    def _dependency_call(self, plan: Plan) -> Callable[[Any], Any]:
+        from ..integrations.fastapi import dependency_call  # only handlers with Depends need FastAPI
+
+        return dependency_call(plan, self)
+
+    def schema(self, cls: ClassT | None = None, *, name: str | None = None) -> Any:
+        """Register an event class: payloads emitted under its name must fit it.
+
+        Use it as a decorator (``@bus.schema`` or ``@bus.schema(name="user.signed_up")``) or call
+        it (``bus.schema(SignUp, name="user.signed_up")``). The name defaults to the class's
+        ``__event_name__``, else its ``__name__``. From then on a ``dict`` emitted under the name
+        is validated into an instance of the class when it is emitted, in the caller's code, and
+        handlers receive the instance; a payload that does not fit raises
+        :class:`~tidings.EventValidationError` there, naming the event and the field.
+
+        Returns:
+            The class, unchanged (so it works as a decorator).
+
+        Raises:
+            ConfigurationError: not a Pydantic model or dataclass, the name has another class
+                already, or a handler registered for the name asks for what the class lacks.
+
+        Example:
+            >>> from dataclasses import dataclass
+            >>> from tidings import EventBus
+            >>> bus = EventBus()
+            >>> @bus.schema(name="user.signed_up")
+            ... @dataclass
+            ... class SignUp:
+            ...     user_id: int
+            ...     email: str
+        """
+        if cls is None:
+            return lambda target: self.schema(target, name=name)
+        if not is_event_class(cls):
+            raise ConfigurationError(f"an event schema must be a Pydantic model or a dataclass, got {cls!r}")
+        event_name = event_name_of(cls) if name is None else name
+        if self.schemas.get(event_name) is None:
+            candidate = Schema(cls, event_name)
+            for subscription in self._registry:
+                plan = subscription.handler.plan
+                if subscription.pattern == event_name and plan is not None:
+                    plan.check(candidate)
+        self.schemas.add(cls, event_name)
+        return cls
 
     @property
     def registry(self) -> Registry:
@@ -271,7 +385,7 @@ class EventBus:
 
     # -- emitting ----------------------------------------------------------------------------------
     def emit(
-        self, event: str | enum.Enum, payload: object = None, *, headers: Mapping[str, str] | None = None
+        self, event: object, payload: object = None, *, headers: Mapping[str, str] | None = None
     ) -> None:
         """Emit an event on this bus. Safe from any thread and any context.
 
@@ -280,18 +394,110 @@ class EventBus:
         events wait and run when it starts; after it has closed they are logged and dropped.
 
         Args:
-            event: the event name (a ``str``, or an ``Enum`` with ``str`` values).
-            payload: anything; handlers receive it as ``event.payload``.
+            event: the event name (a ``str``, or an ``Enum`` with ``str`` values), or a typed
+                event: an instance of a Pydantic model or dataclass, named after its class.
+            payload: anything; handlers receive it as ``event.payload``. A ``dict`` emitted under
+                a name with a schema (:meth:`schema`) is validated into an instance of it.
             headers: metadata for the event envelope (not part of the payload).
 
         Raises:
-            TypeError: ``event`` is not a ``str`` or ``str``-valued ``Enum``.
+            TypeError: ``event`` is not a name or a typed event, or a typed event came with a payload.
+            EventValidationError: the payload does not fit the schema registered for the name.
         """
         if type(event) is not str:
-            event = normalize_name(event)
+            event, payload = self.name_and_payload(event, payload)
         if not self.enabled:
             return
+        if self.schema_names:
+            schema = self.schema_names.get(event)
+            if schema is not None:
+                payload = schema.coerce(payload)
         self._route((event, payload, time_ns(), headers))
+
+    @staticmethod
+    def name_and_payload(event: object, payload: object) -> tuple[str, object]:
+        """The event name and payload of what was emitted: a name and a payload, or a typed event.
+
+        Raises:
+            TypeError: neither a name nor a typed event, or a typed event with a payload.
+        """
+        if isinstance(event, str | enum.Enum):
+            return normalize_name(event), payload
+        if is_event_class(type(event)):
+            if payload is not None:
+                raise TypeError(
+                    f"emit() takes no payload with a typed event ({type(event).__qualname__}): "
+                    "it is its own payload"
+                )
+            return event_name_of(type(event)), event
+        raise TypeError(
+            "an event must be a name (a str or str-valued Enum) or a typed event (an instance of a "
+            f"Pydantic model or dataclass), got {type(event).__name__}"
+        )
+
+    async def emit_now(self, event: object, *args: Any, **kwargs: Any) -> tuple[HandlerError, ...]:
+        """Run the event's handlers now and return when they, and the events they emit, are done.
+
+        Unlike :meth:`emit`, this waits: for tests, scripts, and callers that must know the work
+        is finished. Each handler runs once, with its timeout, isolated from the others; a failure
+        is reported and retried or made a dead letter as usual, and also returned. With a durable
+        store the deliveries are logged first, as always.
+
+        Args:
+            event: an event name or a typed event, as for :meth:`emit`.
+            *args: one argument is the payload; several (or keyword arguments) become an
+                :class:`~tidings.Arguments` payload, and handlers that take them as parameters
+                (``async def on_paid(order_id, amount)``) are called with them.
+            **kwargs: see ``*args``.
+
+        Returns:
+            The failures of this first attempt, one :class:`~tidings.HandlerError` per failed call
+            (empty when every handler succeeded).
+
+        Raises:
+            BusStateError: the bus is closed or runs on another event loop.
+            EventValidationError: the payload does not fit the event's schema.
+
+        Example:
+            >>> import asyncio
+            >>> from tidings import EventBus
+            >>> bus = EventBus()
+            >>> @bus.on("payment.processed")
+            ... async def settle(payment_id: str, status: str, amount: float) -> None:
+            ...     print(payment_id, status, amount)
+            >>> async def main() -> None:
+            ...     async with bus:
+            ...         failures = await bus.emit_now("payment.processed", "p-1", "success", 99.99)
+            ...         assert not failures
+            >>> asyncio.run(main())
+            p-1 success 99.99
+        """
+        payload: object = (
+            args[0]
+            if len(args) == 1 and not kwargs
+            else Arguments(args, kwargs)
+            if (args or kwargs)
+            else None
+        )
+        name, payload = self.name_and_payload(event, payload) if type(event) is not str else (event, payload)
+        if self.schema_names:
+            schema = self.schema_names.get(name)
+            if schema is not None:
+                payload = schema.coerce(payload)
+        if not self.enabled:
+            return ()
+        if self._state is BusState.CLOSED:
+            raise BusStateError(f"bus {self.name!r} is closed")
+        self._ensure_running_slow()
+        job = Job(self, [(name, payload, time_ns(), None)])
+        if not self._runner.start_job(job, None):
+            return ()
+        errors: list[HandlerError] = []
+        job.errors = errors
+        self._runner.spawn(job)
+        assert job.task is not None
+        await asyncio.wait([job.task])  # the caller's cancellation leaves the handlers running
+        return tuple(errors)
 
     def release(self, event: Event) -> None:
         """Emit an event that exists already, keeping its id (the outbox's events, after commit).

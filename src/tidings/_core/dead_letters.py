@@ -127,6 +127,9 @@ class DeadLetters:
         wanted = [letter.id for letter, _ in known]
         revived = {letter.id for letter in await bus.store.revive(wanted, lease=bus.resubmit_after)}
         chosen = [(letter, spec) for letter, spec in known if letter.id in revived]
+        revive = bus.schemas.revive
+        for letter, _ in chosen:
+            letter.event.payload = revive(letter.event.name, letter.event.payload)
         calls = [call_for(spec, letter.event) for letter, spec in chosen]
         job = self._runner.run_calls(calls, attempt=1, recorded=self._runner.durable)
         job.failed = []

@@ -101,7 +101,7 @@ def live_buses() -> list[EventBus]:
     return [bus for bus in tuple(_running_buses) if bus.loop_is_open()]
 
 
-def emit(event: str | Enum, payload: object = None) -> None:
+def emit(event: object, payload: object = None) -> None:
     """Emit an event from anywhere: endpoint code, dependencies, helpers, handlers, tasks, threads.
 
     Inside an HTTP request the event is buffered and handled after the response has been sent. In a
@@ -115,11 +115,15 @@ def emit(event: str | Enum, payload: object = None) -> None:
     no way to tell which) is logged as an error and dropped.
 
     Args:
-        event: the event name, e.g. ``"user.created"`` (a ``str``, or an ``Enum`` with ``str`` values).
+        event: the event name, e.g. ``"user.created"`` (a ``str``, or an ``Enum`` with ``str``
+            values), or a typed event: an instance of a Pydantic model or dataclass, named by its
+            ``__event_name__`` or else its class name.
         payload: anything; handlers receive it as ``event.payload``.
 
     Raises:
-        TypeError: ``event`` is not a ``str`` or ``str``-valued ``Enum``.
+        TypeError: ``event`` is neither a name nor a typed event.
+        EventValidationError: the payload does not fit the schema the bus has for the name (the
+            caller's bug, so it is raised here, in the caller).
 
     Example:
         >>> from tidings import emit
@@ -129,20 +133,28 @@ def emit(event: str | Enum, payload: object = None) -> None:
     scope = _current.get()
     if scope is not None:
         buffer = scope.buffer
-        if buffer is not None and type(event) is str and get_ident() == scope.bus.loop_thread:
+        bus = scope.bus
+        if (
+            buffer is not None
+            and type(event) is str
+            and not bus.schema_names
+            and get_ident() == bus.loop_thread
+        ):
             buffer.append((event, payload, time_ns(), None))
             return
-        scope.bus.emit(event, payload)  # another thread, a non-str name, or no buffer
+        bus.emit(event, payload)  # another thread, a typed event or schema, or no buffer
         return
     _emit_unscoped(event, payload)
 
 
-def _emit_unscoped(event: str | Enum, payload: object) -> None:
+def _emit_unscoped(event: object, payload: object) -> None:
     buses = live_buses()
     if len(buses) == 1:
         buses[0].emit(event, payload)
         return
-    name = normalize_name(event)  # a bad name is the caller's bug whatever the bus situation
+    from .bus import EventBus  # a cycle at import time; this path is rare
+
+    name, _ = EventBus.name_and_payload(event, payload)  # a bad event is the caller's bug anyway
     if emit_disabled_by_env():
         return
     if not buses:

@@ -10,7 +10,7 @@ from time import time_ns
 from types import MappingProxyType
 from typing import Any, Final
 
-__all__ = ["EMPTY_HEADERS", "Event", "Prebuilt", "new_sequence"]
+__all__ = ["EMPTY_HEADERS", "Arguments", "Event", "Prebuilt", "new_sequence"]
 
 EMPTY_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
 
@@ -79,6 +79,37 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event(name={self.name!r}, payload={self.payload!r}, id={self.id!r})"
+
+
+class Arguments:
+    """The payload of an event emitted with several arguments, e.g. ``emit_now("paid", id, 9.99)``.
+
+    Handlers whose parameters are the arguments are called with them:
+    ``async def on_paid(order_id: str, amount: float)``. Handlers that take the
+    :class:`Event` find them in ``event.payload.args`` and ``event.payload.kwargs``.
+
+    Example:
+        >>> Arguments(("order-1", 9.99), {"currency": "EUR"})
+        Arguments('order-1', 9.99, currency='EUR')
+    """
+
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, args: tuple[Any, ...] = (), kwargs: Mapping[str, Any] | None = None) -> None:
+        self.args = tuple(args)
+        self.kwargs: Mapping[str, Any] = MappingProxyType(dict(kwargs or {}))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Arguments):
+            return NotImplemented
+        return self.args == other.args and self.kwargs == other.kwargs
+
+    def __hash__(self) -> int:
+        return hash((self.args, tuple(sorted(self.kwargs.items()))))
+
+    def __repr__(self) -> str:
+        parts = [repr(arg) for arg in self.args] + [f"{key}={value!r}" for key, value in self.kwargs.items()]
+        return f"Arguments({', '.join(parts)})"
 
 
 class Prebuilt(Mapping[str, str]):

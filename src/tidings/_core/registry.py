@@ -9,10 +9,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import ConfigurationError
+from .binding import BindingStyle, Plan, plan_handler
 from .policies import NO_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+
+    from .schemas import Schema
+
 
 __all__ = ["HandlerSpec", "Registry", "Subscription", "is_pattern"]
 
@@ -61,6 +65,7 @@ class HandlerSpec:
         timeout: seconds one call (one attempt) may take, or ``None`` for no limit.
         target: the function or object that was registered.
         retry: when a failed call is tried again, and when it becomes a dead letter.
+        plan: what the handler's parameters ask for (``None`` for objects with ``handle``/``handle_many``).
     """
 
     name: str
@@ -70,6 +75,7 @@ class HandlerSpec:
     timeout: float | None
     target: object
     retry: RetryPolicy = NO_RETRY
+    plan: Plan | None = None
 
     @classmethod
     def from_target(
@@ -80,12 +86,19 @@ class HandlerSpec:
         timeout: float | None,
         retry: RetryPolicy = NO_RETRY,
         name: str | None = None,
+        schemas: list[Schema] | None = None,
+        style: BindingStyle = "auto",
+        dependencies: Callable[[Plan], Callable[[Any], Any]] | None = None,
     ) -> HandlerSpec:
         """Inspect ``target`` once: a function, an async callable, or an object with ``handle_many``.
 
+        A function's parameters are bound as :mod:`tidings._core.binding` describes; ``schemas``
+        are those of the events it is registered for, ``dependencies`` turns a plan with FastAPI
+        dependencies into an async call.
+
         Raises:
             ConfigurationError: ``target`` is not callable and has no ``handle_many``/``handle``,
-                or a bad timeout, retry policy or name.
+                a signature its events cannot satisfy, or a bad timeout, retry policy or name.
         """
         if not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
@@ -107,16 +120,29 @@ class HandlerSpec:
                 f"a handler must be callable or have a handle_many()/handle() method, got {target!r}"
             )
         is_async = _is_async_callable(call)
+        label = _qualname(target) if name is None else name
+        plan: Plan | None = None
+        if call is target and not batch:
+            plan = plan_handler(call, label, schemas=schemas or [], style=style)
+            if plan.dependencies:
+                if dependencies is None:
+                    raise ConfigurationError(
+                        f"handler {label} declares FastAPI dependencies, which need FastAPI"
+                    )
+                call, is_async = dependencies(plan), True
+            else:
+                call = plan.build()
         if batch:
-            call = _batch_call(call)
+            call = _batch_call(call)  # type: ignore[arg-type]  # a batch call takes the list
         return cls(
-            name=_qualname(target) if name is None else name,
+            name=label,
             call=call,
             is_async=is_async,
             batch=batch,
             timeout=timeout,
             target=target,
             retry=retry,
+            plan=plan,
         )
 
 

@@ -142,6 +142,7 @@ class Job(Scope):
     record_error: StoreError | None = None  # the log refused its deliveries (flush() raises it)
     record_waiters: list[asyncio.Future[None]] | None = None  # EventBus.flush() callers
     failed: list[Call] | None = None  # calls that failed, kept when someone asked (replays)
+    errors: list[HandlerError] | None = None  # their errors, kept when someone asked (emit_now)
 
     def unfinished(self, resolve: Callable[[str], tuple[HandlerSpec, ...]]) -> list[PendingDelivery]:
         """Every (event, handler) call this job has not finished, in the order it was due."""
@@ -275,7 +276,9 @@ class Runner:
                     extra={"tidings_event": delivery.event.name, "tidings_event_id": delivery.event.id},
                 )
                 continue
-            by_attempt.setdefault(delivery.attempts + 1, []).append(call_for(spec, delivery.event))
+            event = delivery.event
+            event.payload = self.bus.schemas.revive(event.name, event.payload)
+            by_attempt.setdefault(delivery.attempts + 1, []).append(call_for(spec, event))
         return [self.run_calls(calls, attempt=a, recorded=True) for a, calls in by_attempt.items()]
 
     def request_job(self, job: Job) -> bool:
@@ -528,6 +531,8 @@ class Runner:
             )
         if job.failed is not None:
             job.failed.append(call)
+        if job.errors is not None:
+            job.errors.append(error)
         self.report(error, cause)
         if delay is not None:
             self._retry_later(call, attempt, delay, job.durable)

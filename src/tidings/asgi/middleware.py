@@ -78,6 +78,8 @@ class TidingsMiddleware:
         if not bus.enabled:
             await self._not_http(scope, receive, send)
             return
+        if bus.app is None:
+            bus.app = scope.get("app")
         bus.ensure_running()
         events = bus.open_request()
         if self.track_response:
@@ -127,6 +129,7 @@ class TidingsMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         bus = self.bus
+        bus.app = scope.get("app", bus.app)  # FastAPI dependencies in handlers use its overrides
 
         async def lifespan_receive() -> Message:
             message = await receive()

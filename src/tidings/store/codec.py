@@ -4,7 +4,9 @@ A payload is written as JSON. Besides what ``json`` takes, dataclass instances, 
 (``model_dump(mode="json")``), ``datetime``/``date``/``time`` (ISO 8601), ``UUID`` and ``Decimal``
 (strings), sets (lists) and ``Enum`` members (their value) are accepted. Handlers of a recorded event
 that is run again from the log (after a crash, a retry in another process, a replay) receive the
-payload as the JSON it became: dicts, lists, strings and numbers.
+payload as the JSON it became: dicts, lists, strings and numbers, except that a payload whose event
+name has a schema on the bus becomes an instance of that class again, and the
+:class:`~tidings.Arguments` of an event emitted with several arguments are kept as such.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .._core.envelope import EMPTY_HEADERS, Event
+from .._core.envelope import EMPTY_HEADERS, Arguments, Event
 from ..exceptions import SerializationError
 
 if TYPE_CHECKING:
@@ -27,9 +29,13 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "decode_event", "encode_headers", "encode_payload"]
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
+# The JSON shape of Arguments: one key no payload of a user's would plausibly have.
+_ARGUMENTS_KEY = "$tidings.arguments"
 
 
 def _default(value: Any) -> Any:
+    if type(value) is Arguments:
+        return {_ARGUMENTS_KEY: [list(value.args), dict(value.kwargs)]}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     model_dump = getattr(value, "model_dump", None)
@@ -78,9 +84,13 @@ def encode_headers(headers: Mapping[str, str]) -> str:
 def decode_event(event_id: str, name: str, payload: str, headers: str, timestamp_ns: int) -> Event:
     """Rebuild an event read from the log (payloads come back as plain JSON values)."""
     decoded_headers = json.loads(headers)
+    decoded = json.loads(payload)
+    if type(decoded) is dict and len(decoded) == 1 and _ARGUMENTS_KEY in decoded:
+        args, kwargs = decoded[_ARGUMENTS_KEY]
+        decoded = Arguments(tuple(args), kwargs)
     return Event(
         name,
-        json.loads(payload),
+        decoded,
         MappingProxyType(decoded_headers) if decoded_headers else EMPTY_HEADERS,
         timestamp_ns,
         id=event_id,

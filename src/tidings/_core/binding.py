@@ -1,0 +1,315 @@
+"""What a handler's parameters ask for, worked out once at registration.
+
+A handler gets what its signature asks for:
+
+* a parameter annotated :class:`~tidings.Event` gets the event envelope;
+* a handler with a single parameter and no annotation (``def audit(event)``) gets the envelope too;
+* a parameter annotated with the event's class (or a base of it) gets the payload, typed;
+* a FastAPI dependency (``Depends(...)``, ``Annotated[..., Depends(...)]``) is solved for each run by
+  :mod:`tidings.integrations.fastapi`, with FastAPI's own machinery;
+* any other parameter is a *data* parameter, filled from the payload: from the arguments of an
+  event emitted with several (:class:`~tidings.Arguments`), else by name from the payload's fields
+  (a model's or dataclass's attributes, a mapping's keys). A parameter with a default may be
+  missing from the payload.
+
+When the handler's events have a known schema (registered by class, or a name with a registered
+schema), every required data parameter must be one of its fields: a handler that could never be
+called fails at registration. Handlers that take the envelope only are called with it directly,
+with no binding work per call.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Literal
+
+from ..exceptions import ConfigurationError
+from .envelope import Arguments, Event
+from .schemas import is_event_class
+
+if typing.TYPE_CHECKING:
+    from .schemas import Schema
+
+__all__ = ["BindingStyle", "Plan", "plan_handler"]
+
+BindingStyle = Literal["auto", "arguments"]
+"""``"auto"``: the rules above; ``"arguments"``: every parameter not annotated ``Event`` is a data
+parameter (how Litestar listeners and ``emit(name, *args)`` handlers are written)."""
+
+_ENVELOPE: Final = "envelope"
+_PAYLOAD: Final = "payload"
+_DATA: Final = "data"
+_DEPENDENCY: Final = "dependency"
+_MISSING: Final = inspect.Parameter.empty
+_POSITIONAL: Final = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_UNTYPED: Final = (_MISSING, Any, object)
+
+
+def _is_dependency(value: object) -> bool:
+    # Duck-typed, so the core never imports FastAPI: fastapi.params.Depends (and Security).
+    return type(value).__module__.startswith("fastapi.") and hasattr(value, "dependency")
+
+
+def _dependency_marker(annotation: object, default: object) -> bool:
+    if _is_dependency(default):
+        return True
+    if typing.get_origin(annotation) is typing.Annotated:
+        return any(_is_dependency(meta) for meta in typing.get_args(annotation)[1:])
+    return False
+
+
+def _strip_annotated(annotation: object) -> object:
+    if typing.get_origin(annotation) is typing.Annotated:
+        return typing.get_args(annotation)[0]
+    return annotation
+
+
+def _is_envelope(annotation: object) -> bool:
+    annotation = _strip_annotated(annotation)
+    if isinstance(annotation, str):  # unresolvable forward reference (imported under TYPE_CHECKING)
+        return annotation.rpartition(".")[2] == "Event"
+    return isinstance(annotation, type) and issubclass(annotation, Event)
+
+
+def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+    target = fn if inspect.isroutine(fn) or inspect.isclass(fn) else type(fn).__call__
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:
+        return dict(getattr(target, "__annotations__", {}) or {})
+
+
+class Param:
+    """One parameter of a handler and what fills it."""
+
+    __slots__ = ("annotation", "annotation_type", "default", "kind", "name", "source")
+
+    def __init__(self, parameter: inspect.Parameter, annotation: object, source: str) -> None:
+        self.name = parameter.name
+        self.kind = parameter.kind
+        self.default = parameter.default
+        self.annotation = annotation
+        bare = _strip_annotated(annotation)
+        # what isinstance() checks a typed parameter against (``object`` matches anything)
+        self.annotation_type: type = bare if isinstance(bare, type) else object
+        self.source = source
+
+    @property
+    def required(self) -> bool:
+        return self.default is _MISSING
+
+
+class Plan:
+    """How to call one handler with one event.
+
+    Attributes:
+        direct: the handler takes the envelope as its only required argument: call it with it.
+        params: every parameter, in order, with what fills it.
+        dependencies: the FastAPI dependency parameters (solved by the FastAPI integration).
+    """
+
+    __slots__ = ("dependencies", "direct", "fn", "name", "params", "var_keyword", "var_positional")
+
+    def __init__(self, fn: Callable[..., Any], name: str, params: list[Param]) -> None:
+        self.fn = fn
+        self.name = name
+        self.params = [p for p in params if p.kind not in (p.kind.VAR_POSITIONAL, p.kind.VAR_KEYWORD)]
+        self.var_positional = any(p.kind is p.kind.VAR_POSITIONAL for p in params)
+        self.var_keyword = any(p.kind is p.kind.VAR_KEYWORD for p in params)
+        self.dependencies = [p for p in self.params if p.source == _DEPENDENCY]
+        required = [p for p in self.params if p.required or p.source in (_ENVELOPE, _DEPENDENCY)]
+        self.direct = (
+            len(required) == 1
+            and required[0] is self.params[0]
+            and required[0].source == _ENVELOPE
+            and required[0].kind in _POSITIONAL
+        )
+
+    @property
+    def data(self) -> list[Param]:
+        return [p for p in self.params if p.source in (_DATA, _PAYLOAD)]
+
+    def check(self, schema: Schema) -> None:
+        """Fail now if this handler could never be called with ``schema``'s events.
+
+        Raises:
+            ConfigurationError: a parameter typed with an unrelated class, or a required data
+                parameter that is not a field of the schema.
+        """
+        for param in self.params:
+            annotation = _strip_annotated(param.annotation)
+            if param.source == _PAYLOAD:
+                if not (isinstance(annotation, type) and issubclass(schema.cls, annotation)):
+                    raise ConfigurationError(
+                        f"handler {self.name} takes {param.name}: {_describe(annotation)}, but event "
+                        f"{schema.name!r} carries a {schema.cls.__qualname__}"
+                    )
+            elif param.source == _DATA and param.required and param.name not in schema.fields:
+                raise ConfigurationError(
+                    f"handler {self.name} asks for {param.name!r}, which event {schema.name!r} "
+                    f"({schema.cls.__qualname__}) does not have; its fields are "
+                    + (", ".join(sorted(schema.fields)) or "none")
+                )
+
+    def build(self) -> Callable[[Event], Any]:
+        """The function the runner calls with one event (the handler itself when ``direct``)."""
+        if self.direct:
+            return self.fn
+        return _binder(self)
+
+    def bind_with_extra(self) -> Callable[[Event, Mapping[str, Any] | None], Any]:
+        """A call taking the event and the solved dependency values (by parameter name)."""
+        return _binder(self)
+
+
+def _describe(annotation: object) -> str:
+    return getattr(annotation, "__qualname__", None) or repr(annotation)
+
+
+def plan_handler(
+    fn: Callable[..., Any],
+    name: str,
+    *,
+    schemas: list[Schema],
+    style: BindingStyle = "auto",
+) -> Plan:
+    """Work out what ``fn``'s parameters ask for.
+
+    Args:
+        fn: the handler.
+        name: its name, for error messages.
+        schemas: the schemas of the events it is registered for, as far as they are known.
+        style: ``"auto"`` or ``"arguments"`` (see :data:`BindingStyle`).
+
+    Raises:
+        ConfigurationError: the signature cannot be read, or cannot be satisfied by the events.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read the signature of handler {name}: {exc}") from exc
+    hints = _hints(fn)
+    params: list[Param] = []
+    for parameter in signature.parameters.values():
+        annotation = hints.get(parameter.name, parameter.annotation)
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            params.append(Param(parameter, annotation, _DATA))
+        elif _dependency_marker(annotation, parameter.default):
+            params.append(Param(parameter, annotation, _DEPENDENCY))
+        elif _is_envelope(annotation):
+            params.append(Param(parameter, annotation, _ENVELOPE))
+        else:
+            bare = _strip_annotated(annotation)
+            typed = style == "auto" and (
+                is_event_class(bare)
+                or any(
+                    isinstance(bare, type) and issubclass(schema.cls, bare) and bare not in _UNTYPED
+                    for schema in schemas
+                )
+            )
+            params.append(Param(parameter, annotation, _PAYLOAD if typed else _DATA))
+    if style == "auto":
+        _guess_envelope(params, schemas)
+    plan = Plan(fn, name, params)
+    if len([p for p in plan.params if p.source == _ENVELOPE]) > 1:
+        raise ConfigurationError(f"handler {name} takes the event envelope more than once")
+    for schema in schemas:
+        plan.check(schema)
+    return plan
+
+
+def _guess_envelope(params: list[Param], schemas: list[Schema]) -> None:
+    """``def audit(event)``: one untyped parameter that names no field is the envelope."""
+    candidates = [p for p in params if p.source != _DEPENDENCY and p.kind not in (p.kind.VAR_KEYWORD,)]
+    if len(candidates) != 1 or candidates[0].kind not in _POSITIONAL:
+        return
+    only = candidates[0]
+    if only.source != _DATA or _strip_annotated(only.annotation) not in _UNTYPED:
+        return
+    if any(only.name in schema.fields for schema in schemas):
+        return
+    only.source = _ENVELOPE
+
+
+def _binder(plan: Plan) -> Callable[..., Any]:
+    fn = plan.fn
+    params = [p for p in plan.params if p.source != _DEPENDENCY]
+    data = [p for p in params if p.source in (_DATA, _PAYLOAD)]
+    # one data parameter typed with a class the payload is an instance of: it gets the payload
+    whole = data[0] if len(data) == 1 else None
+    whole_type = _strip_annotated(whole.annotation) if whole is not None else None
+    if not isinstance(whole_type, type) or whole_type in _UNTYPED:
+        whole_type = None
+    var_positional = plan.var_positional
+    var_keyword = plan.var_keyword
+    name = plan.name
+
+    def call(event: Event, extra: Mapping[str, Any] | None = None) -> Any:
+        payload = event.payload
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        positional = True  # still filling positionally (stops at the first one left to its default)
+        if type(payload) is Arguments:
+            given = list(payload.args)
+            named = dict(payload.kwargs)
+            fields: Any = None
+        else:
+            given = []
+            named = {}
+            fields = payload
+        value: Any
+        for param in params:
+            source = param.source
+            if source == _ENVELOPE:
+                value = event
+            elif (source == _PAYLOAD and isinstance(payload, param.annotation_type)) or (
+                whole is param and whole_type is not None and isinstance(payload, whole_type)
+            ):
+                value = payload
+            elif given and param.kind in _POSITIONAL:
+                value = given.pop(0)
+            elif param.name in named:
+                value = named.pop(param.name)
+            elif fields is not None and (value := _field(fields, param.name)) is not _MISSING:
+                pass
+            elif source == _PAYLOAD:
+                raise TypeError(
+                    f"handler {name} takes {param.name}: {_describe(_strip_annotated(param.annotation))}, "
+                    f"but event {event.name!r} ({event.id}) carries a {type(payload).__name__}"
+                )
+            elif not param.required:
+                positional = False
+                continue
+            else:
+                raise TypeError(
+                    f"handler {name} needs {param.name!r}, which event {event.name!r} "
+                    f"({event.id}) does not carry"
+                )
+            if positional and param.kind in _POSITIONAL:
+                args.append(value)
+            else:
+                kwargs[param.name] = value
+        if given:
+            if not var_positional:
+                raise TypeError(f"handler {name} takes no more positional arguments, got {len(given)} more")
+            args.extend(given)
+        if named:
+            if not var_keyword:
+                raise TypeError(f"handler {name} got unexpected keyword argument(s): {', '.join(named)}")
+            kwargs.update(named)
+        elif var_keyword and isinstance(fields, Mapping):
+            taken = {p.name for p in params}
+            kwargs.update({k: v for k, v in fields.items() if k not in taken and isinstance(k, str)})
+        if extra:
+            kwargs.update(extra)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _field(payload: Any, name: str) -> Any:
+    if isinstance(payload, Mapping):
+        return payload.get(name, _MISSING)
+    return getattr(payload, name, _MISSING)

@@ -1,0 +1,213 @@
+"""Typed events: event names of classes, and the schemas that payloads emitted by name must fit.
+
+A typed event is an instance of a Pydantic model or a dataclass. Its event name is the class's
+``__event_name__`` attribute if it has one, else the class's ``__name__``. A bus's schema registry
+maps event names to such classes: a ``dict`` payload emitted under a registered name is validated
+into an instance of the class at emit time (so handlers see the same typed payload whether the
+caller emitted an instance or a dict), and payloads read back from the event log as JSON become
+instances again before handlers see them.
+
+Pydantic is optional: models need it anyway; dataclasses are validated with Pydantic when it is
+installed, and built with ``cls(**payload)`` (no type checks) when it is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Final
+
+from ..exceptions import ConfigurationError, EventValidationError
+
+__all__ = ["Schema", "SchemaRegistry", "event_name_of", "is_event_class"]
+
+_NAMES: dict[type, str] = {}  # a cache of a pure function of the class
+_NAME_ATTRIBUTE: Final = "__event_name__"
+
+
+def is_event_class(cls: object) -> bool:
+    """Whether ``cls`` is a class whose instances can be emitted as typed events."""
+    return isinstance(cls, type) and (
+        dataclasses.is_dataclass(cls) or callable(getattr(cls, "model_validate", None))
+    )
+
+
+def event_name_of(cls: type) -> str:
+    """The event name of a typed event class: ``__event_name__`` if set, else the class's name.
+
+    Raises:
+        ConfigurationError: ``__event_name__`` is set to something other than a non-empty ``str``.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass
+        ... class UserCreated:
+        ...     email: str
+        >>> event_name_of(UserCreated)
+        'UserCreated'
+        >>> @dataclass
+        ... class OrderPlaced:
+        ...     __event_name__ = "order.placed"
+        ...     order_id: int
+        >>> event_name_of(OrderPlaced)
+        'order.placed'
+    """
+    try:
+        return _NAMES[cls]
+    except KeyError:
+        pass
+    name = getattr(cls, _NAME_ATTRIBUTE, None)
+    if name is None:
+        name = cls.__name__
+    elif hasattr(name, "value") and isinstance(name.value, str):  # an Enum member
+        name = name.value
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"{cls.__qualname__}.__event_name__ must be a non-empty str, got {name!r}")
+    _NAMES[cls] = name
+    return name
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    model_fields = getattr(cls, "model_fields", None)
+    if isinstance(model_fields, Mapping):
+        return frozenset(model_fields)
+    if dataclasses.is_dataclass(cls):
+        return frozenset(field.name for field in dataclasses.fields(cls))
+    return frozenset()
+
+
+def _build_validator(cls: type) -> Callable[[Any], Any]:
+    model_validate = getattr(cls, "model_validate", None)
+    if callable(model_validate):
+        return model_validate  # type: ignore[no-any-return]
+    try:
+        from pydantic import TypeAdapter
+    except ImportError:  # no Pydantic: build the dataclass, which checks names but not types
+
+        def construct(payload: Any) -> Any:
+            if not isinstance(payload, Mapping):
+                raise TypeError(f"expected a {cls.__qualname__} or a mapping, got {type(payload).__name__}")
+            return cls(**payload)
+
+        return construct
+    return TypeAdapter(cls).validate_python
+
+
+def _problems(exc: Exception) -> list[tuple[str, str]]:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # a pydantic ValidationError
+        try:
+            found = errors(include_url=False)
+        except TypeError:
+            found = errors()
+        return [
+            (".".join(str(part) for part in error.get("loc", ())), str(error.get("msg", "")))
+            for error in found
+        ]
+    return [("", f"{type(exc).__name__}: {exc}")]
+
+
+class Schema:
+    """One registered event class: its name, fields and validator."""
+
+    __slots__ = ("_validate", "cls", "fields", "name")
+
+    def __init__(self, cls: type, name: str) -> None:
+        self.cls = cls
+        self.name = name
+        self.fields = _field_names(cls)
+        self._validate = _build_validator(cls)
+
+    def coerce(self, payload: Any) -> Any:
+        """``payload`` as an instance of the class: as it is if it is one, else validated into one.
+
+        Raises:
+            EventValidationError: it does not fit.
+        """
+        if isinstance(payload, self.cls):
+            return payload
+        if payload is None:
+            payload = {}
+        elif not isinstance(payload, Mapping):
+            raise EventValidationError(
+                self.name,
+                self.cls,
+                [("", f"expected a {self.cls.__qualname__} or a dict, got {type(payload).__name__}")],
+            )
+        try:
+            return self._validate(payload)
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            raise EventValidationError(self.name, self.cls, _problems(exc)) from exc
+
+
+class SchemaRegistry:
+    """The event classes one bus knows, by event name.
+
+    ``by_name`` is read on the emit path: it stays empty (and falsy) until a schema is registered,
+    so a bus without schemas pays one truth test per emit.
+    """
+
+    __slots__ = ("by_name",)
+
+    def __init__(self) -> None:
+        self.by_name: dict[str, Schema] = {}
+
+    def add(self, cls: type, name: str | None = None) -> Schema:
+        """Register ``cls`` as the schema of event ``name`` (default: the class's event name).
+
+        Registering the same class under the same name again is a no-op.
+
+        Raises:
+            ConfigurationError: ``cls`` is not a Pydantic model or a dataclass, or the name has a
+                different class already.
+        """
+        if not is_event_class(cls):
+            raise ConfigurationError(f"an event schema must be a Pydantic model or a dataclass, got {cls!r}")
+        if name is None:
+            name = event_name_of(cls)
+        elif not isinstance(name, str) or not name:
+            raise ConfigurationError(f"an event name must be a non-empty str, got {name!r}")
+        existing = self.by_name.get(name)
+        if existing is not None:
+            if existing.cls is cls:
+                return existing
+            raise ConfigurationError(
+                f"event {name!r} has the schema {existing.cls.__qualname__} already; "
+                f"{cls.__qualname__} needs a name of its own (set __event_name__)"
+            )
+        schema = Schema(cls, name)
+        self.by_name[name] = schema
+        return schema
+
+    def get(self, name: str) -> Schema | None:
+        """The schema registered for ``name``, if any."""
+        return self.by_name.get(name)
+
+    def validate(self, name: str, payload: Any) -> Any:
+        """``payload`` made to fit ``name``'s schema (unchanged when ``name`` has none).
+
+        Raises:
+            EventValidationError: it does not fit.
+        """
+        schema = self.by_name.get(name)
+        return payload if schema is None else schema.coerce(payload)
+
+    def revive(self, name: str, payload: Any) -> Any:
+        """A payload read back from the log as JSON, as its class again when it can be.
+
+        A payload that no longer fits (the class changed since it was written) stays as it was
+        read; a handler that asks for the class then fails, visibly, with the validation error.
+        """
+        schema = self.by_name.get(name)
+        if schema is None or isinstance(payload, schema.cls):
+            return payload
+        try:
+            return schema.coerce(payload)
+        except EventValidationError:
+            return payload
+
+    def __iter__(self) -> Iterator[Schema]:
+        return iter(tuple(self.by_name.values()))
+
+    def __len__(self) -> int:
+        return len(self.by_name)
