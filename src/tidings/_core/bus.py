@@ -30,7 +30,7 @@ from .dispatcher import (
     register_running,
     unregister_running,
 )
-from .envelope import Arguments, Event, Prebuilt
+from .envelope import EMPTY_HEADERS, Arguments, Event, Prebuilt
 from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
 from .registry import HandlerSpec, Registry, is_pattern
 from .runner import FailureHook, Job, Runner, make_event
@@ -158,8 +158,11 @@ class EventBus:
         self._registry = Registry()
         self.schemas = SchemaRegistry()
         """The event classes this bus validates payloads against, by event name (see :meth:`schema`)."""
-        # read by emit(): empty (falsy) until a schema is registered, so untyped apps pay a truth test
         self.schema_names: dict[str, Schema] = self.schemas.by_name
+        self._taps: list[Callable[[Event], object]] = []
+        # Read by tidings.emit() on its fast path: False until a schema or a tap needs every emit
+        # to pass through EventBus.emit, so apps without them pay one truth test per emit.
+        self.inspects_emits = False
         self.app: Any = None
         """The ASGI app the bus serves (set by the middleware; FastAPI dependencies use its overrides)."""
         self._runner = Runner(self, self._registry, self.limits, on_failure, self.store, self.resubmit_after)
@@ -366,7 +369,48 @@ class EventBus:
                 if subscription.pattern == event_name and plan is not None:
                     plan.check(candidate)
         self.schemas.add(cls, event_name)
+        self.inspects_emits = True
         return cls
+
+    def tap(self, callback: Callable[[Event], object]) -> Callable[[], None]:
+        """Call ``callback`` with every event emitted on this bus, when it is emitted.
+
+        For tests and debugging (the pytest plugin captures events with it): the callback runs
+        in the emitting code, before any handler, on every emit, including events that no
+        handler listens to, events emitted in a request that will fail, and events of the
+        transactional outbox when they are released. Its exceptions are logged, never raised
+        into the emitter. The :class:`~tidings.Event` it gets has the name, payload (validated)
+        and headers of the emit; handlers get an envelope of their own, with an id of its own.
+
+        Returns:
+            A function that removes the tap.
+
+        Example:
+            >>> from tidings import EventBus
+            >>> bus = EventBus()
+            >>> seen = []
+            >>> untap = bus.tap(seen.append)
+            >>> bus.emit("user.created", {"id": 1})
+            >>> [(event.name, event.payload) for event in seen]
+            [('user.created', {'id': 1})]
+            >>> untap()
+        """
+        self._taps.append(callback)
+        self.inspects_emits = True
+
+        def untap() -> None:
+            if callback in self._taps:
+                self._taps.remove(callback)
+            self.inspects_emits = bool(self._taps or self.schema_names)
+
+        return untap
+
+    def _notify_taps(self, event: Event) -> None:
+        for callback in tuple(self._taps):
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("a tap of bus %r raised on event %r", self.name, event.name)
 
     @property
     def registry(self) -> Registry:
@@ -412,7 +456,10 @@ class EventBus:
             schema = self.schema_names.get(event)
             if schema is not None:
                 payload = schema.coerce(payload)
-        self._route((event, payload, time_ns(), headers))
+        timestamp_ns = time_ns()
+        if self._taps:
+            self._notify_taps(Event(event, payload, headers or EMPTY_HEADERS, timestamp_ns))
+        self._route((event, payload, timestamp_ns, headers))
 
     @staticmethod
     def name_and_payload(event: object, payload: object) -> tuple[str, object]:
@@ -486,10 +533,13 @@ class EventBus:
                 payload = schema.coerce(payload)
         if not self.enabled:
             return ()
+        timestamp_ns = time_ns()
+        if self._taps:
+            self._notify_taps(Event(name, payload, EMPTY_HEADERS, timestamp_ns))
         if self._state is BusState.CLOSED:
             raise BusStateError(f"bus {self.name!r} is closed")
         self._ensure_running_slow()
-        job = Job(self, [(name, payload, time_ns(), None)])
+        job = Job(self, [(name, payload, timestamp_ns, None)])
         if not self._runner.start_job(job, None):
             return ()
         errors: list[HandlerError] = []
@@ -505,6 +555,8 @@ class EventBus:
         Routed like :meth:`emit`: inside a request of this bus it waits for the response.
         """
         if self.enabled:
+            if self._taps:
+                self._notify_taps(event)
             if self.store.durable:
                 self._runner.released[event.id] = event
             self._route((event.name, event.payload, event.timestamp_ns, Prebuilt(event)))

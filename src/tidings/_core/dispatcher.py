@@ -137,7 +137,7 @@ def emit(event: object, payload: object = None) -> None:
         if (
             buffer is not None
             and type(event) is str
-            and not bus.schema_names
+            and not bus.inspects_emits
             and get_ident() == bus.loop_thread
         ):
             buffer.append((event, payload, time_ns(), None))
