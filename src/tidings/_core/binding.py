@@ -66,6 +66,15 @@ def _strip_annotated(annotation: object) -> object:
     return annotation
 
 
+def _runtime_type(annotation: object) -> type | None:
+    """The class ``isinstance`` can check for an annotation (``dict`` for ``dict[str, int]``), if any."""
+    bare = _strip_annotated(annotation)
+    origin = typing.get_origin(bare)
+    if isinstance(origin, type):
+        return origin
+    return bare if isinstance(bare, type) else None
+
+
 def _is_envelope(annotation: object) -> bool:
     annotation = _strip_annotated(annotation)
     if isinstance(annotation, str):  # unresolvable forward reference (imported under TYPE_CHECKING)
@@ -73,12 +82,24 @@ def _is_envelope(annotation: object) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Event)
 
 
-def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
+def _hints(fn: Callable[..., Any], schemas: list[Schema]) -> dict[str, Any]:
     target = fn if inspect.isroutine(fn) or inspect.isclass(fn) else type(fn).__call__
+    # the event classes by name too: a class defined in a function is in no module's globals
+    local = {schema.cls.__name__: schema.cls for schema in schemas}
     try:
-        return typing.get_type_hints(target, include_extras=True)
-    except Exception:
-        return dict(getattr(target, "__annotations__", {}) or {})
+        return typing.get_type_hints(target, localns=local, include_extras=True)
+    except Exception:  # a name imported only for type checkers: resolve them one by one
+        pass
+    hints: dict[str, Any] = {}
+    namespace = {**getattr(target, "__globals__", {}), **local}
+    for key, annotation in (getattr(target, "__annotations__", None) or {}).items():
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, namespace)  # the handler's own annotation text
+            except Exception:  # keep the text: it may still say "Event"
+                pass
+        hints[key] = annotation
+    return hints
 
 
 class Param:
@@ -91,9 +112,8 @@ class Param:
         self.kind = parameter.kind
         self.default = parameter.default
         self.annotation = annotation
-        bare = _strip_annotated(annotation)
         # what isinstance() checks a typed parameter against (``object`` matches anything)
-        self.annotation_type: type = bare if isinstance(bare, type) else object
+        self.annotation_type: type = _runtime_type(annotation) or object
         self.source = source
 
     @property
@@ -110,11 +130,12 @@ class Plan:
         dependencies: the FastAPI dependency parameters (solved by the FastAPI integration).
     """
 
-    __slots__ = ("dependencies", "direct", "fn", "name", "params", "var_keyword", "var_positional")
+    __slots__ = ("dependencies", "direct", "fn", "name", "params", "style", "var_keyword", "var_positional")
 
-    def __init__(self, fn: Callable[..., Any], name: str, params: list[Param]) -> None:
+    def __init__(self, fn: Callable[..., Any], name: str, params: list[Param], style: BindingStyle) -> None:
         self.fn = fn
         self.name = name
+        self.style = style
         self.params = [p for p in params if p.kind not in (p.kind.VAR_POSITIONAL, p.kind.VAR_KEYWORD)]
         self.var_positional = any(p.kind is p.kind.VAR_POSITIONAL for p in params)
         self.var_keyword = any(p.kind is p.kind.VAR_KEYWORD for p in params)
@@ -190,7 +211,7 @@ def plan_handler(
         signature = inspect.signature(fn)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"cannot read the signature of handler {name}: {exc}") from exc
-    hints = _hints(fn)
+    hints = _hints(fn, schemas)
     params: list[Param] = []
     for parameter in signature.parameters.values():
         annotation = hints.get(parameter.name, parameter.annotation)
@@ -212,7 +233,7 @@ def plan_handler(
             params.append(Param(parameter, annotation, _PAYLOAD if typed else _DATA))
     if style == "auto":
         _guess_envelope(params, schemas)
-    plan = Plan(fn, name, params)
+    plan = Plan(fn, name, params, style)
     if len([p for p in plan.params if p.source == _ENVELOPE]) > 1:
         raise ConfigurationError(f"handler {name} takes the event envelope more than once")
     for schema in schemas:
@@ -221,12 +242,15 @@ def plan_handler(
 
 
 def _guess_envelope(params: list[Param], schemas: list[Schema]) -> None:
-    """``def audit(event)``: one untyped parameter that names no field is the envelope."""
-    candidates = [p for p in params if p.source != _DEPENDENCY and p.kind not in (p.kind.VAR_KEYWORD,)]
-    if len(candidates) != 1 or candidates[0].kind not in _POSITIONAL:
+    """``def audit(event)``: a first, lone required parameter, untyped and no field's name: the envelope."""
+    candidates = [
+        p for p in params if p.source != _DEPENDENCY and (p.required or p.kind is p.kind.VAR_POSITIONAL)
+    ]
+    if len(candidates) != 1 or candidates[0].kind not in _POSITIONAL or candidates[0] is not params[0]:
         return
     only = candidates[0]
-    if only.source != _DATA or _strip_annotated(only.annotation) not in _UNTYPED:
+    bare = _strip_annotated(only.annotation)
+    if only.source != _DATA or not (bare in _UNTYPED or isinstance(bare, str)):  # str: unresolvable
         return
     if any(only.name in schema.fields for schema in schemas):
         return
@@ -239,9 +263,10 @@ def _binder(plan: Plan) -> Callable[..., Any]:
     data = [p for p in params if p.source in (_DATA, _PAYLOAD)]
     # one data parameter typed with a class the payload is an instance of: it gets the payload
     whole = data[0] if len(data) == 1 else None
-    whole_type = _strip_annotated(whole.annotation) if whole is not None else None
-    if not isinstance(whole_type, type) or whole_type in _UNTYPED:
+    whole_type = _runtime_type(whole.annotation) if whole is not None else None
+    if whole_type in _UNTYPED:
         whole_type = None
+    arguments_only = plan.style == "arguments"
     var_positional = plan.var_positional
     var_keyword = plan.var_keyword
     name = plan.name
@@ -255,6 +280,10 @@ def _binder(plan: Plan) -> Callable[..., Any]:
             given = list(payload.args)
             named = dict(payload.kwargs)
             fields: Any = None
+        elif arguments_only:  # emit(name, payload): the payload is the one argument
+            given = [] if payload is None else [payload]
+            named = {}
+            fields = None
         else:
             given = []
             named = {}
