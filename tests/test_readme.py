@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+import tidings
 from tidings import EventBus
+from tidings._core.default import reset_default_bus
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCK = re.compile(r"(<!-- fragment -->\n)?```python\n(.*?)```", re.DOTALL)
@@ -27,9 +32,18 @@ def examples() -> list[tuple[int, str]]:
 
 
 def run_example(line: int, source: str) -> dict[str, Any]:
-    namespace: dict[str, Any] = {"__name__": f"readme_line_{line}"}
-    exec(compile(source, f"{README}:{line}", "exec"), namespace)
-    return namespace
+    # a real module, as the example would be: Pydantic resolves annotations through sys.modules
+    module = types.ModuleType(f"readme_line_{line}")
+    sys.modules[module.__name__] = module
+    exec(compile(source, f"{README}:{line}", "exec"), module.__dict__)
+    return module.__dict__
+
+
+@pytest.fixture(autouse=True)
+def fresh_default_bus() -> Iterator[None]:
+    reset_default_bus()
+    yield
+    reset_default_bus()
 
 
 def test_the_readme_has_examples() -> None:
@@ -40,7 +54,7 @@ def test_the_readme_has_examples() -> None:
 def test_every_example_runs(line: int, source: str) -> None:
     namespace = run_example(line, source)
     buses = [v for v in namespace.values() if isinstance(v, EventBus)]
-    assert buses, "each example builds a bus"
+    assert buses or "default_bus()" in source, "each example builds a bus or uses the default one"
 
 
 @pytest.mark.anyio
@@ -59,9 +73,32 @@ async def test_the_quick_start_handles_events_after_the_response(capsys: pytest.
 
 
 def test_the_script_example_prints(capsys: pytest.CaptureFixture[str]) -> None:
-    line, source = next((n, s) for n, s in examples() if "asyncio.run(main())" in s)
+    line, source = next((n, s) for n, s in examples() if "job.finished" in s)
     run_example(line, source)
     assert capsys.readouterr().out == "job 42 finished\n"
+
+
+def test_the_default_bus_example_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    line, source = next((n, s) for n, s in examples() if "default_bus()" in s)
+    run_example(line, source)
+    assert capsys.readouterr().out == "payment payment_123 has status success for amount 99.99\n"
+    assert tidings.default_bus().registry.named(f"readme_line_{line}.handle_payment_result") is not None
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_typed_events_example(capsys: pytest.CaptureFixture[str]) -> None:
+    line, source = next((n, s) for n, s in examples() if "class UserCreated(BaseModel)" in s)
+    namespace = run_example(line, source)
+    bus: EventBus = namespace["bus"]
+    async with bus:
+        namespace["create_user"]("ann@example.com")
+        await bus.drain()
+    out = capsys.readouterr().out
+    assert "welcome, ann@example.com" in out
+    assert "one more on free" in out
+    typed = r"UserCreated\(id=1, email='ann@example\.com', plan='free'\)"
+    assert re.search(r"user\.created [0-9A-Z]{26}: " + typed, out)
 
 
 def test_the_handler_example_registers_what_it_says() -> None:
