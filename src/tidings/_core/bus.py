@@ -160,9 +160,7 @@ class EventBus:
         """The event classes this bus validates payloads against, by event name (see :meth:`schema`)."""
         self.schema_names: dict[str, Schema] = self.schemas.by_name
         self._taps: list[Callable[[Event], object]] = []
-        # Read by tidings.emit() on its fast path: False until a schema or a tap needs every emit
-        # to pass through EventBus.emit, so apps without them pay one truth test per emit.
-        self.inspects_emits = False
+        self._inspects_emits = False
         self.app: Any = None
         """The ASGI app the bus serves (set by the middleware; FastAPI dependencies use its overrides)."""
         self._runner = Runner(self, self._registry, self.limits, on_failure, self.store, self.resubmit_after)
@@ -174,6 +172,10 @@ class EventBus:
         self._state = BusState.CREATED
         self._loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread = 0
+        # tidings.emit() appends to a request's buffer itself only on this thread: the loop's,
+        # or none (0) while schemas or taps need every emit to pass through EventBus.emit. One
+        # comparison serves both checks on the hot path.
+        self.emit_thread = 0
         self._lock = threading.Lock()
         self._outside: list[Record] = []
         self._outside_scheduled = False
@@ -371,6 +373,16 @@ class EventBus:
         self.schemas.add(cls, event_name)
         self.inspects_emits = True
         return cls
+
+    @property
+    def inspects_emits(self) -> bool:
+        """Whether every emit passes through :meth:`emit` (a schema or a tap needs to see it)."""
+        return self._inspects_emits
+
+    @inspects_emits.setter
+    def inspects_emits(self, value: bool) -> None:
+        self._inspects_emits = value
+        self.emit_thread = 0 if value else self.loop_thread
 
     def tap(self, callback: Callable[[Event], object]) -> Callable[[], None]:
         """Call ``callback`` with every event emitted on this bus, when it is emitted.
@@ -716,6 +728,7 @@ class EventBus:
         with self._lock:
             self._loop = loop
             self.loop_thread = threading.get_ident()
+            self.emit_thread = 0 if self._inspects_emits else self.loop_thread
             self._runner.bind(loop)
             self._state = BusState.RUNNING
             self._drain_deadline = None

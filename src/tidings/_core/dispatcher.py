@@ -137,8 +137,7 @@ def emit(event: object, payload: object = None) -> None:
         if (
             buffer is not None
             and type(event) is str
-            and not bus.inspects_emits
-            and get_ident() == bus.loop_thread
+            and get_ident() == bus.emit_thread  # the loop's thread, and no schema or tap
         ):
             buffer.append((event, payload, time_ns(), None))
             return
