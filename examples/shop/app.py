@@ -19,8 +19,9 @@ then try::
     curl -X POST localhost:8000/dead-letters/replay   # ... and the dead letter is replayed
     uv run tidings dead-letters list --bus examples.shop.handlers:bus   # the same, from the shell
 
-Each endpoint only calls ``emit()``; the handlers in :mod:`examples.shop.handlers` run after the
-response has been sent (watch the server log). ``/stats`` shows what they did. Stop the server with
+Each endpoint only calls ``emit()``, with typed events (:mod:`examples.shop.events`) or dicts; the
+handlers in :mod:`examples.shop.handlers` run after the response has been sent (watch the server
+log). ``/stats`` shows what they did. Stop the server with
 Ctrl+C: pending handlers finish before the lifespan's shutdown code runs. Every delivery goes through
 the SQLite event log ``shop-events.db``: kill the server mid-way and the next start runs what was left.
 """
@@ -38,6 +39,7 @@ from pydantic import BaseModel, Field
 
 from tidings import TidingsMiddleware, emit
 
+from .events import OrderCancelled, OrderPlaced, UserCreated
 from .handlers import Stats, bus, stats, warehouse
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
@@ -104,7 +106,7 @@ app.add_middleware(TidingsMiddleware, bus=bus)
 async def create_user(body: NewUser) -> User:
     user = User(id=next(store.user_ids), email=body.email)
     store.users[user.id] = user
-    emit("user.created", user.model_dump())
+    emit(UserCreated(id=user.id, email=user.email))
     return user
 
 
@@ -121,7 +123,7 @@ def place_order(body: NewOrder) -> Order:
         total=body.quantity * body.unit_price,
     )
     store.orders[order.id] = order
-    emit("order.placed", order.model_dump())
+    emit(OrderPlaced(**order.model_dump(exclude={"status"})))
     emit("stock.reserved", {"item": order.item, "quantity": order.quantity})
     return order
 
@@ -134,7 +136,7 @@ async def cancel_order(order_id: int) -> Order:
     if order.status == "cancelled":
         raise HTTPException(status_code=409, detail=f"order {order_id} is already cancelled")
     order.status = "cancelled"
-    emit("order.cancelled", order.model_dump())
+    emit(OrderCancelled(id=order.id, total=order.total))
     emit("stock.released", {"item": order.item, "quantity": order.quantity})
     return order
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from tidings import Event, EventBus, HandlerError, RetryPolicy, emit
 from tidings.store import SQLiteStore
 
+from .events import OrderCancelled, OrderConfirmed, OrderPlaced, UserCreated
+
 __all__ = ["AnalyticsForwarder", "Stats", "Warehouse", "bus", "stats", "warehouse"]
 
 logger = logging.getLogger("shop")
@@ -81,45 +83,47 @@ async def mark_open(event: Event) -> None:
     stats.opened = True
 
 
-@bus.on("user.created")
-async def send_welcome_email(event: Event) -> None:
-    logger.info("sending a welcome email to %s", event.payload["email"])
-    stats.emails_sent.append(event.payload["email"])
+@bus.on(UserCreated)
+async def send_welcome_email(email: str) -> None:
+    """Asks for the one field it needs, by name."""
+    logger.info("sending a welcome email to %s", email)
+    stats.emails_sent.append(email)
 
 
-@bus.on("order.placed")
-async def count_order(event: Event) -> None:
+@bus.on(OrderPlaced)
+async def count_order(total: float) -> None:
     stats.orders_placed += 1
-    stats.revenue += event.payload["total"]
+    stats.revenue += total
 
 
-@bus.on("order.placed", retry=RetryPolicy(max_attempts=3, backoff=0.1))
-async def notify_warehouse(event: Event) -> None:
+@bus.on(OrderPlaced, retry=RetryPolicy(max_attempts=3, backoff=0.1))
+async def notify_warehouse(order: OrderPlaced) -> None:
     """Fails on purpose for gremlins, to show that one failing handler does not stop the others.
 
     It is tried three times, then becomes a dead letter: ``POST /warehouse/gremlins`` changes the
-    warehouse's mind, and ``POST /dead-letters/replay`` ships the order after all.
+    warehouse's mind, and ``POST /dead-letters/replay`` ships the order after all (the payload comes
+    back from the event log as an ``OrderPlaced`` again).
     """
-    if event.payload["item"] == "gremlin" and not warehouse.ships_gremlins:
+    if order.item == "gremlin" and not warehouse.ships_gremlins:
         raise RuntimeError("the warehouse refuses to ship gremlins")
-    stats.orders_shipped.append(event.payload["id"])
+    stats.orders_shipped.append(order.id)
 
 
-@bus.on("order.placed")
-async def confirm_order(event: Event) -> None:
+@bus.on(OrderPlaced)
+async def confirm_order(order: OrderPlaced) -> None:
     """Chaining: an event emitted by a handler is handled right after, in the same job."""
-    emit("order.confirmed", {"id": event.payload["id"]})
+    emit(OrderConfirmed(id=order.id))
 
 
-@bus.on("order.confirmed")
-async def record_confirmation(event: Event) -> None:
-    stats.orders_confirmed.append(event.payload["id"])
+@bus.on(OrderConfirmed)
+async def record_confirmation(id: int) -> None:
+    stats.orders_confirmed.append(id)
 
 
-@bus.on("order.cancelled")
-async def refund(event: Event) -> None:
+@bus.on(OrderCancelled)
+async def refund(cancelled: OrderCancelled) -> None:
     stats.orders_cancelled += 1
-    stats.revenue -= event.payload["total"]
+    stats.revenue -= cancelled.total
 
 
 class AnalyticsForwarder:
