@@ -1,70 +1,368 @@
 """The ``tidings`` command line.
 
-``tidings dead-letters list|show|replay|purge --bus module:attribute``
+``tidings list TARGET [--event PATTERN] [--json]``
+    Every event name, wildcard pattern and typed event class the bus knows, with its handlers:
+    name, sync or async, timeout and retry policy, and the ``file:line`` where each is defined.
 
-``--bus`` names the app's :class:`~tidings.EventBus` (``myapp.events:bus``; ``myapp.events`` alone
-works when the module holds exactly one bus). Listing, showing and purging only read and write the
-bus's store; replaying starts the bus in this process (without taking over the app's backlog), runs
-each selected dead letter's handler once more, and waits for it.
+``tidings dead-letters list|show|replay|purge --bus TARGET``
+    Listing, showing and purging only read and write the bus's store; replaying starts the bus in
+    this process (without taking over the app's backlog), runs each selected dead letter's
+    handler once more, and waits for it.
+
+``TARGET`` is ``module:attribute``, imported from the working directory like ``python -m`` does:
+an :class:`~tidings.EventBus` (``myapp.events:bus``), or an app whose bus can be found
+(``myapp.main:app``): a Starlette or FastAPI app with ``TidingsMiddleware(bus=...)`` among its
+middleware, a Litestar app with ``TidingsPlugin(bus)`` or that middleware, or an ASGI app wrapped
+in ``TidingsMiddleware`` by hand. The attribute may be dotted (``myapp.main:container.bus``). A
+module alone works when it holds exactly one bus (for ``list``: its buses, else its apps'). When
+an app has no bus of its own to show, ``list`` falls back to :func:`tidings.default_bus`, if the
+app's code used it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fnmatch
+import functools
 import importlib
+import inspect
 import json
+import os
 import sys
-from typing import TYPE_CHECKING, TextIO
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TextIO
 
+from ._core import default as _default
 from ._core.bus import EventBus
+from ._core.registry import is_pattern
+from .asgi.middleware import TidingsMiddleware
 from .exceptions import TidingsError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from ._core.policies import RetryPolicy
+    from ._core.registry import HandlerSpec
     from .store.base import DeadLetter
 
-__all__ = ["load_bus", "main"]
+__all__ = ["UsageError", "buses_of", "load_bus", "load_buses", "main"]
+
+_MISSING: Any = object()
+_MAX_DEPTH = 64  # middleware layers followed through `.app` before giving up (a cycle, say)
 
 
 class UsageError(Exception):
     """A command line that cannot be carried out; printed without a traceback."""
 
 
+def _import(module_name: str) -> ModuleType:
+    if "." not in sys.path and "" not in sys.path:
+        sys.path.insert(0, "")  # like python -m: the app's own package from the working directory
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from exc
+
+
+def _attribute(module: ModuleType, target: str, attribute: str) -> object:
+    found: object = module
+    for part in attribute.split("."):
+        found = getattr(found, part, _MISSING)
+        if found is _MISSING:
+            raise UsageError(f"{target}: {module.__name__} has no attribute {attribute!r}")
+    return found
+
+
+def buses_of(target: object) -> list[EventBus]:
+    """The buses of an app (or the bus itself), in the order they are found, each once.
+
+    Looks at: the middleware an app declares (Starlette and FastAPI ``user_middleware``,
+    Litestar ``middleware``: any :class:`EventBus` among their arguments), the chain of wrapped
+    apps (``TidingsMiddleware(app, bus=bus)``, also inside a built Starlette middleware stack),
+    and plugins that hold a ``bus`` (Litestar's ``TidingsPlugin``).
+
+    Example:
+        >>> from starlette.applications import Starlette
+        >>> from starlette.middleware import Middleware
+        >>> from tidings import EventBus, TidingsMiddleware
+        >>> bus = EventBus(name="shop")
+        >>> app = Starlette(middleware=[Middleware(TidingsMiddleware, bus=bus)])
+        >>> [found.name for found in buses_of(app)]
+        ['shop']
+    """
+    found: list[EventBus] = []
+
+    def add(value: object) -> None:
+        if isinstance(value, EventBus) and all(value is not bus for bus in found):
+            found.append(value)
+
+    add(target)
+    for name in ("user_middleware", "middleware"):  # Starlette/FastAPI, Litestar
+        declared = getattr(target, name, None)
+        if not isinstance(declared, list | tuple):
+            continue  # FastAPI's `middleware` is a decorator
+        for entry in declared:
+            args = getattr(entry, "args", ())
+            kwargs = getattr(entry, "kwargs", None) or getattr(entry, "options", None) or {}
+            for value in (*(args if isinstance(args, tuple) else ()), *dict(kwargs).values()):
+                add(value)
+    for start in (target, getattr(target, "middleware_stack", None)):
+        node, depth = start, 0
+        while node is not None and depth < _MAX_DEPTH:
+            if isinstance(node, TidingsMiddleware):
+                add(node.bus)
+            node, depth = getattr(node, "app", None), depth + 1
+    plugins = getattr(target, "plugins", None)
+    if plugins is not None and not isinstance(plugins, str | bytes):
+        try:
+            for plugin in plugins:
+                add(getattr(plugin, "bus", None))
+        except TypeError:  # not iterable
+            pass
+    return found
+
+
 def load_bus(target: str) -> EventBus:
-    """Import ``module:attribute`` (or a module holding exactly one bus) and return the bus.
+    """Import ``module:attribute`` (a bus, or an app with one bus) and return the bus.
+
+    A module alone works when it holds exactly one bus.
 
     Raises:
         UsageError: the module cannot be imported, or holds no bus (or several) there.
     """
     module_name, _, attribute = target.partition(":")
-    if "." not in sys.path and "" not in sys.path:
-        sys.path.insert(0, "")  # like python -m: the app's own package from the working directory
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r}: {exc}") from exc
+    module = _import(module_name)
     if attribute:
-        found = getattr(module, attribute, None)
-        if not isinstance(found, EventBus):
-            raise UsageError(f"{target} is {type(found).__name__}, not an EventBus")
-        return found
+        found = _attribute(module, target, attribute)
+        buses = buses_of(found)
+        if len(buses) == 1:
+            return buses[0]
+        if buses:
+            raise UsageError(f"{target} has {len(buses)} buses; name the one meant as module:attribute")
+        raise UsageError(
+            f"{target} is {type(found).__name__}, not an EventBus (nor an app with TidingsMiddleware)"
+        )
     buses = [value for value in vars(module).values() if isinstance(value, EventBus)]
     if len(buses) != 1:
         raise UsageError(f"{module_name} holds {len(buses)} EventBus objects; name one as {module_name}:name")
     return buses[0]
 
 
+def load_buses(target: str) -> tuple[list[EventBus], str | None]:
+    """Import ``module:attribute`` or ``module`` and return every bus found there, and a note.
+
+    The note says when the default bus stood in for an app's own (``None`` otherwise).
+
+    Raises:
+        UsageError: the module cannot be imported, or no bus can be found there.
+    """
+    module_name, _, attribute = target.partition(":")
+    module = _import(module_name)
+    if attribute:
+        found = _attribute(module, target, attribute)
+        buses = buses_of(found)
+        what = f"{target} is {type(found).__name__}, not an EventBus (nor an app with a bus)"
+    else:
+        values = list(vars(module).values())
+        buses = [value for value in values if isinstance(value, EventBus)]
+        if not buses:
+            for value in values:
+                if not isinstance(value, ModuleType | type):
+                    buses += [bus for bus in buses_of(value) if all(bus is not b for b in buses)]
+        what = f"{module_name} holds no EventBus and no app with one"
+    if buses:
+        return buses, None
+    fallback = _default._bus  # only if the app's code created it: default_bus() would make one
+    if fallback is not None:
+        return [fallback], f"{what}; showing the default bus (tidings.default_bus())"
+    raise UsageError(what)
+
+
+# -- tidings list -----------------------------------------------------------------------------------
+def _definition(target: object) -> object:
+    """What defines a handler: the function, method or class, past partials and ``functools.wraps``."""
+    obj = target
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    if not inspect.isroutine(obj) and not inspect.isclass(obj):
+        for name in ("handle_many", "handle"):
+            method = getattr(obj, name, None)
+            if callable(method):
+                obj = method
+                break
+        else:
+            obj = type(obj)  # a callable instance: its class
+    if callable(obj):
+        obj = inspect.unwrap(obj)
+    return obj.__func__ if inspect.ismethod(obj) else obj
+
+
+def _source(target: object) -> tuple[str | None, int | None]:
+    """Where a handler is defined: its file (relative to the working directory if under it) and line."""
+    obj = _definition(target)
+    try:
+        file = inspect.getsourcefile(obj)  # type: ignore[arg-type]  # anything else raises TypeError
+        _, line = inspect.getsourcelines(obj)  # type: ignore[arg-type]
+    except (TypeError, OSError):
+        return None, None
+    if file is None:
+        return None, None
+    path = Path(file).resolve()
+    try:
+        file = str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        file = str(path)
+    return file, max(line, 1)
+
+
+def _qualified(target: object) -> str:
+    obj = _definition(target)
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _retry_json(policy: RetryPolicy) -> dict[str, object] | None:
+    if policy.max_attempts == 1:
+        return None
+    return {
+        "max_attempts": policy.max_attempts,
+        "backoff": policy.backoff,
+        "multiplier": policy.multiplier,
+        "max_backoff": policy.max_backoff,
+        "jitter": policy.jitter,
+        "deadline": policy.deadline,
+        "attempt_timeout": policy.attempt_timeout,
+        "retry_on": [cls.__qualname__ for cls in policy.retry_on],
+        "fail_on": [cls.__qualname__ for cls in policy.fail_on],
+    }
+
+
+def _handler_json(spec: HandlerSpec) -> dict[str, object]:
+    file, line = _source(spec.target)
+    return {
+        "name": spec.name,
+        "function": _qualified(spec.target),
+        "async": spec.is_async,
+        "batch": spec.batch,
+        "timeout": spec.timeout,
+        "retry": _retry_json(spec.retry),
+        "file": file,
+        "line": line,
+    }
+
+
+def _listing(bus: EventBus, event_filter: str | None) -> list[dict[str, Any]]:
+    """One entry per event name, pattern or class the bus knows: its handlers in registration order."""
+    groups: dict[str, list[HandlerSpec]] = {}
+    matchers: dict[str, Any] = {}
+    for subscription in bus.registry:
+        handlers = groups.setdefault(subscription.pattern, [])
+        if all(spec is not subscription.handler for spec in handlers):
+            handlers.append(subscription.handler)
+        matchers[subscription.pattern] = subscription.matches
+    for known in bus.schemas:
+        groups.setdefault(known.name, [])  # a typed event nobody handles (yet)
+    entries: list[dict[str, Any]] = []
+    for key in sorted(groups, key=lambda name: (is_pattern(name), name.lower(), name)):
+        pattern = is_pattern(key)
+        if event_filter is not None and not (
+            fnmatch.fnmatchcase(key, event_filter) or (pattern and matchers[key](event_filter))
+        ):
+            continue
+        schema = bus.schemas.get(key)
+        entries.append(
+            {
+                "bus": bus.name,
+                "event": key,
+                "pattern": pattern,
+                "class": None if schema is None else f"{schema.cls.__module__}.{schema.cls.__qualname__}",
+                "also_matched_by": []
+                if pattern
+                else [other for other in groups if is_pattern(other) and matchers[other](key)],
+                "handlers": [_handler_json(spec) for spec in groups[key]],
+            }
+        )
+    return entries
+
+
+def _handler_line(handler: dict[str, Any]) -> list[str]:
+    kind = ("async" if handler["async"] else "sync") + (" batch" if handler["batch"] else "")
+    name = handler["name"]
+    if handler["function"] != name:
+        name += f" ({handler['function']})"
+    timeout = "no timeout" if handler["timeout"] is None else f"timeout {handler['timeout']:g}s"
+    retry = handler["retry"]
+    policy = "no retry"
+    if retry is not None:
+        policy = f"{retry['max_attempts']} attempts, backoff {retry['backoff']:g}s"
+        if retry["multiplier"] != 1:
+            policy += f" x{retry['multiplier']:g}"
+    where = "?" if handler["file"] is None else f"{handler['file']}:{handler['line']}"
+    return [kind, name, f"{timeout}, {policy}", where]
+
+
+def _print_listing(bus: EventBus, entries: list[dict[str, Any]], out: TextIO, *, filtered: bool) -> None:
+    print(f"bus {bus.name!r}", file=out)
+    if not entries:
+        print("  no events match" if filtered else "  no handlers registered", file=out)
+        return
+    rows = [_handler_line(handler) for entry in entries for handler in entry["handlers"]]
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(3)]
+    for entry in entries:
+        title = entry["event"] + (f"  ({entry['class']})" if entry["class"] else "")
+        print(f"\n{title}", file=out)
+        if not entry["handlers"]:
+            print("  (no handlers)", file=out)
+        for handler in entry["handlers"]:
+            cells = _handler_line(handler)
+            print(
+                "  "
+                + "  ".join(cell.ljust(width) for cell, width in zip(cells[:3], widths, strict=True))
+                + "  "
+                + cells[3],
+                file=out,
+            )
+        if entry["also_matched_by"]:
+            print(f"  also run: the handlers of {', '.join(entry['also_matched_by'])}", file=out)
+    handlers = {handler["name"] for entry in entries for handler in entry["handlers"]}
+    print(f"\n{len(entries)} event(s), {len(handlers)} handler(s)", file=out)
+
+
+def _list(args: argparse.Namespace, out: TextIO) -> int:
+    buses, note = load_buses(args.target)
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
+    listings = [(bus, _listing(bus, args.event)) for bus in buses]
+    if args.json:
+        print(json.dumps([entry for _, entries in listings for entry in entries], indent=2), file=out)
+        return 0
+    for index, (bus, entries) in enumerate(listings):
+        if index:
+            print(file=out)
+        _print_listing(bus, entries, out, filtered=args.event is not None)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidings", description="Application events for ASGI apps.")
     commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser(
+        "list", help="list every event, pattern and typed event class with its handlers (file:line)"
+    )
+    listing.add_argument("target", help="module:attribute of the app or of its EventBus")
+    listing.add_argument(
+        "--event",
+        metavar="PATTERN",
+        help="only the events matching this name or pattern (user.*), and the wildcards matching it",
+    )
+    listing.add_argument("--json", action="store_true", help="a JSON array of events, with their handlers")
     letters = commands.add_parser("dead-letters", help="list, show, replay or purge dead letters")
     actions = letters.add_subparsers(dest="action", required=True)
 
     def add(name: str, help_text: str, *, select: bool) -> argparse.ArgumentParser:
         action = actions.add_parser(name, help=help_text)
-        action.add_argument("--bus", required=True, help="module:attribute of the app's EventBus")
+        action.add_argument("--bus", required=True, help="module:attribute of the app or of its EventBus")
         if name == "show":
             action.add_argument("id", help="the dead letter's id (<event id>/<handler>)")
             return action
@@ -185,10 +483,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """Run the command line; return the exit status (0 success, 1 failures remain, 2 usage error)."""
     args = _parser().parse_args(argv)
     try:
+        if args.command == "list":
+            return _list(args, out or sys.stdout)
         return asyncio.run(_run(args, out or sys.stdout))
     except (UsageError, TidingsError) as exc:
         print(f"tidings: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `tidings list app | head`: the reader is gone, which is no error of ours
+        if out is None:
+            # Python would flush stdout again at exit and fail on the same pipe; point it elsewhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m tidings.cli

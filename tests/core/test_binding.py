@@ -261,3 +261,20 @@ async def test_arguments_envelope_has_args_and_kwargs(bus: EventBus, recorder: R
     assert repr(recorder.items[0]) == "Arguments(1, 2, key='v')"
     assert hash(recorder.items[0]) == hash(Arguments((1, 2), {"key": "v"}))
     assert recorder.items[0] != (1, 2)
+
+
+async def test_arguments_style_handlers_on_a_typed_name(bus: EventBus, recorder: Recorder) -> None:
+    bus.schema(UserCreated)
+
+    @bus.on("user.created", bind="arguments")
+    async def listener(user: UserCreated) -> None:  # Litestar style: the payload is the one argument
+        recorder.add(user.id)
+
+    @bus.on("tick", bind="arguments")
+    async def tick(count: int) -> None:
+        recorder.add(count)
+
+    async with bus:
+        await bus.emit_now(UserCreated(id=4, email="d@example.com"))
+        await bus.emit_now("tick", 1)
+    assert recorder.items == [4, 1]

@@ -159,6 +159,8 @@ class Plan:
             ConfigurationError: a parameter typed with an unrelated class, or a required data
                 parameter that is not a field of the schema.
         """
+        if self.style == "arguments":
+            return  # the emit's arguments fill the parameters, whatever the payload's class
         for param in self.params:
             annotation = _strip_annotated(param.annotation)
             if param.source == _PAYLOAD:
@@ -219,6 +221,12 @@ def plan_handler(
             params.append(Param(parameter, annotation, _DATA))
         elif _dependency_marker(annotation, parameter.default):
             params.append(Param(parameter, annotation, _DEPENDENCY))
+        elif isinstance(annotation, str) and ("Depends(" in annotation or "Security(" in annotation):
+            raise ConfigurationError(
+                f"handler {name}: the annotation of {parameter.name!r} ({annotation}) cannot be "
+                "resolved, so its FastAPI dependency cannot be read; define the names it uses at "
+                "module level, outside TYPE_CHECKING"
+            )
         elif _is_envelope(annotation):
             params.append(Param(parameter, annotation, _ENVELOPE))
         else:
@@ -260,6 +268,9 @@ def _guess_envelope(params: list[Param], schemas: list[Schema]) -> None:
 def _binder(plan: Plan) -> Callable[..., Any]:
     fn = plan.fn
     params = [p for p in plan.params if p.source != _DEPENDENCY]
+    # dependencies are passed by keyword, so a parameter after one cannot be passed by position
+    dependency_at = next((i for i, p in enumerate(plan.params) if p.source == _DEPENDENCY), len(plan.params))
+    by_keyword = frozenset(p.name for p in plan.params[dependency_at:])
     data = [p for p in params if p.source in (_DATA, _PAYLOAD)]
     # one data parameter typed with a class the payload is an instance of: it gets the payload
     whole = data[0] if len(data) == 1 else None
@@ -297,6 +308,8 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                 whole is param and whole_type is not None and isinstance(payload, whole_type)
             ):
                 value = payload
+                if given and given[0] is payload:  # bind="arguments": the payload was the one argument
+                    given.pop(0)
             elif given and param.kind in _POSITIONAL:
                 value = given.pop(0)
             elif param.name in named:
@@ -316,7 +329,7 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                     f"handler {name} needs {param.name!r}, which event {event.name!r} "
                     f"({event.id}) does not carry"
                 )
-            if positional and param.kind in _POSITIONAL:
+            if positional and param.kind in _POSITIONAL and param.name not in by_keyword:
                 args.append(value)
             else:
                 kwargs[param.name] = value

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from time import monotonic, time_ns
@@ -31,6 +33,7 @@ from .dispatcher import (
     unregister_running,
 )
 from .envelope import EMPTY_HEADERS, Arguments, Event, Prebuilt
+from .logs import fields
 from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
 from .registry import HandlerSpec, Registry, is_pattern
 from .runner import FailureHook, Job, Runner, make_event
@@ -39,6 +42,9 @@ from .schemas import Schema, SchemaRegistry, event_name_of, is_event_class
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from opentelemetry.trace import TracerProvider
+
+    from ..integrations.opentelemetry import Tracing
     from ..store.base import Store
     from .binding import BindingStyle, Plan
 
@@ -56,6 +62,33 @@ class _Default(enum.Enum):
 
 DEFAULT: Final = _Default.DEFAULT
 _CLAIM_BATCH: Final = 500  # deliveries the relay takes from the log at once
+
+
+def _require_opentelemetry() -> None:
+    try:
+        import opentelemetry.trace  # noqa: F401
+    except ImportError as exc:
+        raise ConfigurationError('tracing needs OpenTelemetry: pip install "tidings[otel]"') from exc
+
+
+def _configured_tracer_provider() -> TracerProvider | None:
+    """The global tracer provider if the app set a real one; never imports OpenTelemetry itself.
+
+    An app that set a provider has imported ``opentelemetry.trace``; so has one whose provider
+    comes from ``OTEL_PYTHON_TRACER_PROVIDER`` once anything asked for it (we ask, then).
+    """
+    trace: Any = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        if "OTEL_PYTHON_TRACER_PROVIDER" not in os.environ:
+            return None
+        try:
+            import opentelemetry.trace as trace
+        except ImportError:
+            return None
+    provider: TracerProvider = trace.get_tracer_provider()
+    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        return None  # nothing set: spans would go nowhere
+    return provider
 
 
 def _consume_error(task: asyncio.Task[None]) -> None:
@@ -105,6 +138,15 @@ class EventBus:
             ``drain_timeout`` and the longest wait you expect between two attempts.
         enabled: ``False`` turns every emit into a no-op. The default is ``True`` unless the
             ``TIDINGS_DISABLE_EMIT`` environment variable is truthy.
+        tracing: OpenTelemetry spans around handler runs, linked to the request (or handler) that
+            emitted the event, and the trace context in event headers (see
+            :mod:`tidings.integrations.opentelemetry`). ``None`` (the default) traces when the
+            app has set a real tracer provider (an SDK one) globally by the time the bus starts,
+            or by the end of the app's startup code under the middleware's lifespan; ``True``
+            traces with the global provider, even one set later; a ``TracerProvider`` traces with
+            that one; ``False`` never traces. Whether to trace is decided once, at start: with
+            tracing off, emits and handler calls do no tracing work at all, and OpenTelemetry is
+            not imported. Needs the ``otel`` extra.
         name: shown in logs; defaults to ``"tidings"``.
 
     Example:
@@ -128,6 +170,7 @@ class EventBus:
         store: Store | str | None = None,
         resubmit_after: float = 60.0,
         enabled: bool | None = None,
+        tracing: bool | TracerProvider | None = None,
         name: str = "tidings",
     ) -> None:
         if handler_timeout is not None and not handler_timeout > 0:
@@ -149,6 +192,15 @@ class EventBus:
         if not (isinstance(resubmit_after, int | float) and resubmit_after > 0):
             raise ConfigurationError(f"resubmit_after must be > 0 seconds, got {resubmit_after!r}")
         self.enabled = (not emit_disabled_by_env()) if enabled is None else enabled
+        if tracing is not None and not isinstance(tracing, bool) and not hasattr(tracing, "get_tracer"):
+            raise ConfigurationError(
+                f"tracing must be True, False, None or an OpenTelemetry TracerProvider, got {tracing!r}"
+            )
+        if tracing is not None and tracing is not False:
+            _require_opentelemetry()
+        self._tracing_setting = tracing
+        self.tracing: Tracing | None = None
+        """The bus's OpenTelemetry instrumentation while it traces, else ``None`` (set at start)."""
         self.limits = limits or Limits()
         self.retry = retry
         if isinstance(store, str):
@@ -422,7 +474,13 @@ class EventBus:
             try:
                 callback(event)
             except Exception:
-                logger.exception("a tap of bus %r raised on event %r", self.name, event.name)
+                logger.exception(
+                    "a tap of bus %r raised on event %r (id %s)",
+                    self.name,
+                    event.name,
+                    event.id,
+                    extra=fields(event.name, event.id),
+                )
 
     @property
     def registry(self) -> Registry:
@@ -577,8 +635,10 @@ class EventBus:
         scope = current_scope()
         if scope is not None and scope.bus is self and scope.buffer is not None:
             if threading.get_ident() == self.loop_thread:
-                scope.buffer.append(record)
+                scope.buffer.append(record)  # its trace context is added with its job's (runner)
                 return
+            if self.tracing is not None and type(record[3]) is not Prebuilt:
+                record = (*record[:3], self.tracing.inject(record[3]))  # this thread's context
             # Another thread (a sync endpoint, a sync handler): only the loop touches buffers, and
             # call_soon_threadsafe keeps this thread's events in order ahead of its return value.
             try:
@@ -586,6 +646,8 @@ class EventBus:
             except RuntimeError:  # the loop has closed under us
                 self._drop(record, "its event loop has closed")
             return
+        if self.tracing is not None and type(record[3]) is not Prebuilt:
+            record = (*record[:3], self.tracing.inject(record[3]))  # the emitting code's context
         self._submit(record)
 
     def _append_to(self, scope: Scope, record: Record) -> None:
@@ -642,13 +704,16 @@ class EventBus:
 
     def _drop(self, record: Record, why: str) -> None:
         headers = record[3]
+        event_id = None  # an event gets its id when it is handed to its handlers
         if type(headers) is Prebuilt:  # committed: its log rows stay, to run after a restart
-            self._runner.released.pop(headers.event.id, None)
+            event_id = headers.event.id
+            self._runner.released.pop(event_id, None)
         logger.error(
-            "event %r was dropped because %s",
+            "event %r%s was dropped because %s",
             record[0],
+            "" if event_id is None else f" (id {event_id})",
             why,
-            extra={"tidings_event": record[0]},
+            extra=fields(record[0], event_id),
         )
 
     # -- requests (used by the ASGI middleware) ----------------------------------------------------
@@ -709,22 +774,52 @@ class EventBus:
             records = [record for record in records if type(record[3]) is not Prebuilt]
             for record in committed:
                 self._submit(record)
-        if records:
+        for record in records:
             logger.warning(
-                "%d event(s) of a request were dropped because %s: %s",
-                len(records),
-                reason,
-                ", ".join(repr(r[0]) for r in records),
+                "event %r of a request was dropped because %s", record[0], reason, extra=fields(record[0])
             )
 
     def adopt(self, job: Job) -> None:
         """Hand a request's events to the runner when the request's task cannot run them itself."""
         records, job.buffer = job.buffer or [], None
+        if self.tracing is not None:  # the request's trace context, while it is still current
+            records = self.tracing.prepare(records)
         for record in records:
             self._submit(record)
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    def _configure_tracing(self) -> None:
+        """Decide whether to trace, once per start (see ``tracing`` in the class docs)."""
+        setting = self._tracing_setting
+        provider: TracerProvider | None = None
+        if setting is None:
+            provider = _configured_tracer_provider()
+            if provider is None:
+                self.tracing = self._runner.tracing = None
+                return
+        elif setting is False:
+            self.tracing = self._runner.tracing = None
+            return
+        elif setting is not True:
+            provider = setting
+        from ..integrations.opentelemetry import Tracing
+
+        self.tracing = self._runner.tracing = Tracing(self._registry, provider)
+
+    def detect_tracing(self) -> bool:
+        """Look again for a tracer provider (with ``tracing=None``); return whether the bus traces.
+
+        The bus decides when it starts; under :class:`~tidings.TidingsMiddleware` that is before
+        the app's startup code, so the middleware calls this once that code has run, for apps
+        that set up OpenTelemetry there. Call it yourself if you set the provider up later still
+        (or pass ``tracing=True``).
+        """
+        if self._tracing_setting is None and self.tracing is None and self._state is BusState.RUNNING:
+            self._configure_tracing()
+        return self.tracing is not None
+
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._configure_tracing()
         with self._lock:
             self._loop = loop
             self.loop_thread = threading.get_ident()

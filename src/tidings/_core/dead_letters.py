@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..exceptions import BusStateError, ConfigurationError
+from .logs import fields
 from .runner import call_for
 
 if TYPE_CHECKING:
@@ -121,7 +122,14 @@ class DeadLetters:
         known = [(letter, spec) for letter in letters if (spec := registry.named(letter.handler)) is not None]
         skipped = tuple(letter for letter in letters if registry.named(letter.handler) is None)
         for letter in skipped:
-            logger.warning("dead letter %s not replayed: no handler is named %r", letter.id, letter.handler)
+            logger.warning(
+                "dead letter %s (event %r, id %s) not replayed: no handler is named %r",
+                letter.id,
+                letter.event.name,
+                letter.event.id,
+                letter.handler,
+                extra=fields(letter.event.name, letter.event.id, letter.handler),
+            )
         if not known:
             return ReplayResult(skipped=skipped)
         wanted = [letter.id for letter, _ in known]
@@ -135,9 +143,10 @@ class DeadLetters:
         job.failed = []
         assert job.task is not None
         await asyncio.wait([job.task])  # a cancelled replay leaves the job running
-        failed_calls = {id(call) for call in job.failed}
+        # by argument: the job may run the calls with other handler objects (traced ones)
+        failed_calls = {id(arg) for _, arg in job.failed}
         outcomes = [
-            (letter, id(call) in failed_calls) for (letter, _), call in zip(chosen, calls, strict=True)
+            (letter, id(call[1]) in failed_calls) for (letter, _), call in zip(chosen, calls, strict=True)
         ]
         return ReplayResult(
             succeeded=tuple(letter for letter, failed in outcomes if not failed),

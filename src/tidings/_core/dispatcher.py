@@ -18,6 +18,8 @@ from threading import get_ident
 from time import time_ns
 from typing import TYPE_CHECKING, Any, Final
 
+from .logs import fields
+
 if TYPE_CHECKING:
     from .bus import EventBus
 
@@ -165,5 +167,5 @@ def _emit_unscoped(event: object, payload: object) -> None:
         "call bus.emit() on a started bus there",
         name,
         why,
-        extra={"tidings_event": name},
+        extra=fields(name),
     )

@@ -45,10 +45,12 @@ from ..exceptions import (
 from ..store.base import DeadLetter, Delivery
 from .dispatcher import Scope, set_scope
 from .envelope import EMPTY_HEADERS, Event, Prebuilt
+from .logs import fields
 from .registry import HandlerSpec, Registry
 from .threads import DaemonThreadPool
 
 if TYPE_CHECKING:
+    from ..integrations.opentelemetry import Tracing
     from ..store.base import Store
     from .bus import EventBus
     from .dispatcher import Record
@@ -188,6 +190,9 @@ class Runner:
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._watch_handle: asyncio.TimerHandle | None = None
         self._tick = _MAX_TICK
+        # Set by the bus at start while it traces: _sort and run_calls then hand out handlers whose
+        # calls are wrapped in spans. Read once per sorted batch, never per call.
+        self.tracing: Tracing | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -252,6 +257,8 @@ class Runner:
         job = Job(self.bus, [])
         job.attempt = attempt
         job.recorded = recorded
+        if self.tracing is not None:
+            calls = self.tracing.traced_calls(calls)
         job.async_calls = [call for call in calls if call[0].is_async]
         sync_calls = [call for call in calls if not call[0].is_async]
         if sync_calls:
@@ -270,10 +277,13 @@ class Runner:
             spec = self.registry.named(delivery.handler)
             if spec is None:
                 logger.error(
-                    "delivery %s from the event log was not run: no handler named %r is registered",
+                    "delivery %s from the event log (event %r, id %s) was not run: no handler named "
+                    "%r is registered",
                     delivery.id,
+                    delivery.event.name,
+                    delivery.event.id,
                     delivery.handler,
-                    extra={"tidings_event": delivery.event.name, "tidings_event_id": delivery.event.id},
+                    extra=fields(delivery.event.name, delivery.event.id, delivery.handler),
                 )
                 continue
             event = delivery.event
@@ -418,6 +428,9 @@ class Runner:
     def _sort(self, records: list[Record], job: Job) -> bool:
         """Sort the calls for ``records`` into ``job``; ``False`` if there is nothing to call."""
         resolve = self.registry.resolve
+        if self.tracing is not None:  # one check per batch of events; nothing more when off
+            records = self.tracing.prepare(records)
+            resolve = self.tracing.resolve
         async_calls: list[Call] = []
         sync_calls: list[Call] = []
         batches: dict[HandlerSpec, list[Event]] | None = None
@@ -476,12 +489,13 @@ class Runner:
             job.record_error = StoreError(
                 f"{len(refused)} event(s) could not be written to the log: " + "; ".join(refused.values())
             )
-        for event_id, reason in refused.items():
-            logger.error(
-                "%s; it is handled now, but not durably",
-                reason,
-                extra={"tidings_event_id": event_id},
-            )
+            names = {event.id: event.name for event, _ in deliveries}
+            for event_id, reason in refused.items():
+                logger.error(
+                    "%s; it is handled now, but not durably",
+                    reason,
+                    extra=fields(names.get(event_id), event_id),
+                )
 
     def _handler_failed(self, job: Job, spec: HandlerSpec, arg: Any, exc: Exception) -> None:
         message = f"handler {spec.name} raised {type(exc).__name__}: {exc}"
@@ -672,18 +686,20 @@ class Runner:
             event.id,
             outcome,
             exc_info=cause if cause is not None else False,
-            extra={
-                "tidings_event": event.name,
-                "tidings_event_id": event.id,
-                "tidings_handler": error.handler,
-            },
+            extra=fields(event.name, event.id, error.handler),
         )
         hook = self.on_failure
         if hook is not None:
             try:
                 hook(error)
             except Exception:
-                logger.exception("the on_failure hook raised while reporting %s", error)
+                logger.exception(
+                    "the on_failure hook raised while reporting %s (event %r, id %s)",
+                    error,
+                    event.name,
+                    event.id,
+                    extra=fields(event.name, event.id, error.handler),
+                )
 
     def _cancelled(self, job: Job) -> None:
         pending = job.unfinished(self.registry.resolve)

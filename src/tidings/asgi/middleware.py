@@ -64,6 +64,9 @@ class TidingsMiddleware:
                 f"request_errors must be 'drop', 'deliver' or None, got {request_errors!r}"
             )
         self.app = app
+        if bus.app is None and hasattr(app, "dependency_overrides"):
+            # wrapped by hand (TidingsMiddleware(app, bus=bus)): no scope names the app at this level
+            bus.app = app
         self.bus = bus
         self.request_errors: RequestErrorPolicy = request_errors or bus.request_errors
         # "drop" needs to know whether the response had started when the app raised
@@ -141,7 +144,9 @@ class TidingsMiddleware:
             return message
 
         async def lifespan_send(message: Message) -> None:
-            if message.get("type") in (
+            if message.get("type") == "lifespan.startup.complete":
+                bus.detect_tracing()  # apps often set OpenTelemetry up in their startup code
+            elif message.get("type") in (
                 "lifespan.shutdown.complete",
                 "lifespan.shutdown.failed",
                 "lifespan.startup.failed",  # the server stops; nothing else will close the bus

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from .._core.dispatcher import normalize_name
 from .._core.envelope import EMPTY_HEADERS, Event
+from .._core.logs import fields
 from ..exceptions import BusStateError, ConfigurationError
 from ..store.codec import encode_headers, encode_payload
 from ..store.postgres import PostgresStore
@@ -150,6 +151,9 @@ class Outbox:
                 "(the event is written by that transaction's commit, and discarded by its rollback)"
             )
         name = event if type(event) is str else normalize_name(event)
+        tracing = self.bus.tracing
+        if tracing is not None:  # the context of the code that emits, as bus.emit() would take it
+            headers = tracing.inject(headers)
         built = Event(name, payload, MappingProxyType(dict(headers)) if headers else EMPTY_HEADERS, time_ns())
         staged = _Staged(built, encode_payload(built, self._max_payload_bytes), encode_headers(built.headers))
         sync_session = session.sync_session if isinstance(session, AsyncSession) else session
@@ -203,11 +207,12 @@ class Outbox:
             return
         staged = session.info.pop(self._staged_key, [])
         written = session.info.pop(self._written_key, [])
-        if staged or written:
+        for event in [item.event for item in staged] + written:
             logger.debug(
-                "%d event(s) of a rolled-back transaction were discarded: %s",
-                len(staged) + len(written),
-                ", ".join([s.event.name for s in staged] + [e.name for e in written]),
+                "event %r (id %s) of a rolled-back transaction was discarded",
+                event.name,
+                event.id,
+                extra=fields(event.name, event.id),
             )
 
 

@@ -6,6 +6,7 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
+from .._core.logs import fields
 from ..exceptions import SerializationError
 from .base import DeadLetter
 from .codec import decode_event, encode_headers, encode_payload
@@ -76,7 +77,13 @@ def dead_letter_rows(letters: Sequence[DeadLetter], max_bytes: int) -> list[tupl
         try:
             payload = encode_payload(event, max_bytes)
         except SerializationError as exc:
-            logger.error("dead letter %s cannot be written to the event log: %s", letter.id, exc)
+            logger.error(
+                "dead letter %s (handler %s) cannot be written to the event log: %s",
+                letter.id,
+                letter.handler,
+                exc,
+                extra=fields(event.name, event.id, letter.handler),
+            )
             continue
         rows.append(
             (

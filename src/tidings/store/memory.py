@@ -6,6 +6,7 @@ import logging
 from time import time
 from typing import TYPE_CHECKING
 
+from .._core.logs import fields
 from ..exceptions import ConfigurationError
 from .base import DeadLetter, Delivery, delivery_id, matches
 
@@ -87,12 +88,14 @@ class MemoryStore:
             oldest = next(iter(self._dead))
             dropped = self._dead.pop(oldest)
             logger.error(
-                "dead letter %s (event %r) was dropped: the in-memory store keeps at most %d; use a "
-                "durable store to keep them all",
+                "dead letter %s (event %r, id %s, handler %s) was dropped: the in-memory store keeps "
+                "at most %d; use a durable store to keep them all",
                 dropped.id,
                 dropped.event.name,
+                dropped.event.id,
+                dropped.handler,
                 self.max_dead_letters,
-                extra={"tidings_event": dropped.event.name, "tidings_event_id": dropped.event.id},
+                extra=fields(dropped.event.name, dropped.event.id, dropped.handler),
             )
 
     async def claim(self, *, limit: int, lease: float) -> list[Delivery]:

@@ -1,0 +1,185 @@
+"""``EventHandlerASGIMiddleware``: fastapi-events' middleware, built on a tidings bus and middleware."""
+
+from __future__ import annotations
+
+import inspect
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ..._core.bus import EventBus
+from ..._core.dispatcher import reset_scope, set_scope
+from ...asgi.middleware import TidingsMiddleware
+from ._support import dispatch_disabled, event_tuple, register_bus, subscribe
+from .handlers.base import BaseEventHandler
+from .handlers.local import LocalHandler
+from .handlers.null import NullHandler
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from ..._core.envelope import Event as Envelope
+    from ...types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["EventHandlerASGIMiddleware"]
+
+
+class EventHandlerASGIMiddleware:
+    """Runs the handlers of the events a request dispatched after its response has been sent.
+
+    A pure ASGI middleware: a :class:`~tidings.TidingsMiddleware` over a :class:`~tidings.EventBus`
+    of its own, on which each handler is registered (each function of a
+    :class:`~tidings.compat.fastapi_events.handlers.local.LocalHandler` as a handler of its own).
+    What that brings over fastapi-events:
+
+    * one handler's exception never keeps the other handlers from running, and never escapes the
+      ASGI app: it is logged (and reported to ``on_failure``, retried, made a dead letter, as the
+      bus is configured);
+    * plain ``def`` handlers run in worker threads, one thread hop per request;
+    * the app's lifespan starts the bus before startup code runs and drains it at shutdown, within
+      ``drain_timeout``, so events of startup code, of background tasks and of handlers are handled
+      rather than lost;
+    * events dispatched in a websocket are handled as they come, not when the connection closes.
+
+    ``FASTAPI_EVENTS_DISABLE_DISPATCH`` is read at the start of each HTTP request: set to a truthy
+    value, the request's ``dispatch()`` calls (and those of the handlers they would have started)
+    do nothing.
+
+    Args:
+        app: the ASGI app to wrap.
+        handlers: handler objects: ``LocalHandler`` (``local_handler``), ``BaseEventHandler``
+            subclasses, or any object with an ``async handle(event)`` or ``handle_many(events)``.
+        middleware_id: an id for ``dispatch(..., middleware_id=...)``, to reach this middleware's
+            handlers from outside a request (unique in the process; the latest middleware created
+            with an id gets it).
+        bus: the tidings bus to use (tidings' own option): to set retries, timeouts, a durable event
+            log, ``on_failure``, ``request_handlers="task"`` and so on. By default a bus of its own
+            with no handler timeout (fastapi-events has none).
+
+    Raises:
+        TypeError: a handler has neither ``handle`` nor ``handle_many``.
+        tidings.ConfigurationError: a function of a ``LocalHandler`` has dependencies FastAPI
+            cannot read.
+
+    Example:
+        >>> from fastapi import FastAPI
+        >>> from tidings.compat.fastapi_events.handlers.local import local_handler
+        >>> from tidings.compat.fastapi_events.middleware import EventHandlerASGIMiddleware
+        >>> app = FastAPI()
+        >>> app.add_middleware(EventHandlerASGIMiddleware, handlers=[local_handler])
+    """
+
+    __slots__ = ("_tidings", "app", "bus", "handlers", "middleware_id")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        handlers: Iterable[object],
+        middleware_id: int | None = None,
+        *,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.app = app
+        self.handlers = list(handlers)
+        self.middleware_id = middleware_id
+        if bus is None:
+            label = "fastapi-events" if middleware_id is None else f"fastapi-events[{middleware_id}]"
+            bus = EventBus(name=label, handler_timeout=None)
+        self.bus = bus
+        self._tidings = TidingsMiddleware(app, bus=bus)
+        for handler in self.handlers:
+            _attach(handler, bus)
+        if middleware_id is not None:
+            register_bus(middleware_id, bus)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and dispatch_disabled():
+            # No buffer for this request: its dispatch() calls take the slow path, which reads
+            # the switch again and drops them.
+            token = set_scope(self.bus.direct_scope)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                reset_scope(token)
+            return
+        await self._tidings(scope, receive, send)
+
+
+def _attach(handler: object, bus: EventBus) -> None:
+    """Register ``handler`` on ``bus`` the way fastapi-events would call it."""
+    if isinstance(handler, LocalHandler):
+        handler.attach(bus)
+        return
+    if isinstance(handler, NullHandler):
+        return  # it does nothing: registering it would only cost a call per request
+    for subscription in bus.registry:
+        target = subscription.handler.target
+        if isinstance(target, _Adapter) and target.handler is handler:
+            return  # attached already (the same bus given to two middlewares)
+    cls = type(handler)
+    base_name = f"{cls.__module__}.{cls.__qualname__}"
+    handle_many = getattr(handler, "handle_many", None)
+    handle = getattr(handler, "handle", None)
+    default_many = getattr(cls, "handle_many", None) is BaseEventHandler.handle_many
+    if callable(handle_many) and not (default_many and callable(handle)):
+        subscribe(bus, _Adapter.batch(handler, handle_many), "*", base_name)
+    elif callable(handle):
+        subscribe(bus, _Adapter.each(handler, handle), "*", base_name)
+    else:
+        raise TypeError(
+            f"{handler!r} is not an event handler: it needs an async handle(event) or "
+            "handle_many(events) method (subclass BaseEventHandler)"
+        )
+
+
+class _Adapter:
+    """Presents a handler object to tidings: ``handle`` (one event) or ``handle_many`` (a batch).
+
+    tidings passes :class:`~tidings.Event` envelopes; the object gets ``(event_name, payload)``
+    tuples, and a batch as a ``deque`` (what fastapi-events passes), by keyword ``events=``.
+    Only one of the two slots is set: tidings picks a batch handler by ``handle_many`` being there.
+    """
+
+    __slots__ = ("handle", "handle_many", "handler")
+
+    handle: Callable[[Envelope], Any]
+    handle_many: Callable[[list[Envelope]], Any]
+
+    def __init__(self, handler: object) -> None:
+        self.handler = handler
+
+    @classmethod
+    def each(cls, handler: object, handle: Callable[[Any], Any]) -> _Adapter:
+        adapter = cls(handler)
+        if inspect.iscoroutinefunction(handle):
+
+            async def handle_one(event: Envelope) -> None:
+                await handle(event_tuple(event))
+
+            adapter.handle = handle_one
+        else:
+
+            def handle_one_sync(event: Envelope) -> None:
+                handle(event_tuple(event))
+
+            adapter.handle = handle_one_sync
+        return adapter
+
+    @classmethod
+    def batch(cls, handler: object, handle_many: Callable[..., Any]) -> _Adapter:
+        adapter = cls(handler)
+        if inspect.iscoroutinefunction(handle_many):
+
+            async def handle_batch(events: list[Envelope]) -> None:
+                await handle_many(events=deque(map(event_tuple, events)))
+
+            adapter.handle_many = handle_batch
+        else:
+
+            def handle_batch_sync(events: list[Envelope]) -> None:
+                handle_many(events=deque(map(event_tuple, events)))
+
+            adapter.handle_many = handle_batch_sync
+        return adapter
+
+    def __repr__(self) -> str:
+        return f"<fastapi-events handler {self.handler!r}>"

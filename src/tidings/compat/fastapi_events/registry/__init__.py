@@ -1,0 +1,1 @@
+"""Payload schemas: Pydantic models that ``dispatch()`` validates payloads against, by event name."""

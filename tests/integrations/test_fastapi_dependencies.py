@@ -1,0 +1,706 @@
+"""FastAPI dependencies in event handlers, with real FastAPI apps behind TidingsMiddleware.
+
+No ``from __future__ import annotations`` here on purpose: dependencies defined inside a test are
+read from the handlers' live annotations, as FastAPI reads an endpoint's. The string-annotation
+path is tested explicitly below.
+
+These tests run against the FastAPI in the environment; ``docs/fastapi.md`` says how the oldest
+and newest supported FastAPI are tested with them.
+"""
+
+import asyncio
+import inspect
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import httpx
+import pytest
+from fastapi import BackgroundTasks, Depends, FastAPI, Header, Query, Request, Security
+from fastapi.security import SecurityScopes
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocket
+
+from tidings import (
+    ConfigurationError,
+    Event,
+    EventBus,
+    HandlerError,
+    HandlerTimeoutError,
+    TidingsMiddleware,
+    emit,
+)
+
+from ..conftest import Recorder
+
+pytestmark = pytest.mark.anyio
+
+# Depends(..., scope="function" | "request") exists since FastAPI 0.121
+HAS_DEPENDENCY_SCOPES = "scope" in inspect.signature(Depends).parameters
+
+
+def make_app(bus: EventBus) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.post("/emit/{name}")
+    async def emit_endpoint(name: str) -> dict[str, str]:
+        emit(name, {"user_id": 7, "email": "ann@example.com"})
+        return {"emitted": name}
+
+    return app
+
+
+def client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def post(app: FastAPI, *names: str) -> None:
+    async with client(app) as http:
+        for name in names:
+            response = await http.post(f"/emit/{name}")
+            assert response.status_code == 200, response.text
+
+
+# -- module-level dependencies, for the string-annotation tests --------------------------------------
+
+
+async def module_db() -> str:
+    return "module-db"
+
+
+ModuleDb = Annotated[str, Depends(module_db)]
+
+
+# -- declaring dependencies ------------------------------------------------------------------------
+
+
+async def test_depends_default_and_annotated_forms(bus: EventBus, recorder: Recorder) -> None:
+    async def get_db() -> str:
+        return "db"
+
+    def get_settings() -> dict[str, str]:
+        return {"env": "test"}
+
+    Db = Annotated[str, Depends(get_db)]
+
+    @bus.on("user.created")
+    async def by_default(event: Event, db: str = Depends(get_db)) -> None:
+        recorder.add(("default", event.name, db))
+
+    @bus.on("user.created")
+    async def by_annotated(
+        event: Event,
+        db: Annotated[str, Depends(get_db)],
+        settings: Annotated[dict[str, str], Depends(get_settings)],
+    ) -> None:
+        recorder.add(("annotated", event.name, db, settings["env"]))
+
+    @bus.on("user.created")
+    async def by_alias(db: Db) -> None:  # a reusable Annotated alias, the FastAPI docs' way
+        recorder.add(("alias", db))
+
+    @bus.on("user.created")
+    async def by_string(db: "ModuleDb") -> None:  # resolved from the module, like FastAPI does
+        recorder.add(("string", db))
+
+    app = make_app(bus)
+    async with bus:
+        await post(app, "user.created")
+        items = await recorder.wait_count(4)
+    assert sorted(items) == sorted(
+        [
+            ("default", "user.created", "db"),
+            ("annotated", "user.created", "db", "test"),
+            ("alias", "db"),
+            ("string", "module-db"),
+        ]
+    )
+
+
+async def test_sub_dependencies_and_one_cache_per_run(bus: EventBus, recorder: Recorder) -> None:
+    calls: list[int] = []
+
+    async def counter() -> int:
+        calls.append(1)
+        return len(calls)
+
+    def uncached() -> int:
+        calls.append(1)
+        return len(calls)
+
+    async def first(n: Annotated[int, Depends(counter)]) -> str:
+        return f"first:{n}"
+
+    def second(n: Annotated[int, Depends(counter)], f: Annotated[str, Depends(first)]) -> str:
+        return f"second:{n}:{f}"
+
+    @bus.on("tick")
+    async def handler(
+        a: Annotated[str, Depends(first)],
+        b: Annotated[str, Depends(second)],
+        n: Annotated[int, Depends(counter)],
+    ) -> None:
+        recorder.add((a, b, n))
+
+    app = make_app(bus)
+    async with bus:
+        await post(app, "tick", "tick")
+        items = await recorder.wait_count(2)
+    # counter ran once per run though three dependencies ask for it; the second run got a fresh one
+    assert items == [("first:1", "second:1:first:1", 1), ("first:2", "second:2:first:2", 2)]
+
+    calls.clear()
+
+    @bus.on("tock")
+    async def not_cached(
+        x: Annotated[int, Depends(uncached, use_cache=False)],
+        y: Annotated[int, Depends(uncached, use_cache=False)],
+    ) -> None:
+        recorder.add((x, y))
+
+    async with bus:
+        await post(app, "tock")
+        items = await recorder.wait_count(3)
+    assert items[2] == (1, 2)
+
+
+async def test_each_handler_of_an_event_gets_its_own_run(bus: EventBus, recorder: Recorder) -> None:
+    made: list[object] = []
+
+    async def resource() -> object:
+        made.append(object())
+        return made[-1]
+
+    @bus.on("user.created")
+    async def one(r: Annotated[object, Depends(resource)]) -> None:
+        recorder.add(("one", r))
+
+    @bus.on("user.created")
+    async def two(r: Annotated[object, Depends(resource)]) -> None:
+        recorder.add(("two", r))
+
+    async with bus:
+        await post(make_app(bus), "user.created")
+        items = await recorder.wait_count(2)
+    assert len(made) == 2
+    assert {id(r) for _, r in items} == {id(m) for m in made}
+
+
+# -- yield dependencies ------------------------------------------------------------------------------
+
+
+async def test_yield_dependencies_close_after_the_handler(bus: EventBus, recorder: Recorder) -> None:
+    async def session() -> AsyncIterator[str]:
+        recorder.add("session.open")
+        yield "session"
+        recorder.add("session.close")
+
+    def connection(s: Annotated[str, Depends(session)]) -> Iterator[str]:  # a sync generator
+        recorder.add("connection.open")
+        yield f"connection({s})"
+        recorder.add("connection.close")
+
+    @bus.on("order.placed")
+    async def handler(conn: Annotated[str, Depends(connection)]) -> None:
+        recorder.add(f"handler with {conn}")
+
+    async with bus:
+        await post(make_app(bus), "order.placed")
+        items = await recorder.wait_count(5)
+    assert items == [
+        "session.open",
+        "connection.open",
+        "handler with connection(session)",
+        "connection.close",
+        "session.close",
+    ]
+
+
+async def test_yield_dependencies_close_when_the_handler_raises_and_it_is_reported(
+    bus: EventBus, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    broken = True
+
+    async def session() -> AsyncIterator[str]:
+        recorder.add("open")
+        try:
+            yield "session"
+        except RuntimeError as exc:
+            recorder.add(f"rollback after {exc}")
+            raise
+        finally:
+            recorder.add("close")
+
+    @bus.on("order.placed", name="billing.charge")
+    async def charge(event: Event, s: Annotated[str, Depends(session)]) -> None:
+        recorder.add("charge")
+        if broken:
+            raise RuntimeError("card declined")
+
+    @bus.on("order.placed")
+    async def other(event: Event) -> None:
+        recorder.add("other ran")
+
+    async with bus:
+        await post(make_app(bus), "order.placed")
+        items = await recorder.wait_count(5)
+        assert items[:4] == ["open", "charge", "rollback after card declined", "close"]
+        assert "other ran" in items
+        [failure] = failures
+        assert failure.handler == "billing.charge"
+        assert isinstance(failure.__cause__, RuntimeError)
+        [letter] = await bus.dead_letters.list()
+        assert letter.handler == "billing.charge"
+        # a replay solves the dependencies afresh
+        broken = False
+        result = await bus.dead_letters.replay(all=True)
+        assert len(result.succeeded) == 1
+    assert recorder.items[-3:] == ["open", "charge", "close"]
+
+
+async def test_a_yield_dependency_cannot_swallow_the_handlers_failure(
+    bus: EventBus, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    async def careless() -> AsyncIterator[str]:
+        try:
+            yield "session"
+        except RuntimeError as exc:  # and no raise: FastAPI's docs say to re-raise
+            recorder.add(f"caught {exc}")
+
+    @bus.on("x", name="careless.handler")
+    async def handler(s: Annotated[str, Depends(careless)]) -> None:
+        raise RuntimeError("boom")
+
+    async with bus:
+        await post(make_app(bus), "x")
+    assert recorder.items == ["caught boom"]
+    [failure] = failures
+    assert failure.handler == "careless.handler"
+    assert isinstance(failure.__cause__, RuntimeError)
+
+
+@pytest.mark.skipif(not HAS_DEPENDENCY_SCOPES, reason="Depends(scope=...) needs FastAPI 0.121+")
+async def test_dependency_scopes_both_close_after_the_handler(bus: EventBus, recorder: Recorder) -> None:
+    def scoped(scope: Literal["function", "request"]) -> Any:
+        async def dependency() -> AsyncIterator[str]:
+            yield scope
+            recorder.add(f"{scope}.close")
+
+        return Depends(dependency, scope=scope)  # type: ignore[call-arg,unused-ignore]  # 0.121+
+
+    @bus.on("x")
+    async def handler(f: Annotated[str, scoped("function")], r: Annotated[str, scoped("request")]) -> None:
+        recorder.add(f"handler {f} {r}")
+
+    async with bus:
+        await post(make_app(bus), "x")
+        items = await recorder.wait_count(3)
+    assert items[0] == "handler function request"
+    assert sorted(items[1:]) == ["function.close", "request.close"]
+
+
+async def test_a_timed_out_handler_still_closes_its_dependencies(
+    bus: EventBus, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    async def session() -> AsyncIterator[str]:
+        try:
+            yield "session"
+        finally:
+            recorder.add("close")
+
+    @bus.on("slow", timeout=0.1)
+    async def hangs(s: Annotated[str, Depends(session)]) -> None:
+        recorder.add("started")
+        await asyncio.Event().wait()
+
+    async with bus:
+        await post(make_app(bus), "slow")
+        await recorder.wait_count(2)
+    assert recorder.items == ["started", "close"]
+    [failure] = failures
+    assert isinstance(failure, HandlerTimeoutError)
+
+
+# -- threads: sync dependencies and sync handlers --------------------------------------------------
+
+
+async def test_async_dependencies_run_on_the_loop_and_sync_ones_in_threads(
+    bus: EventBus, recorder: Recorder
+) -> None:
+    loop_thread = threading.get_ident()
+
+    async def on_loop() -> int:
+        return threading.get_ident()
+
+    def in_thread() -> int:
+        return threading.get_ident()
+
+    def sync_generator() -> Iterator[int]:
+        yield threading.get_ident()
+
+    @bus.on("x")
+    async def handler(
+        a: Annotated[int, Depends(on_loop)],
+        s: Annotated[int, Depends(in_thread)],
+        g: Annotated[int, Depends(sync_generator)],
+    ) -> None:
+        recorder.add((a, s, g, threading.get_ident()))
+
+    async with bus:
+        await post(make_app(bus), "x")
+        [(a, s, g, handler_thread)] = await recorder.wait_count(1)
+    assert a == loop_thread and handler_thread == loop_thread
+    assert s != loop_thread and g != loop_thread  # FastAPI's thread pool, as for endpoints
+
+
+async def test_sync_handlers_with_dependencies_run_off_the_loop_and_can_emit(
+    bus: EventBus, recorder: Recorder
+) -> None:
+    loop_thread = threading.get_ident()
+    closed = threading.Event()
+
+    async def session() -> AsyncIterator[str]:
+        yield "session"
+        closed.set()
+
+    @bus.on("user.created")
+    def handler(user_id: int, s: Annotated[str, Depends(session)]) -> None:
+        assert not closed.is_set()
+        recorder.add(("sync handler", user_id, s, threading.get_ident() != loop_thread))
+        emit("welcome.sent", user_id)  # chains, from the handler's thread
+
+    @bus.on("welcome.sent")
+    async def chained(event: Event) -> None:
+        recorder.add(("chained", event.payload))
+
+    async with bus:
+        await post(make_app(bus), "user.created")
+        items = await recorder.wait_count(2)
+    assert items == [("sync handler", 7, "session", True), ("chained", 7)]
+    assert closed.is_set()
+
+
+async def test_callable_objects_with_dependencies(bus: EventBus, recorder: Recorder) -> None:
+    async def get_db() -> str:
+        return "db"
+
+    class Handler:
+        async def __call__(self, event: Event, db: Annotated[str, Depends(get_db)]) -> None:
+            recorder.add((event.name, db))
+
+    bus.subscribe(Handler(), "x", name="object.handler")
+    async with bus:
+        await post(make_app(bus), "x")
+        assert await recorder.wait_count(1) == [("x", "db")]
+
+
+# -- overrides ---------------------------------------------------------------------------------------
+
+
+async def test_dependency_overrides_are_honoured_also_when_set_after_the_app_started(
+    bus: EventBus, recorder: Recorder
+) -> None:
+    async def get_db() -> str:
+        return "real-db"
+
+    async def get_repo(db: Annotated[str, Depends(get_db)]) -> str:
+        return f"repo({db})"
+
+    @bus.on("user.created")
+    async def handler(repo: Annotated[str, Depends(get_repo)]) -> None:
+        recorder.add(repo)
+
+    app = make_app(bus)
+    async with bus:
+        await post(app, "user.created")
+        app.dependency_overrides[get_db] = lambda: "fake-db"  # a sub-dependency, after start
+        await post(app, "user.created")
+        app.dependency_overrides[get_repo] = lambda: "fake-repo"
+        await post(app, "user.created")
+        app.dependency_overrides.clear()
+        await post(app, "user.created")
+        items = await recorder.wait_count(4)
+    assert items == ["repo(real-db)", "repo(fake-db)", "fake-repo", "repo(real-db)"]
+
+
+# Starlette < 0.37's TestClient uses httpx's deprecated app= shortcut (the oldest FastAPI tested)
+@pytest.mark.filterwarnings("ignore:The 'app' shortcut is now deprecated:DeprecationWarning")
+def test_overrides_with_testclient_as_tests_write_them(recorder: Recorder) -> None:
+    bus = EventBus(name="testclient")
+
+    async def get_db() -> AsyncIterator[str]:
+        yield "postgres"
+
+    @bus.on("user.created")
+    async def handler(user_id: int, db: Annotated[str, Depends(get_db)]) -> None:
+        recorder.add((user_id, db))
+
+    app = make_app(bus)
+
+    async def fake_db() -> AsyncIterator[str]:
+        yield "sqlite-in-memory"
+
+    app.dependency_overrides[get_db] = fake_db
+    with TestClient(app) as http:  # runs the lifespan: the bus starts and drains with the app
+        assert http.post("/emit/user.created").status_code == 200
+        assert recorder.items == [(7, "sqlite-in-memory")]  # handled before post() returned
+
+
+# -- failures ----------------------------------------------------------------------------------------
+
+
+async def test_a_failing_dependency_fails_its_handler_only(
+    bus: EventBus, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    async def broken() -> str:
+        raise ConnectionError("database down")
+
+    @bus.on("user.created", name="needs.db")
+    async def needs_db(db: Annotated[str, Depends(broken)]) -> None:
+        recorder.add("needs_db ran")  # pragma: no cover - never reached
+
+    @bus.on("user.created")
+    async def plain(user_id: int) -> None:
+        recorder.add(("plain", user_id))
+
+    async with bus:
+        await post(make_app(bus), "user.created")
+        await recorder.wait_count(1)
+    assert recorder.items == [("plain", 7)]
+    [failure] = failures
+    assert failure.handler == "needs.db"
+    assert isinstance(failure.__cause__, ConnectionError)
+
+
+async def test_an_override_with_an_unsatisfiable_parameter_fails_the_handler(
+    bus: EventBus, failures: list[HandlerError]
+) -> None:
+    async def get_user() -> str:
+        return "ann"
+
+    @bus.on("x", name="needs.user")
+    async def handler(user: Annotated[str, Depends(get_user)]) -> None: ...
+
+    def needs_query(token: int = Query(...)) -> str:  # pragma: no cover - never called
+        return "never"
+
+    app = make_app(bus)
+    app.dependency_overrides[get_user] = needs_query
+    async with bus:
+        await post(app, "x")
+    [failure] = failures
+    assert failure.handler == "needs.user"
+    assert "could not be solved" in str(failure)
+
+
+# -- what dependencies receive ----------------------------------------------------------------------
+
+
+async def test_a_dependency_asking_for_the_request_gets_the_app(bus: EventBus, recorder: Recorder) -> None:
+    async def app_state(request: Request) -> tuple[Any, str, str]:
+        return request.app, request.app.state.greeting, request.scope["tidings.event"].name
+
+    @bus.on("user.created")
+    async def handler(state: Annotated[tuple[Any, str, str], Depends(app_state)]) -> None:
+        recorder.add(state)
+
+    app = make_app(bus)
+    app.state.greeting = "hello"
+    async with bus:
+        await post(app, "user.created")
+        [(seen_app, greeting, name)] = await recorder.wait_count(1)
+    assert seen_app is app
+    assert (greeting, name) == ("hello", "user.created")
+
+
+async def test_background_tasks_of_dependencies_run_before_the_cleanup(
+    bus: EventBus, recorder: Recorder
+) -> None:
+    async def session() -> AsyncIterator[str]:
+        yield "session"
+        recorder.add("close")
+
+    async def notifier(tasks: BackgroundTasks, s: Annotated[str, Depends(session)]) -> str:
+        tasks.add_task(recorder.add, "background task")
+        return "notifier"
+
+    @bus.on("x")
+    async def handler(n: Annotated[str, Depends(notifier)]) -> None:
+        recorder.add("handler")
+
+    async with bus:
+        await post(make_app(bus), "x")
+        assert await recorder.wait_count(3) == ["handler", "background task", "close"]
+
+
+async def test_security_dependencies_get_their_scopes(bus: EventBus, recorder: Recorder) -> None:
+    async def principal(scopes: SecurityScopes) -> list[str]:
+        return scopes.scopes
+
+    @bus.on("x")
+    async def handler(scopes: Annotated[list[str], Security(principal, scopes=["mail:send"])]) -> None:
+        recorder.add(scopes)
+
+    async with bus:
+        await post(make_app(bus), "x")
+        assert await recorder.wait_count(1) == [["mail:send"]]
+
+
+async def test_dependencies_beside_typed_events_and_fields(bus: EventBus, recorder: Recorder) -> None:
+    @dataclass
+    class UserCreated:
+        __event_name__ = "user.registered"
+        user_id: int
+        email: str
+
+    async def get_db() -> str:
+        return "db"
+
+    @bus.on(UserCreated)
+    async def typed(user: UserCreated, db: Annotated[str, Depends(get_db)]) -> None:
+        recorder.add(("typed", user.user_id, db))
+
+    @bus.on(UserCreated)
+    async def fields(db: Annotated[str, Depends(get_db)], email: str, user_id: int) -> None:
+        recorder.add(("fields", email, user_id, db))
+
+    @bus.on("payment.processed")
+    async def arguments(payment_id: str, db: Annotated[str, Depends(get_db)], amount: float) -> None:
+        recorder.add(("arguments", payment_id, amount, db))
+
+    app = FastAPI()
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.post("/register")
+    async def register() -> None:
+        emit(UserCreated(user_id=1, email="ann@example.com"))
+
+    async with bus:
+        async with client(app) as http:
+            assert (await http.post("/register")).status_code == 200
+        assert not await bus.emit_now("payment.processed", "p-1", 9.99)
+        items = await recorder.wait_count(3)
+    assert sorted(items) == sorted(
+        [
+            ("typed", 1, "db"),
+            ("fields", "ann@example.com", 1, "db"),
+            ("arguments", "p-1", 9.99, "db"),
+        ]
+    )
+
+
+# -- without the middleware --------------------------------------------------------------------------
+
+
+async def test_a_bus_without_an_app_solves_dependencies_without_overrides(recorder: Recorder) -> None:
+    bus = EventBus(name="script")
+
+    async def get_db() -> AsyncIterator[str]:
+        yield "db"
+        recorder.add("closed")
+
+    async def app_of(request: Request) -> Any:
+        return request.app
+
+    @bus.on("report.requested")
+    async def handler(db: Annotated[str, Depends(get_db)], app: Annotated[Any, Depends(app_of)]) -> None:
+        recorder.add((db, app))
+
+    async with bus:  # a script: no app, no middleware
+        assert bus.app is None
+        assert not await bus.emit_now("report.requested")
+        assert recorder.items == [("db", None), "closed"]
+
+        # an app set by hand brings its overrides
+        app = FastAPI()
+        app.dependency_overrides[get_db] = lambda: "override"
+        bus.app = app
+        assert not await bus.emit_now("report.requested")
+    assert recorder.items[-1] == ("override", app)
+
+
+# -- bad declarations fail at registration ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("requires", "message"),
+    [
+        pytest.param("query", "outer -> needs_query requires the query parameter 'page'", id="query"),
+        pytest.param("header", "outer -> needs_header requires the header 'authorization'", id="header"),
+        pytest.param("websocket", "outer -> needs_websocket asks for a WebSocket", id="websocket"),
+    ],
+)
+def test_dependencies_that_need_a_real_request_fail_at_registration(requires: str, message: str) -> None:
+    bus = EventBus()
+
+    def needs_query(page: int = Query(...)) -> int:  # pragma: no cover - never called
+        return page
+
+    def needs_header(authorization: str = Header()) -> str:  # pragma: no cover - never called
+        return authorization
+
+    def needs_websocket(ws: WebSocket) -> WebSocket:  # pragma: no cover - never called
+        return ws
+
+    dependency = {"query": needs_query, "header": needs_header, "websocket": needs_websocket}[requires]
+
+    async def outer(value: Annotated[Any, Depends(dependency)]) -> Any:  # pragma: no cover
+        return value
+
+    with pytest.raises(ConfigurationError) as caught:
+
+        @bus.on("x", name="bad")
+        async def handler(v: Annotated[Any, Depends(outer)]) -> None: ...
+
+    assert str(caught.value).startswith("handler bad: dependency ")
+    assert message in str(caught.value)
+    assert len(bus.registry) == 0
+
+
+def test_optional_request_parameters_are_fine() -> None:
+    bus = EventBus()
+
+    def paginate(page: int = 1, x_tenant: str | None = Header(None)) -> int:
+        return page
+
+    @bus.on("x")
+    async def handler(page: Annotated[int, Depends(paginate)]) -> None: ...
+
+    assert len(bus.registry) == 1
+
+
+def test_unresolvable_dependency_annotations_fail_at_registration() -> None:
+    bus = EventBus()
+    with pytest.raises(ConfigurationError, match="cannot be resolved"):
+
+        @bus.on("x")
+        async def handler(db: "Annotated[Session, Depends(get_db)]") -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
+
+def test_a_dependency_fastapi_rejects_fails_at_registration() -> None:
+    bus = EventBus()
+
+    class NotAField:
+        pass
+
+    def weird(value: NotAField) -> None:  # pragma: no cover - never called
+        return None
+
+    with pytest.raises(ConfigurationError, match="FastAPI cannot use"):
+
+        @bus.on("x")
+        async def handler(w: Annotated[None, Depends(weird)]) -> None: ...
+
+
+def test_positional_only_parameters_after_a_dependency_fail_at_registration() -> None:
+    bus = EventBus()
+
+    async def get_db() -> str:  # pragma: no cover - never called
+        return "db"
+
+    with pytest.raises(ConfigurationError, match="positional-only"):
+
+        @bus.on("x")
+        async def handler(db: Annotated[str, Depends(get_db)], amount: float, /) -> None: ...
