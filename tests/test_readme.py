@@ -17,7 +17,7 @@ from tidings import EventBus
 from tidings._core.default import reset_default_bus
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCK = re.compile(r"(<!-- fragment -->\n)?```python\n(.*?)```", re.DOTALL)
+BLOCK = re.compile(r"(<!-- fragment -->\n[ \t]*)?```python\n(.*?)```", re.DOTALL)
 
 
 def examples() -> list[tuple[int, str]]:
