@@ -625,3 +625,47 @@ async def test_tracing_needs_opentelemetry_and_a_valid_setting(monkeypatch: pyte
         EventBus(tracing=True)
     EventBus(tracing=False)
     EventBus()  # auto: finds no OpenTelemetry, so it will not trace
+
+
+async def test_litestar_apps_that_set_up_tracing_in_their_lifespan_are_traced(
+    spans: Spans, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from collections.abc import AsyncIterator
+    from contextlib import asynccontextmanager
+
+    from litestar import Litestar, Request, get
+    from litestar.events import listener
+    from litestar.testing import AsyncTestClient
+
+    from tidings.integrations.litestar import TidingsPlugin
+
+    bus = EventBus()
+
+    @listener("user_created")
+    async def welcome(email: str) -> None:
+        recorder.add(email)
+
+    @asynccontextmanager
+    async def set_up_tracing(app: Litestar) -> AsyncIterator[None]:
+        assert bus.tracing is None  # the bus started first, with no provider in sight
+        monkeypatch.setattr(trace, "get_tracer_provider", lambda: spans.provider)
+        yield
+
+    @get("/")
+    async def index(request: Request[Any, Any, Any]) -> str:
+        with spans.tracer.start_as_current_span("request"):
+            request.app.emit("user_created", email="ann@example.com")
+        return "ok"
+
+    app = Litestar(
+        route_handlers=[index],
+        listeners=[welcome],
+        plugins=[TidingsPlugin(bus)],
+        lifespan=[set_up_tracing],
+        logging_config=None,
+    )
+    async with AsyncTestClient(app) as client:
+        assert bus.tracing is not None
+        assert (await client.get("/")).status_code == 200
+        await recorder.wait_count(1)
+    assert spans.one("process user_created").kind is SpanKind.CONSUMER

@@ -302,6 +302,8 @@ class TidingsPlugin(InitPluginProtocol):
     @asynccontextmanager
     async def _drain_before_shutdown_code(self, app: Litestar) -> AsyncIterator[None]:
         self.bus.app = app
+        # entered after the app's own lifespan managers: OpenTelemetry set up there is seen now
+        self.bus.detect_tracing()
         try:
             yield
         finally:
