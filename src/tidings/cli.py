@@ -267,7 +267,8 @@ def _listing(bus: EventBus, event_filter: str | None) -> list[dict[str, Any]]:
     for key in sorted(groups, key=lambda name: (is_pattern(name), name.lower(), name)):
         pattern = is_pattern(key)
         if event_filter is not None and not (
-            fnmatch.fnmatchcase(key, event_filter) or (pattern and matchers[key](event_filter))
+            fnmatch.fnmatchcase(key, event_filter)
+            or (pattern and key in matchers and matchers[key](event_filter))
         ):
             continue
         schema = bus.schemas.get(key)
@@ -279,7 +280,11 @@ def _listing(bus: EventBus, event_filter: str | None) -> list[dict[str, Any]]:
                 "class": None if schema is None else f"{schema.cls.__module__}.{schema.cls.__qualname__}",
                 "also_matched_by": []
                 if pattern
-                else [other for other in groups if is_pattern(other) and matchers[other](key)],
+                else [
+                    other
+                    for other in groups
+                    if is_pattern(other) and other in matchers and matchers[other](key)
+                ],
                 "handlers": [_handler_json(spec) for spec in groups[key]],
             }
         )

@@ -19,6 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
+import tidings
 from tidings import EventBus, HandlerError, RetryPolicy, TidingsMiddleware
 from tidings.compat.fastapi_events.dispatcher import dispatch
 from tidings.compat.fastapi_events.handlers.base import BaseEventHandler
@@ -391,7 +392,6 @@ async def test_events_of_a_request_that_raised_are_still_handled(recorder: Recor
 
 async def test_tidings_handlers_and_emit_work_beside_the_fastapi_events_api() -> None:
     """Moving on gradually: native handlers on the middleware's bus, native emit() in its requests."""
-    from tidings import Event as Envelope
     from tidings import emit
 
     handler = LocalHandler()
@@ -404,7 +404,7 @@ async def test_tidings_handlers_and_emit_work_beside_the_fastapi_events_api() ->
     bus = EventBus()
 
     @bus.on("user.*")
-    async def new_style(event: Envelope) -> None:
+    async def new_style(event: tidings.Event) -> None:
         seen.append(("new", event.name, event.payload))
 
     async def endpoint(request: Request) -> Response:

@@ -223,8 +223,8 @@ def test_string_annotations_that_cannot_be_resolved_still_work() -> None:
     bus = EventBus()
     spec = bus.subscribe(namespace["handler"], "x")
     assert spec.plan is not None and spec.plan.direct
-    spec = bus.subscribe(namespace["other"], "x")
-    assert spec.plan is not None and spec.plan.direct  # one untyped-looking parameter: the envelope
+    with pytest.raises(ConfigurationError, match=r"'Missing'.* cannot be resolved"):
+        bus.subscribe(namespace["other"], "x")  # what it asks for is unknown: not a silent envelope
 
 
 def test_direct_handlers_are_called_without_a_binder() -> None:

@@ -20,7 +20,10 @@ with no binding work per call.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
+import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
@@ -61,18 +64,32 @@ def _dependency_marker(annotation: object, default: object) -> bool:
 
 
 def _strip_annotated(annotation: object) -> object:
+    """The type an annotation is about: without ``Annotated[...]``, and ``X`` for ``X | None``."""
     if typing.get_origin(annotation) is typing.Annotated:
-        return typing.get_args(annotation)[0]
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(members) == 1:
+            return members[0]
     return annotation
+
+
+def _checkable(cls: type) -> bool:
+    """Whether ``isinstance``/``issubclass`` work with ``cls`` (not with a TypedDict or a plain Protocol)."""
+    if typing.is_typeddict(cls):
+        return False
+    return not (getattr(cls, "_is_protocol", False) and not getattr(cls, "_is_runtime_protocol", False))
 
 
 def _runtime_type(annotation: object) -> type | None:
     """The class ``isinstance`` can check for an annotation (``dict`` for ``dict[str, int]``), if any."""
     bare = _strip_annotated(annotation)
+    if isinstance(bare, type) and typing.is_typeddict(bare):
+        return dict  # a TypedDict is a dict at run time
     origin = typing.get_origin(bare)
     if isinstance(origin, type):
-        return origin
-    return bare if isinstance(bare, type) else None
+        return origin if _checkable(origin) else None
+    return bare if isinstance(bare, type) and _checkable(bare) else None
 
 
 def _is_envelope(annotation: object) -> bool:
@@ -83,6 +100,8 @@ def _is_envelope(annotation: object) -> bool:
 
 
 def _hints(fn: Callable[..., Any], schemas: list[Schema]) -> dict[str, Any]:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     target = fn if inspect.isroutine(fn) or inspect.isclass(fn) else type(fn).__call__
     # the event classes by name too: a class defined in a function is in no module's globals
     local = {schema.cls.__name__: schema.cls for schema in schemas}
@@ -231,13 +250,20 @@ def plan_handler(
             params.append(Param(parameter, annotation, _ENVELOPE))
         else:
             bare = _strip_annotated(annotation)
+            checkable = _runtime_type(bare) is bare
             typed = style == "auto" and (
                 is_event_class(bare)
                 or any(
-                    isinstance(bare, type) and issubclass(schema.cls, bare) and bare not in _UNTYPED
+                    checkable and issubclass(schema.cls, bare) and bare not in _UNTYPED  # type: ignore[arg-type]
                     for schema in schemas
                 )
             )
+            if isinstance(bare, str) and style == "auto" and not _is_envelope(bare):
+                raise ConfigurationError(
+                    f"handler {name}: the annotation of {parameter.name!r} ({bare!r}) cannot be "
+                    "resolved, so what it asks for is unknown; import the name at run time (not only "
+                    "under TYPE_CHECKING), or annotate the parameter with Event"
+                )
             params.append(Param(parameter, annotation, _PAYLOAD if typed else _DATA))
     if style == "auto":
         _guess_envelope(params, schemas)
@@ -251,14 +277,11 @@ def plan_handler(
 
 def _guess_envelope(params: list[Param], schemas: list[Schema]) -> None:
     """``def audit(event)``: a first, lone required parameter, untyped and no field's name: the envelope."""
-    candidates = [
-        p for p in params if p.source != _DEPENDENCY and (p.required or p.kind is p.kind.VAR_POSITIONAL)
-    ]
-    if len(candidates) != 1 or candidates[0].kind not in _POSITIONAL or candidates[0] is not params[0]:
+    candidates = [p for p in params if p.source != _DEPENDENCY and p.required and p.kind in _POSITIONAL]
+    if len(candidates) != 1 or candidates[0] is not params[0]:
         return
     only = candidates[0]
-    bare = _strip_annotated(only.annotation)
-    if only.source != _DATA or not (bare in _UNTYPED or isinstance(bare, str)):  # str: unresolvable
+    if only.source != _DATA or _strip_annotated(only.annotation) not in _UNTYPED:
         return
     if any(only.name in schema.fields for schema in schemas):
         return
@@ -305,7 +328,10 @@ def _binder(plan: Plan) -> Callable[..., Any]:
             if source == _ENVELOPE:
                 value = event
             elif (source == _PAYLOAD and isinstance(payload, param.annotation_type)) or (
-                whole is param and whole_type is not None and isinstance(payload, whole_type)
+                whole is param
+                and whole_type is not None
+                and isinstance(payload, whole_type)
+                and (fields is None or _field(fields, param.name) is _MISSING)  # a field of its name wins
             ):
                 value = payload
                 if given and given[0] is payload:  # bind="arguments": the payload was the one argument
@@ -352,6 +378,21 @@ def _binder(plan: Plan) -> Callable[..., Any]:
 
 
 def _field(payload: Any, name: str) -> Any:
+    """The payload's field ``name``: a mapping's key, a model's or dataclass's field, else nothing.
+
+    Never any attribute: an optional parameter named ``copy`` must get its default, not a method.
+    """
     if isinstance(payload, Mapping):
         return payload.get(name, _MISSING)
-    return getattr(payload, name, _MISSING)
+    if name in _declared_fields(type(payload)):
+        return getattr(payload, name, _MISSING)
+    return _MISSING
+
+
+def _declared_fields(cls: type) -> frozenset[str]:
+    model_fields = getattr(cls, "model_fields", None)
+    if isinstance(model_fields, Mapping):
+        return frozenset(model_fields)
+    if dataclasses.is_dataclass(cls):
+        return frozenset(field.name for field in dataclasses.fields(cls))
+    return frozenset()

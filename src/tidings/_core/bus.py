@@ -16,6 +16,7 @@ from ..exceptions import (
     BusStateError,
     ConfigurationError,
     DrainTimeoutError,
+    HandlerCancelledError,
     HandlerError,
     PendingDelivery,
     StoreError,
@@ -342,7 +343,7 @@ class EventBus:
                         f"an event class must be a Pydantic model or a dataclass, got {pattern!r}"
                     )
                 classes.append(pattern)
-                pattern = event_name_of(pattern)
+                pattern = self.schemas.name_for(pattern)
                 existing = self.schemas.get(pattern)
                 if existing is not None and existing.cls is not classes[-1]:
                     raise ConfigurationError(
@@ -374,6 +375,8 @@ class EventBus:
         )
         for cls in classes:
             self.schemas.add(cls)
+        if classes:
+            self.inspects_emits = True  # every emit under a typed name is validated, fast path included
         for pattern in names:
             self._registry.add(pattern, spec)
         self._runner.timeouts_changed(s.handler.timeout for s in self._registry)
@@ -415,7 +418,7 @@ class EventBus:
             return lambda target: self.schema(target, name=name)
         if not is_event_class(cls):
             raise ConfigurationError(f"an event schema must be a Pydantic model or a dataclass, got {cls!r}")
-        event_name = event_name_of(cls) if name is None else name
+        event_name = self.schemas.name_for(cls) if name is None else name
         if self.schemas.get(event_name) is None:
             candidate = Schema(cls, event_name)
             for subscription in self._registry:
@@ -519,7 +522,7 @@ class EventBus:
             EventValidationError: the payload does not fit the schema registered for the name.
         """
         if type(event) is not str:
-            event, payload = self.name_and_payload(event, payload)
+            event, payload = self.name_and_payload(event, payload, self.schemas.names)
         if not self.enabled:
             return
         if self.schema_names:
@@ -532,8 +535,13 @@ class EventBus:
         self._route((event, payload, timestamp_ns, headers))
 
     @staticmethod
-    def name_and_payload(event: object, payload: object) -> tuple[str, object]:
+    def name_and_payload(
+        event: object, payload: object, names: Mapping[type, str] | None = None
+    ) -> tuple[str, object]:
         """The event name and payload of what was emitted: a name and a payload, or a typed event.
+
+        ``names`` are the classes a bus registered under a name not their own (``bus.schema(Cls,
+        name=...)``); other typed events are named by :func:`~tidings._core.schemas.event_name_of`.
 
         Raises:
             TypeError: neither a name nor a typed event, or a typed event with a payload.
@@ -546,7 +554,8 @@ class EventBus:
                     f"emit() takes no payload with a typed event ({type(event).__qualname__}): "
                     "it is its own payload"
                 )
-            return event_name_of(type(event)), event
+            cls = type(event)
+            return (names.get(cls) if names else None) or event_name_of(cls), event
         raise TypeError(
             "an event must be a name (a str or str-valued Enum) or a typed event (an instance of a "
             f"Pydantic model or dataclass), got {type(event).__name__}"
@@ -596,7 +605,11 @@ class EventBus:
             if (args or kwargs)
             else None
         )
-        name, payload = self.name_and_payload(event, payload) if type(event) is not str else (event, payload)
+        name, payload = (
+            self.name_and_payload(event, payload, self.schemas.names)
+            if type(event) is not str
+            else (event, payload)
+        )
         if self.schema_names:
             schema = self.schema_names.get(name)
             if schema is not None:
@@ -614,9 +627,20 @@ class EventBus:
             return ()
         errors: list[HandlerError] = []
         job.errors = errors
+        # no concurrency slot: an emit_now() inside a handler, which holds one, must not wait for another
+        job.unbounded = True
         self._runner.spawn(job)
         assert job.task is not None
         await asyncio.wait([job.task])  # the caller's cancellation leaves the handlers running
+        if job.task.cancelled() or job.cut_off:  # drain or shutdown cut it off: those calls did not run
+            errors.extend(
+                HandlerCancelledError(
+                    f"handler {pending.handler} did not finish: its job was cut off",
+                    events=[pending.event],
+                    handler=pending.handler,
+                )
+                for pending in job.unfinished(self._registry.resolve)
+            )
         return tuple(errors)
 
     def release(self, event: Event) -> None:

@@ -66,6 +66,9 @@ FailureHook = Callable[[HandlerError], object]
 Call = tuple[HandlerSpec, Any]  # (handler, Event) or (batch handler, tuple[Event, ...])
 SyncCall = tuple[HandlerSpec, Any, float]  # a sync call in progress, with its monotonic start
 
+# What a handler may raise that is not its own failure: the process is stopping. (fastapi-events'
+# errors derive from BaseException, so the rest of BaseException counts as a failure.)
+_FATAL: Final = (KeyboardInterrupt, SystemExit, GeneratorExit)
 _MAX_TICK: Final = 0.5
 _MIN_TICK: Final = 0.005
 
@@ -145,6 +148,7 @@ class Job(Scope):
     record_waiters: list[asyncio.Future[None]] | None = None  # EventBus.flush() callers
     failed: list[Call] | None = None  # calls that failed, kept when someone asked (replays)
     errors: list[HandlerError] | None = None  # their errors, kept when someone asked (emit_now)
+    unbounded = False  # runs without a concurrency slot (emit_now: its caller may hold one)
 
     def unfinished(self, resolve: Callable[[str], tuple[HandlerSpec, ...]]) -> list[PendingDelivery]:
         """Every (event, handler) call this job has not finished, in the order it was due."""
@@ -303,11 +307,14 @@ class Runner:
         """
         has_slot = False
         try:
-            if self._running < self.limits.max_concurrency:
+            if job.unbounded:
+                pass
+            elif self._running < self.limits.max_concurrency:
                 self._running += 1
+                has_slot = True
             else:
                 await self._wait_for_slot()
-            has_slot = True
+                has_slot = True
             if job.durable and not job.recorded:
                 await self._record(job)
                 job.recorded = True
@@ -326,7 +333,9 @@ class Runner:
                             if job.task is not None and job.task.cancelling():
                                 raise  # cancelled from outside (drain bound, server): not ours
                             self._handler_cancelled(job, spec, arg, exc)
-                    except Exception as exc:
+                    except _FATAL:
+                        raise
+                    except BaseException as exc:  # a handler's BaseException is its own failure
                         self._handler_failed(job, spec, arg, exc)
                     else:
                         if job.done is not None:
@@ -497,7 +506,7 @@ class Runner:
                     extra=fields(names.get(event_id), event_id),
                 )
 
-    def _handler_failed(self, job: Job, spec: HandlerSpec, arg: Any, exc: Exception) -> None:
+    def _handler_failed(self, job: Job, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
         message = f"handler {spec.name} raised {type(exc).__name__}: {exc}"
         error = HandlerError(message, events=_events_of(spec, arg), handler=spec.name)
         self.failed(job, (spec, arg), error, exc)
@@ -625,7 +634,9 @@ class Runner:
             job.sync_current = (spec, arg, monotonic())
             try:
                 spec.call(arg)
-            except Exception as exc:
+            except _FATAL:
+                raise
+            except BaseException as exc:  # a handler's BaseException is its own failure
                 error = HandlerError(
                     f"handler {spec.name} raised {type(exc).__name__}: {exc}",
                     events=_events_of(spec, arg),

@@ -147,10 +147,15 @@ class SchemaRegistry:
     so a bus without schemas pays one truth test per emit.
     """
 
-    __slots__ = ("by_name",)
+    __slots__ = ("by_name", "names")
 
     def __init__(self) -> None:
         self.by_name: dict[str, Schema] = {}
+        self.names: dict[type, str] = {}  # classes registered under a name that is not their own
+
+    def name_for(self, cls: type) -> str:
+        """The event name of ``cls`` on this bus: the name it was registered under, else its own."""
+        return self.names.get(cls) or event_name_of(cls)
 
     def add(self, cls: type, name: str | None = None) -> Schema:
         """Register ``cls`` as the schema of event ``name`` (default: the class's event name).
@@ -164,7 +169,7 @@ class SchemaRegistry:
         if not is_event_class(cls):
             raise ConfigurationError(f"an event schema must be a Pydantic model or a dataclass, got {cls!r}")
         if name is None:
-            name = event_name_of(cls)
+            name = self.name_for(cls)
         elif not isinstance(name, str) or not name:
             raise ConfigurationError(f"an event name must be a non-empty str, got {name!r}")
         existing = self.by_name.get(name)
@@ -177,6 +182,8 @@ class SchemaRegistry:
             )
         schema = Schema(cls, name)
         self.by_name[name] = schema
+        if name != event_name_of(cls):
+            self.names.setdefault(cls, name)  # emit(cls(...)) goes by its first registered name
         return schema
 
     def get(self, name: str) -> Schema | None:

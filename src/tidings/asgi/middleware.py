@@ -124,6 +124,8 @@ class TidingsMiddleware:
             await self._lifespan(scope, receive, send)
             return
         # websocket (or anything newer), or a disabled bus: events go straight to the bus
+        if self.bus.enabled:
+            self.bus.ensure_running()  # no lifespan ran (a test client not entered, --lifespan off)
         token = set_scope(self.bus.direct_scope)
         try:
             await self.app(scope, receive, send)

@@ -228,7 +228,8 @@ def dependency_call(plan: Plan, bus: EventBus) -> Callable[[Event], Awaitable[No
                 await solve_dependencies(
                     request=_event_request(app, stack, event),
                     dependant=dependant,
-                    dependency_overrides_provider=app,
+                    # FastAPI reads .dependency_overrides off any provider: Starlette and Litestar have none
+                    dependency_overrides_provider=app if hasattr(app, "dependency_overrides") else None,
                     dependency_cache={},
                     **options,
                 )

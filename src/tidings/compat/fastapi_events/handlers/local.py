@@ -137,6 +137,7 @@ def _adapt(func: Callable[..., Any]) -> Callable[..., Any]:
     adapter.__qualname__ = getattr(func, "__qualname__", adapter.__qualname__)
     adapter.__name__ = getattr(func, "__name__", adapter.__name__)
     adapter.__doc__ = getattr(func, "__doc__", None)
+    adapter.__wrapped__ = func  # type: ignore[union-attr]  # tidings list shows where func is defined
     return adapter
 
 
