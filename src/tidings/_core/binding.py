@@ -20,7 +20,6 @@ with no binding work per call.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import types
@@ -30,7 +29,7 @@ from typing import Any, Final, Literal
 
 from ..exceptions import ConfigurationError
 from .envelope import Arguments, Event
-from .schemas import is_event_class
+from .schemas import field_names, is_event_class
 
 if typing.TYPE_CHECKING:
     from .schemas import Schema
@@ -384,15 +383,6 @@ def _field(payload: Any, name: str) -> Any:
     """
     if isinstance(payload, Mapping):
         return payload.get(name, _MISSING)
-    if name in _declared_fields(type(payload)):
+    if name in field_names(type(payload)):
         return getattr(payload, name, _MISSING)
     return _MISSING
-
-
-def _declared_fields(cls: type) -> frozenset[str]:
-    model_fields = getattr(cls, "model_fields", None)
-    if isinstance(model_fields, Mapping):
-        return frozenset(model_fields)
-    if dataclasses.is_dataclass(cls):
-        return frozenset(field.name for field in dataclasses.fields(cls))
-    return frozenset()

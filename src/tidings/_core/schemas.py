@@ -67,13 +67,24 @@ def event_name_of(cls: type) -> str:
     return name
 
 
-def _field_names(cls: type) -> frozenset[str]:
+_FIELDS: dict[type, frozenset[str]] = {}  # a cache of a pure function of the class, like _NAMES
+
+
+def field_names(cls: type) -> frozenset[str]:
+    """The declared fields of a Pydantic model or dataclass (none for any other class)."""
+    try:
+        return _FIELDS[cls]
+    except KeyError:
+        pass
     model_fields = getattr(cls, "model_fields", None)
     if isinstance(model_fields, Mapping):
-        return frozenset(model_fields)
-    if dataclasses.is_dataclass(cls):
-        return frozenset(field.name for field in dataclasses.fields(cls))
-    return frozenset()
+        names = frozenset(model_fields)
+    elif dataclasses.is_dataclass(cls):
+        names = frozenset(field.name for field in dataclasses.fields(cls))
+    else:
+        names = frozenset()
+    _FIELDS[cls] = names
+    return names
 
 
 def _build_validator(cls: type) -> Callable[[Any], Any]:
@@ -115,7 +126,7 @@ class Schema:
     def __init__(self, cls: type, name: str) -> None:
         self.cls = cls
         self.name = name
-        self.fields = _field_names(cls)
+        self.fields = field_names(cls)
         self._validate = _build_validator(cls)
 
     def coerce(self, payload: Any) -> Any:
