@@ -12,11 +12,13 @@
 ``TARGET`` is ``module:attribute``, imported from the working directory like ``python -m`` does:
 an :class:`~tidings.EventBus` (``myapp.events:bus``), or an app whose bus can be found
 (``myapp.main:app``): a Starlette or FastAPI app with ``TidingsMiddleware(bus=...)`` among its
-middleware, a Litestar app with ``TidingsPlugin(bus)`` or that middleware, or an ASGI app wrapped
-in ``TidingsMiddleware`` by hand. The attribute may be dotted (``myapp.main:container.bus``). A
-module alone works when it holds exactly one bus (for ``list``: its buses, else its apps'). When
-an app has no bus of its own to show, ``list`` falls back to :func:`tidings.default_bus`, if the
-app's code used it.
+middleware (or another middleware holding its bus as ``bus``, like fastapi-events'
+``EventHandlerASGIMiddleware``), a Litestar app with ``TidingsPlugin(bus)`` or that middleware, or
+an ASGI app wrapped in ``TidingsMiddleware`` by hand. The attribute may be dotted
+(``myapp.main:container.bus``). A module alone works when it holds exactly one bus (for ``list``:
+its buses, else its apps'; values that fail when looked at, like an unbound lazy proxy, are
+skipped). When an app has no bus of its own to show, ``list`` falls back to
+:func:`tidings.default_bus`, if the app's code used it.
 """
 
 from __future__ import annotations
@@ -32,12 +34,11 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 
 from ._core import default as _default
 from ._core.bus import EventBus
 from ._core.registry import is_pattern
-from .asgi.middleware import TidingsMiddleware
 from .exceptions import TidingsError
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from ._core.policies import RetryPolicy
     from ._core.registry import HandlerSpec
     from .store.base import DeadLetter
+    from .types import ASGIApp
 
 __all__ = ["UsageError", "buses_of", "load_bus", "load_buses", "main"]
 
@@ -55,6 +57,15 @@ _MAX_DEPTH = 64  # middleware layers followed through `.app` before giving up (a
 
 class UsageError(Exception):
     """A command line that cannot be carried out; printed without a traceback."""
+
+
+@runtime_checkable
+class _LazyStack(Protocol):
+    """An app that builds its middleware on its first call (Starlette, FastAPI)."""
+
+    middleware_stack: ASGIApp | None
+
+    def build_middleware_stack(self) -> ASGIApp: ...
 
 
 def _import(module_name: str) -> ModuleType:
@@ -80,8 +91,10 @@ def buses_of(target: object) -> list[EventBus]:
 
     Looks at: the middleware an app declares (Starlette and FastAPI ``user_middleware``,
     Litestar ``middleware``: any :class:`EventBus` among their arguments), the chain of wrapped
-    apps (``TidingsMiddleware(app, bus=bus)``, also inside a built Starlette middleware stack),
-    and plugins that hold a ``bus`` (Litestar's ``TidingsPlugin``).
+    apps, also inside a built Starlette middleware stack, for layers holding their bus as ``bus``
+    (``TidingsMiddleware(app, bus=bus)``, fastapi-events' ``EventHandlerASGIMiddleware``), and
+    plugins that hold a ``bus`` (Litestar's ``TidingsPlugin``). Nothing is built: middleware that
+    makes its bus when Starlette builds the stack is not there before the app's first call.
 
     Example:
         >>> from starlette.applications import Starlette
@@ -111,8 +124,9 @@ def buses_of(target: object) -> list[EventBus]:
     for start in (target, getattr(target, "middleware_stack", None)):
         node, depth = start, 0
         while node is not None and depth < _MAX_DEPTH:
-            if isinstance(node, TidingsMiddleware):
-                add(node.bus)
+            # Any layer's `bus`, not only TidingsMiddleware's: one built on it (fastapi-events'
+            # compat middleware) keeps there the bus it made. add() takes nothing but an EventBus.
+            add(getattr(node, "bus", None))
             node, depth = getattr(node, "app", None), depth + 1
     plugins = getattr(target, "plugins", None)
     if plugins is not None and not isinstance(plugins, str | bytes):
@@ -124,19 +138,64 @@ def buses_of(target: object) -> list[EventBus]:
     return found
 
 
+def _buses_of_app(target: object, *, build: bool) -> list[EventBus]:
+    """:func:`buses_of`, after building the middleware of a Starlette app that has not built it yet.
+
+    Middleware may make its bus only when it is built (fastapi-events' ``EventHandlerASGIMiddleware``
+    without ``bus=``), which Starlette does on the app's first call. The stack built here is kept,
+    as that first call would keep it, so that an app run in this process (under the pytest plugin)
+    uses the bus found here. But a built app takes no more middleware, and exception handlers added
+    later are not seen, so with ``build=False`` it is built only when nothing else shows a bus.
+
+    Raises:
+        UsageError: building the middleware failed.
+    """
+    buses = buses_of(target)
+    if (buses and not build) or not isinstance(target, _LazyStack) or target.middleware_stack is not None:
+        return buses
+    try:
+        target.middleware_stack = target.build_middleware_stack()
+    except Exception as exc:  # the app's own middleware: anything it raises is the app's error
+        raise UsageError(f"building the middleware of {type(target).__name__} failed: {exc!r}") from exc
+    return buses_of(target)
+
+
+def _is_bus(value: object) -> bool:
+    try:
+        return isinstance(value, EventBus)
+    except Exception:  # isinstance() reads __class__, which an unbound lazy proxy raises for
+        return False
+
+
+def _module_buses(value: object) -> list[EventBus]:
+    """The buses of an app found in a module; none for a value that fails when looked at.
+
+    A module can hold anything, like werkzeug's ``LocalProxy``, whose every attribute raises
+    ``RuntimeError`` outside a request: one such value must not keep the others from being searched.
+    """
+    try:
+        if isinstance(value, ModuleType | type):
+            return []
+        return _buses_of_app(value, build=True)
+    except Exception:
+        return []
+
+
 def load_bus(target: str) -> EventBus:
     """Import ``module:attribute`` (a bus, or an app with one bus) and return the bus.
 
-    A module alone works when it holds exactly one bus.
+    A module alone works when it holds exactly one bus. An app's middleware is built (and kept) only
+    when nothing else shows its bus.
 
     Raises:
-        UsageError: the module cannot be imported, or holds no bus (or several) there.
+        UsageError: the module cannot be imported, or holds no bus (or several) there, or building
+            the app's middleware failed.
     """
     module_name, _, attribute = target.partition(":")
     module = _import(module_name)
     if attribute:
         found = _attribute(module, target, attribute)
-        buses = buses_of(found)
+        buses = _buses_of_app(found, build=False)
         if len(buses) == 1:
             return buses[0]
         if buses:
@@ -144,7 +203,7 @@ def load_bus(target: str) -> EventBus:
         raise UsageError(
             f"{target} is {type(found).__name__}, not an EventBus (nor an app with TidingsMiddleware)"
         )
-    buses = [value for value in vars(module).values() if isinstance(value, EventBus)]
+    buses = [value for value in vars(module).values() if _is_bus(value)]
     if len(buses) != 1:
         raise UsageError(f"{module_name} holds {len(buses)} EventBus objects; name one as {module_name}:name")
     return buses[0]
@@ -153,24 +212,25 @@ def load_bus(target: str) -> EventBus:
 def load_buses(target: str) -> tuple[list[EventBus], str | None]:
     """Import ``module:attribute`` or ``module`` and return every bus found there, and a note.
 
-    The note says when the default bus stood in for an app's own (``None`` otherwise).
+    The note says when the default bus stood in for an app's own (``None`` otherwise). An app's
+    middleware not built yet is built (and kept), for the buses only built middleware has.
 
     Raises:
-        UsageError: the module cannot be imported, or no bus can be found there.
+        UsageError: the module cannot be imported, or no bus can be found there, or building the
+            named app's middleware failed.
     """
     module_name, _, attribute = target.partition(":")
     module = _import(module_name)
     if attribute:
         found = _attribute(module, target, attribute)
-        buses = buses_of(found)
+        buses = _buses_of_app(found, build=True)  # this process only lists: build to find them all
         what = f"{target} is {type(found).__name__}, not an EventBus (nor an app with a bus)"
     else:
         values = list(vars(module).values())
-        buses = [value for value in values if isinstance(value, EventBus)]
+        buses = [value for value in values if _is_bus(value)]
         if not buses:
             for value in values:
-                if not isinstance(value, ModuleType | type):
-                    buses += [bus for bus in buses_of(value) if all(bus is not b for b in buses)]
+                buses += [bus for bus in _module_buses(value) if all(bus is not b for b in buses)]
         what = f"{module_name} holds no EventBus and no app with one"
     if buses:
         return buses, None

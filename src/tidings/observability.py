@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextvars import Context, ContextVar
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Final
 
@@ -95,6 +96,18 @@ class EventContextFilter(logging.Filter):
         return True
 
 
+# The call an async handler call hands to a worker thread (a plain ``def`` handler with FastAPI
+# dependencies runs from an async call): set only in the context that one thread hop runs in.
+_carried: ContextVar[tuple[HandlerSpec, Any] | None] = ContextVar("tidings.carried_call", default=None)
+
+
+def carry_handler_call(context: Context) -> None:
+    """Make the handler call running now the current call of ``context``, which a worker thread will run."""
+    call = current_call()
+    if call is not None:
+        context.run(_carried.set, call)
+
+
 def current_call() -> tuple[HandlerSpec, Any] | None:
     """The handler call the calling code runs in: ``(handler, event)``, or ``(handler, events)``."""
     job = current_scope()
@@ -107,5 +120,8 @@ def current_call() -> tuple[HandlerSpec, Any] | None:
             return None
         # only the job's own task runs its handlers (others may share its context: tasks they start)
         return job.current if task is not None and task is job.task else None
+    carried = _carried.get()
+    if carried is not None:
+        return carried
     running = job.sync_current  # this job's sync calls run one at a time in one worker thread
     return None if running is None else (running[0], running[1])

@@ -76,6 +76,10 @@ def tidings_bus(request: pytest.FixtureRequest) -> EventBus:
     """
     target = str(request.config.getini(_SETTING)).strip()
     if not target:
+        if "tidings_default_bus" in request.fixturenames:
+            # pytest sets fixtures up in the order the test names them: tidings_events named first
+            # would capture the default bus that tidings_default_bus is about to replace.
+            request.getfixturevalue("tidings_default_bus")
         return _default.default_bus()
     try:
         return load_bus(target)

@@ -99,16 +99,24 @@ def _field(payload: object, name: str) -> object:
 class _Match:
     """What an assertion looks for: an event name, pattern or class, a payload, payload fields."""
 
-    __slots__ = ("cls", "fields", "kind_label", "label", "name", "pattern", "payload")
+    __slots__ = ("cls", "fields", "kind_label", "label", "name", "names", "pattern", "payload")
 
     def __init__(self, event: object, payload: object, fields: Mapping[str, object]) -> None:
         self.name: str | None = None
+        self.names: tuple[str, ...] = ()  # every name the event may have, ``name`` first
         self.pattern: Callable[[str], object] | None = None
         self.cls: type | None = None
         if event is None:
             label = "any event"
-        elif isinstance(event, str | enum.Enum):
+        elif isinstance(event, enum.Enum):
+            self.names = _enum_names(event)
+            self.name = self.names[0]
+            if is_pattern(self.name):
+                self.pattern = re.compile(fnmatch.translate(self.name)).match
+            label = " or ".join(repr(name) for name in self.names)
+        elif isinstance(event, str):
             self.name = normalize_name(event)
+            self.names = (self.name,)
             if is_pattern(self.name):
                 self.pattern = re.compile(fnmatch.translate(self.name)).match
             label = repr(self.name)
@@ -119,6 +127,7 @@ class _Match:
             if payload is not _ANY:
                 raise TypeError("give a typed event or a payload to compare with, not both")
             self.name = event_name_of(type(event))
+            self.names = (self.name,)
             payload = event
             label = repr(self.name)
         else:
@@ -136,9 +145,9 @@ class _Match:
     def kind(self, event: Event) -> bool:
         """Whether the event has the wanted name (or pattern, or class), whatever its payload."""
         if self.pattern is not None:
-            return bool(self.pattern(event.name))
+            return bool(self.pattern(event.name)) or event.name in self.names[1:]
         if self.name is not None:
-            return event.name == self.name
+            return event.name in self.names
         if self.cls is not None:
             cls = self.cls
             return isinstance(event.payload, cls) or (
@@ -163,6 +172,27 @@ class _Match:
         return self.kind(event) and not self.differences(event)
 
 
+def _enum_names(member: enum.Enum) -> tuple[str, ...]:
+    """The names an event emitted with ``member`` has: ``emit()``'s, then fastapi-events' ``dispatch()``'s.
+
+    ``tidings.emit()`` names it by its value (a ``str``); ``tidings.compat.fastapi_events``'s
+    ``dispatch()`` as fastapi-events does, by ``str(member)`` (``"UserEvents.SIGNED_UP"``) unless the
+    member is a ``str`` itself. A ``StrEnum`` member has one name; a plain one, two (or only the
+    second, if its value is no ``str``).
+    """
+    from .compat.fastapi_events._support import matched_name
+
+    names: list[str] = []
+    try:
+        names.append(normalize_name(member))
+    except TypeError:  # a value emit() refuses, such as an int: only dispatch() names it
+        pass
+    dispatched = matched_name(member)
+    if dispatched not in names:
+        names.append(dispatched)
+    return tuple(names)
+
+
 def _line(index: int, event: Event) -> str:
     return f"  #{index} {event.name} {_short(event.payload)}"
 
@@ -180,7 +210,9 @@ class EventCapture:
 
     The assertion methods take the event as their first argument:
 
-    * ``"user.created"`` (or a ``str`` Enum): that name; ``"user.*"``: a wildcard, as in ``bus.on``;
+    * ``"user.created"``: that name; ``"user.*"``: a wildcard, as in ``bus.on``;
+    * ``UserEvents.SIGNED_UP``, an Enum member: the name ``emit()`` gives it (its value) or the one
+      fastapi-events' ``dispatch()`` gives it (``str(member)`` for a plain Enum), whichever it has;
     * ``UserCreated``, a class: events whose payload is an instance of it, or (for a typed event
       class) that were emitted under its event name;
     * ``UserCreated(id=1, ...)``, a typed event: that name, with a payload equal to it;
@@ -362,7 +394,8 @@ class EventCapture:
                 lines.append(f"{_line(index, captured)}: {', '.join(match.differences(captured))}")
         elif match.name is not None and match.pattern is None:
             emitted = sorted({captured.name for captured in events})
-            close = difflib.get_close_matches(match.name, emitted, n=3)
+            close = [near for name in match.names for near in difflib.get_close_matches(name, emitted, n=3)]
+            close = list(dict.fromkeys(close))[:3]
             if close:
                 lines.append("Did you mean " + " or ".join(repr(name) for name in close) + "?")
         lines.append(f"Every event emitted ({len(events)}), in order:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import itertools
 import json
@@ -458,3 +459,153 @@ def test_handlers_without_source_or_outside_the_working_directory(write: Callabl
         "here": (this_file, source.index("def defined_here(event: Event) -> None: ...") + 1),
     }
     assert "?" in run("list", app.name, "--event", "made.up")[1].splitlines()[3]
+
+
+COMPAT_APP = """
+from fastapi import FastAPI
+from starlette.middleware import Middleware
+
+from tidings import EventBus, TidingsMiddleware
+from tidings.compat.fastapi_events.handlers.local import LocalHandler
+from tidings.compat.fastapi_events.middleware import EventHandlerASGIMiddleware
+
+handlers = LocalHandler()
+
+
+@handlers.register(event_name="cat.*")
+async def on_cat(event) -> None:  # line: on_cat
+    ...
+
+
+app = FastAPI()
+app.add_middleware(EventHandlerASGIMiddleware, handlers=[handlers])
+
+both = FastAPI(middleware=[
+    Middleware(TidingsMiddleware, bus=EventBus(name="shop")),
+    Middleware(EventHandlerASGIMiddleware, handlers=[handlers], middleware_id=7),
+])
+"""
+
+
+def test_the_bus_of_the_fastapi_events_compat_middleware_is_found(write: Callable[[str], App]) -> None:
+    compat = write(COMPAT_APP)
+    status, out = run("list", f"{compat.name}:app")
+    assert status == 0
+    assert out.startswith("bus 'fastapi-events'\n\ncat.*\n  async  ")
+    assert f"{compat.name}.on_cat  no timeout, no retry  {compat.path.name}:{compat.line('on_cat')}" in out
+    status, out = run("list", f"{compat.name}:both")  # list builds the middleware to show every bus
+    assert status == 0
+    assert [line for line in out.splitlines() if line.startswith("bus")] == [
+        "bus 'shop'",
+        "bus 'fastapi-events[7]'",
+    ]
+    status, out = run("list", compat.name)  # a module: the buses of its apps
+    assert status == 0
+    assert [line for line in out.splitlines() if line.startswith("bus")] == [
+        "bus 'fastapi-events'",
+        "bus 'shop'",
+        "bus 'fastapi-events[7]'",
+    ]
+
+
+def test_load_bus_builds_the_middleware_only_when_nothing_else_shows_a_bus(
+    write: Callable[[str], App],
+) -> None:
+    compat = write(COMPAT_APP)
+    module = importlib.import_module(compat.name)
+    bus = load_bus(f"{compat.name}:app")
+    assert bus.name == "fastapi-events"
+    # The stack is kept: the app run in this process (the pytest plugin's) has the bus found.
+    assert module.app.middleware_stack is not None
+    assert buses_of(module.app) == [bus]
+    assert load_bus(f"{compat.name}:app") is bus
+    assert load_bus(f"{compat.name}:both").name == "shop"  # declared: nothing built
+    assert module.both.middleware_stack is None
+
+
+def test_a_middleware_that_fails_to_build(
+    write: Callable[[str], App], capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = write(
+        """
+        from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+
+        from tidings import EventBus, TidingsMiddleware
+
+
+        class Broken:
+            def __init__(self, app):
+                raise LookupError("no SECRET_KEY")
+
+
+        app = Starlette(middleware=[Middleware(Broken)])
+        fine = Starlette(middleware=[Middleware(TidingsMiddleware, bus=EventBus(name="fine"))])
+        """
+    )
+    reset_default_bus()
+    assert run("list", f"{broken.name}:app")[0] == 2
+    assert (
+        "tidings: building the middleware of Starlette failed: LookupError('no SECRET_KEY')"
+        in capsys.readouterr().err
+    )
+    assert run("list", broken.name) == (0, "bus 'fine'\n  no handlers registered\n")  # skipped
+
+
+def test_the_example_port_of_a_fastapi_events_app_lists() -> None:
+    script = shutil.which("tidings", path=os.path.dirname(sys.executable))
+    assert script is not None, "the tidings console script is not installed"
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [script, "list", "examples.fastapi_events_port.app:app", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    handlers = {handler["function"] for entry in json.loads(done.stdout) for handler in entry["handlers"]}
+    assert {
+        "examples.fastapi_events_port.handlers.send_welcome_email",
+        "examples.fastapi_events_port.handlers.reserve_stock",
+        "examples.fastapi_events_port.handlers.write_inventory_ledger",
+    } <= handlers
+
+
+LAZY = """
+class Unbound:
+    '''Like werkzeug's LocalProxy outside a request: any look at it raises.'''
+
+    def __getattr__(self, name):
+        raise RuntimeError("working outside of request context")
+
+
+class NoClass:
+    '''A proxy whose __class__ raises, which isinstance() reads.'''
+
+    @property
+    def __class__(self):
+        raise RuntimeError("working outside of application context")
+
+
+request = Unbound()
+current_app = NoClass()
+"""
+
+
+def test_values_that_fail_when_looked_at_are_skipped(write: Callable[[str], App]) -> None:
+    with_bus = write(LAZY + "\nfrom tidings import EventBus\n\nbus = EventBus(name='beside')\n")
+    assert run("list", with_bus.name) == (0, "bus 'beside'\n  no handlers registered\n")
+    assert load_bus(with_bus.name).name == "beside"
+    with_app = write(
+        LAZY
+        + """
+from fastapi import FastAPI
+from tidings import EventBus, TidingsMiddleware
+
+app = FastAPI()
+app.add_middleware(TidingsMiddleware, bus=EventBus(name="inner"))
+"""
+    )
+    assert run("list", with_app.name) == (0, "bus 'inner'\n  no handlers registered\n")

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import pydantic
 import pytest
 from starlette.applications import Starlette
@@ -20,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+import tidings
 from tidings import EventBus
 from tidings.compat.fastapi_events.dispatcher import dispatch
 from tidings.compat.fastapi_events.errors import (
@@ -30,6 +32,7 @@ from tidings.compat.fastapi_events.errors import (
 from tidings.compat.fastapi_events.handlers.local import LocalHandler
 from tidings.compat.fastapi_events.registry.payload_schema import EventPayloadSchemaRegistry, registry
 from tidings.compat.fastapi_events.typing import Event
+from tidings.testing import capture
 
 from ..conftest import Recorder
 from .conftest import call_asgi, client, lifespan, starlette_app
@@ -292,6 +295,34 @@ async def test_enum_names_match_patterns_as_in_fastapi_events() -> None:
     assert seen[2][1] is Colour.RED
 
 
+class Level(enum.Enum):
+    HIGH = 3  # no str value: emit() refuses it, dispatch() names it "Level.HIGH"
+
+
+async def test_assert_emitted_finds_an_enum_event_under_the_name_it_was_emitted_with() -> None:
+    bus = EventBus()
+
+    async def endpoint(request: Request) -> Response:
+        dispatch(UserEvents.SIGNED_UP, {"user_id": 1})  # "UserEvents.SIGNED_UP", as in fastapi-events
+        dispatch(Colour.RED, {"hex": "#f00"})  # "colour.red"
+        dispatch(Level.HIGH)
+        tidings.emit(UserEvents.ACTIVATED, {"user_id": 1})  # tidings' own: "USER_ACTIVATED"
+        return PlainTextResponse("ok")
+
+    app = starlette_app([LocalHandler()], [Route("/", endpoint)], bus=bus)
+    with capture(bus) as events:
+        async with lifespan(app):
+            await call_asgi(app)
+    assert events.names == ["UserEvents.SIGNED_UP", "colour.red", "Level.HIGH", "USER_ACTIVATED"]
+    events.assert_emitted_once(UserEvents.SIGNED_UP, user_id=1)
+    events.assert_emitted_once(Colour.RED, hex="#f00")
+    events.assert_emitted_once(Level.HIGH)
+    events.assert_emitted_once(UserEvents.ACTIVATED, user_id=1)
+    events.assert_not_emitted(UserEvents.SIGNED_UP, user_id=2)
+    with pytest.raises(AssertionError, match=r"'USER_SIGNED_UP' or 'UserEvents\.SIGNED_UP'"):
+        events.assert_not_emitted(UserEvents.SIGNED_UP)
+
+
 # -- where events go --------------------------------------------------------------------------------------
 
 
@@ -463,6 +494,34 @@ async def test_a_truthy_disable_variable_silences_requests_startup_and_tasks(
         monkeypatch.delenv("FASTAPI_EVENTS_DISABLE_DISPATCH")
         await call_asgi(app)  # read again at the next request
     assert recorder.items == [("in.request", None)]
+
+
+async def test_a_disabled_dispatch_leaves_native_emit_handled_after_the_response(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The switch is fastapi-events' own: tidings' emit() in the same app keeps its meaning."""
+    monkeypatch.setenv("FASTAPI_EVENTS_DISABLE_DISPATCH", "1")
+    log: list[Any] = []
+    bus = EventBus()
+
+    @bus.on("*")
+    async def native(event: tidings.Event) -> None:
+        log.append(event.name)
+        if event.name == "emitted":
+            dispatch("from.a.handler")  # the request's reading holds for the chains it starts
+
+    async def endpoint(request: Request) -> Response:
+        dispatch("dispatched")
+        tidings.emit("emitted")
+        log.append("endpoint returns")
+        return PlainTextResponse("ok")
+
+    app = starlette_app([LocalHandler()], [Route("/", endpoint)], bus=bus)
+    async with lifespan(app):
+        with anyio.fail_after(5):
+            await call_asgi(app, "/", log)  # handlers run in the request, after the response
+        assert log == ["endpoint returns", "start", "body", "emitted"]
+    assert log == ["endpoint returns", "start", "body", "emitted"]
 
 
 @pytest.mark.parametrize("value", ["0", "false", "no", "off", "", "not-a-truth-value"])

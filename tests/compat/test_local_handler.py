@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from tidings.compat.fastapi_events.handlers.local import LocalHandler, local_han
 from tidings.compat.fastapi_events.middleware import EventHandlerASGIMiddleware
 from tidings.compat.fastapi_events.typing import Event
 
+from ..conftest import Recorder
 from .conftest import client, lifespan
 
 pytestmark = pytest.mark.anyio
@@ -267,3 +269,171 @@ async def test_a_dependency_may_ask_for_the_request_and_gets_the_app() -> None:
     app.title = "the shop"
     await serve_once(app)
     assert seen == ["the shop"]
+
+
+# -- dependencies FastAPI cannot read: solved as fastapi-events solved them -------------------------------
+# Module level: fastapi-events resolves annotations from the handler's module globals.
+
+
+class SMTPClient:
+    """Any class: FastAPI can make neither a query parameter nor a body field of it."""
+
+
+def passing_through(func: Any) -> Any:
+    """A decorator whose wrapper takes anything, as logging and retry decorators' wrappers do."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def get_host() -> str:
+    return "smtp.test"
+
+
+def get_smtp_mailer(host: str = Depends(get_host), client: SMTPClient | None = None) -> str:
+    return f"mailer on {host}, client {client}"
+
+
+@passing_through
+def get_sender() -> str:
+    return "shop@example.com"
+
+
+def fastapi_events_local_handler(library: str) -> LocalHandler:
+    """A new ``LocalHandler`` of tidings' layer, or of fastapi-events itself (the same API)."""
+    if library == "tidings":
+        return LocalHandler()
+    original: Any = pytest.importorskip("fastapi_events.handlers.local")
+    handler: LocalHandler = original.LocalHandler()
+    return handler
+
+
+async def serve_with(library: str, handler: Any, *events: tuple[str, Any]) -> None:
+    """One request dispatching ``events`` to ``handler``, through ``library``'s middleware."""
+    if library == "tidings":
+        await serve_once(fastapi_app(handler, *events))
+        return
+    original_dispatch: Any = pytest.importorskip("fastapi_events.dispatcher").dispatch
+    original_middleware: Any = pytest.importorskip("fastapi_events.middleware").EventHandlerASGIMiddleware
+    app = FastAPI()
+    app.add_middleware(original_middleware, handlers=[handler])
+
+    @app.get("/")
+    async def index() -> dict[str, str]:
+        for name, payload in events:
+            original_dispatch(name, payload)
+        return {}
+
+    async with client(app) as http:  # fastapi-events handles the events before the call returns
+        assert (await http.get("/")).status_code == 200
+
+
+@pytest.mark.parametrize("library", ["tidings", "fastapi-events"])
+async def test_parameters_that_are_not_dependencies_keep_their_defaults(library: str) -> None:
+    handler = fastapi_events_local_handler(library)
+    seen: list[Any] = []
+
+    @handler.register(event_name="user.signed_up")
+    async def welcome(
+        event: Event,
+        mailer: str = Depends(get_smtp_mailer),  # its `client` parameter FastAPI cannot read
+        sender: str = Depends(get_sender),  # (*args, **kwargs) to FastAPI's eyes
+        client: SMTPClient | None = None,
+    ) -> None:
+        seen.append((event, mailer, sender, client))
+
+    def logged(func: Any) -> Any:
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            seen.append("logged")
+            return await func(*args, **kwargs)
+
+        return wrapper
+
+    @handler.register(event_name="user.signed_up")
+    @logged
+    async def audit(event: Event, client: SMTPClient | None = None, retries: int = 3) -> None:
+        seen.append((event, client, retries))
+
+    await serve_with(library, handler, ("user.signed_up", {"id": 1}))
+    assert seen == [
+        (("user.signed_up", {"id": 1}), "mailer on smtp.test, client None", "shop@example.com", None),
+        "logged",
+        (("user.signed_up", {"id": 1}), None, 3),
+    ]
+
+
+async def open_smtp(host: str = Depends(get_host), client: SMTPClient | None = None) -> AsyncIterator[str]:
+    LOG.append(f"open {host}")
+    yield "smtp session"
+    LOG.append("close")
+
+
+def connection_pool(*args: Any, **kwargs: Any) -> Iterator[str]:
+    LOG.append("pool taken")
+    yield "pool"
+    LOG.append("pool given back")
+
+
+def title_with(
+    request: Request, mailer: str = Depends(get_smtp_mailer), client: SMTPClient | None = None
+) -> str:
+    return f"{request.app.title} via {mailer}"
+
+
+async def test_dependencies_fastapi_cannot_read_keep_what_fastapi_brings() -> None:
+    """``yield``, ``Request`` and the other dependencies' overrides still work around them."""
+    handler = LocalHandler()
+    LOG.clear()
+
+    @handler.register(event_name="*")
+    async def send(
+        event: Event,
+        session: Annotated[str, Depends(open_smtp)],
+        pool: str = Depends(connection_pool),
+        title: str = Depends(title_with),
+    ) -> None:
+        LOG.append(f"send with {session}, {pool}, {title}")
+
+    app = fastapi_app(handler, ("user.signed_up", None))
+    app.title = "the shop"
+    app.dependency_overrides[get_host] = lambda: "smtp.fake"
+    await serve_once(app)
+    assert LOG == [
+        "open smtp.fake",
+        "pool taken",
+        "send with smtp session, pool, the shop via mailer on smtp.fake, client None",
+        "pool given back",
+        "close",
+    ]
+
+
+def get_smtp_client(client: SMTPClient) -> SMTPClient:  # fastapi-events: TypeError at every event
+    return client
+
+
+def test_a_dependency_fastapi_cannot_read_with_a_required_parameter_fails_at_registration() -> None:
+    handler = LocalHandler()
+
+    async def send(event: Event, client: Annotated[SMTPClient, Depends(get_smtp_client)]) -> None: ...
+
+    with pytest.raises(
+        ConfigurationError, match="'client', which is neither a dependency nor given a default"
+    ):
+        handler.register(send)
+
+
+async def test_a_plain_def_function_returning_a_coroutine_has_it_awaited(recorder: Recorder) -> None:
+    """A decorator's plain ``def`` wrapper of an ``async def`` (fastapi-events never awaited it)."""
+    handler = LocalHandler()
+    loop_thread = threading.get_ident()
+
+    async def record(event: Event) -> None:
+        recorder.add((event, threading.get_ident() == loop_thread))
+
+    handler.register(passing_through(record), event_name="*")
+    await serve_once(fastapi_app(handler, ("through.the.app", 1)))
+    await handler.handle(("called.directly", 2))
+    assert await recorder.wait_count(2) == [(("through.the.app", 1), True), (("called.directly", 2), True)]

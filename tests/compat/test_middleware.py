@@ -223,6 +223,100 @@ async def test_a_handler_object_of_fastapi_events_itself_works_too() -> None:
     assert batches == [[("a", 1), ("b", 2)]]
 
 
+async def serve_handler_objects(library: str, handlers: list[Any], *events: tuple[str, Any]) -> None:
+    """One request dispatching ``events`` to ``handlers`` through ``library``'s middleware."""
+    if library == "tidings":
+        app = starlette_app(handlers, [dispatching(*events)])
+        async with lifespan(app):
+            await call_asgi(app)
+        return
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+
+    their_dispatch: Any = pytest.importorskip("fastapi_events.dispatcher").dispatch
+    their_middleware: Any = pytest.importorskip("fastapi_events.middleware").EventHandlerASGIMiddleware
+
+    async def endpoint(request: Request) -> Response:
+        for name, payload in events:
+            their_dispatch(name, payload)
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/", endpoint)], middleware=[Middleware(their_middleware, handlers=handlers)]
+    )
+    await call_asgi(app)
+
+
+def handler_base(library: str) -> Any:
+    if library == "tidings":
+        return BaseEventHandler
+    return pytest.importorskip("fastapi_events.handlers.base").BaseEventHandler
+
+
+@pytest.mark.parametrize("library", ["tidings", "fastapi-events"])
+async def test_an_awaitable_a_plain_def_handle_returns_is_awaited_on_the_loop(
+    library: str, recorder: Recorder
+) -> None:
+    base = handler_base(library)
+    loop_thread = threading.get_ident()
+
+    class Forwarder(base):  # type: ignore[misc,valid-type]  # fastapi-events is untyped
+        def handle(self, event: Event) -> Any:  # plain def, handing back its client's coroutine
+            return self.send(event)
+
+        async def send(self, event: Event) -> None:
+            recorder.add(("handle", event, threading.get_ident() == loop_thread))
+
+    class Batcher(base):  # type: ignore[misc,valid-type]
+        async def handle(self, event: Event) -> None:
+            raise AssertionError("handle_many is used")
+
+        def handle_many(self, events: Iterable[Event]) -> Any:
+            return self.send_all(list(events))
+
+        async def send_all(self, events: list[Event]) -> None:
+            recorder.add(("handle_many", events, threading.get_ident() == loop_thread))
+
+    class Publish:
+        async def __call__(self, event: Event) -> None:
+            recorder.add(("__call__", event, threading.get_ident() == loop_thread))
+
+    class Publisher(base):  # type: ignore[misc,valid-type]
+        handle = Publish()  # an object whose __call__ returns a coroutine
+
+    await serve_handler_objects(library, [Forwarder(), Batcher(), Publisher()], ("a", 1), ("b", 2))
+    seen = await recorder.wait_count(5)
+    assert sorted(seen, key=repr) == sorted(
+        [
+            ("handle", ("a", 1), True),
+            ("handle", ("b", 2), True),
+            ("handle_many", [("a", 1), ("b", 2)], True),
+            ("__call__", ("a", 1), True),
+            ("__call__", ("b", 2), True),
+        ],
+        key=repr,
+    )
+
+
+async def test_an_awaitable_a_plain_def_handle_returns_fails_as_its_call() -> None:
+    failures: list[HandlerError] = []
+
+    class Forwarder(BaseEventHandler):
+        def handle(self, event: Event) -> Any:  # returns the coroutine, which is awaited
+            return self.send(event)
+
+        async def send(self, event: Event) -> None:
+            raise ConnectionError(f"cannot send {event[0]}")
+
+    bus = EventBus(on_failure=failures.append)
+    app = starlette_app([Forwarder()], [dispatching(("a", 1))], bus=bus)
+    async with lifespan(app):
+        await call_asgi(app)
+    [failure] = failures
+    assert failure.event.name == "a"
+    assert isinstance(failure.__cause__, ConnectionError)
+
+
 async def test_functions_registered_after_the_middleware_was_built_run_too() -> None:
     handler = LocalHandler()
     seen: list[str] = []

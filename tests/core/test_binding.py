@@ -176,8 +176,11 @@ async def test_a_typed_parameter_receiving_another_type_fails_clearly(
 
     async with bus:
         (failure,) = await bus.emit_now("anything", {"id": 1})
+        (other,) = await bus.emit_now("anything", 7)
     assert "takes user: UserCreated, but event 'anything'" in str(failure)
-    assert "carries a dict" in str(failure)
+    assert "carries a dict that does not fit it: field 'email'" in str(failure.__cause__)
+    assert "takes user: UserCreated, but event 'anything'" in str(other)
+    assert "carries a int" in str(other.__cause__)
 
 
 def test_unsatisfiable_signatures_fail_at_registration() -> None:

@@ -9,6 +9,7 @@ and newest supported FastAPI are tested with them.
 """
 
 import asyncio
+import contextlib
 import inspect
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -446,6 +447,36 @@ def test_overrides_with_testclient_as_tests_write_them(recorder: Recorder) -> No
     with TestClient(app) as http:  # runs the lifespan: the bus starts and drains with the app
         assert http.post("/emit/user.created").status_code == 200
         assert recorder.items == [(7, "sqlite-in-memory")]  # handled before post() returned
+
+
+def test_dependencies_see_the_state_the_lifespan_yielded(recorder: Recorder) -> None:
+    bus = EventBus(name="lifespan-state")
+
+    async def pool(request: Request) -> tuple[str, bool]:
+        touched = hasattr(request.state, "touched")
+        request.state.touched = True  # a copy per run: the next run does not see it
+        return str(request.state.pool), touched
+
+    @bus.on("user.created")
+    async def handler(user_id: int, db: Annotated[tuple[str, bool], Depends(pool)]) -> None:
+        recorder.add((user_id, db))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        yield {"pool": "pool-1"}
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.post("/emit")
+    async def emit_endpoint(request: Request) -> dict[str, bool]:
+        emit("user.created", {"user_id": 7})
+        return {"touched": hasattr(request.state, "touched")}
+
+    with TestClient(app) as http:
+        assert http.post("/emit").json() == {"touched": False}
+        assert http.post("/emit").json() == {"touched": False}
+    assert recorder.items == [(7, ("pool-1", False)), (7, ("pool-1", False))]
 
 
 # -- failures ----------------------------------------------------------------------------------------

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from pydantic import BaseModel
 from sqlalchemy import create_engine, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -17,7 +19,15 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from tidings import BusStateError, ConfigurationError, Event, EventBus, SerializationError, TidingsMiddleware
+from tidings import (
+    BusStateError,
+    ConfigurationError,
+    Event,
+    EventBus,
+    EventValidationError,
+    SerializationError,
+    TidingsMiddleware,
+)
 from tidings.integrations.sqlalchemy import Outbox, arecord_once, record_once
 from tidings.store import SQLiteStore
 from tidings.store.postgres import PostgresStore
@@ -29,6 +39,17 @@ pytestmark = pytest.mark.anyio
 
 def sqlite_bus(path: Path, **options: Any) -> EventBus:
     return EventBus(store=SQLiteStore(path), **options)
+
+
+@dataclass
+class OrderPlaced:
+    __event_name__ = "order.placed"
+    order_id: int
+    total: float
+
+
+class InvoiceDue(BaseModel):  # no __event_name__: named after its class
+    invoice: int
 
 
 async def test_a_committed_event_is_handled_once_with_its_id_and_a_rolled_back_one_never(
@@ -167,7 +188,45 @@ async def test_an_unserialisable_payload_raises_in_the_caller_and_the_outbox_nee
             with pytest.raises(SerializationError, match="cannot be written"):
                 outbox.emit(session, "x", object())
             with pytest.raises(TypeError):
-                outbox.emit(session, 42, None)  # type: ignore[arg-type]
+                outbox.emit(session, 42, None)
+    engine.dispose()
+
+
+async def test_typed_events_and_schemas_go_through_the_outbox_as_through_emit(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    outbox = Outbox(bus)
+
+    @bus.on(OrderPlaced, name="orders.audit")  # also the schema of "order.placed"
+    async def audit(order: OrderPlaced, event: Event) -> None:
+        recorder.add((event.name, event.id, order))
+
+    engine = create_engine(f"sqlite:///{path}")
+    async with bus:
+        with Session(engine) as session, session.begin():
+            typed = outbox.emit(session, OrderPlaced(order_id=1, total=9.5))
+            by_name = outbox.emit(session, "order.placed", {"order_id": "2", "total": 3})
+            with pytest.raises(TypeError, match="takes no payload"):
+                outbox.emit(session, OrderPlaced(order_id=3, total=1.0), {"order_id": 3})
+        assert (typed.name, by_name.name) == ("order.placed", "order.placed")
+        assert by_name.payload == OrderPlaced(order_id=2, total=3.0)  # coerced, as emit() does
+        with Session(engine) as session, session.begin():
+            session.execute(text("CREATE TABLE orders (id INTEGER)"))
+            with pytest.raises(EventValidationError) as raised:
+                outbox.emit(session, "order.placed", {"order_id": "not a number", "total": 1})
+            assert raised.value.event_name == "order.placed"
+        # no await since the commit: nothing can have been handled (and deleted) yet
+        with engine.connect() as connection:
+            rows = connection.execute(text("SELECT event_id FROM tidings_deliveries")).all()
+        assert sorted(row[0] for row in rows) == sorted([typed.id, by_name.id])
+        await recorder.wait_count(2)
+        await bus.drain()
+    assert recorder.items == [
+        ("order.placed", typed.id, OrderPlaced(order_id=1, total=9.5)),
+        ("order.placed", by_name.id, OrderPlaced(order_id=2, total=3.0)),
+    ]
     engine.dispose()
 
 
@@ -204,6 +263,38 @@ async def test_async_sessions_on_postgres(
         await bus.store.flush()
         assert await bus.store.pending_count() == 0  # type: ignore[attr-defined]
     assert sorted(recorder.items) == [1, 2]
+
+
+async def test_typed_events_through_the_outbox_on_postgres(
+    pg_engine: tuple[str, Callable[[], AsyncSession]], recorder: Recorder
+) -> None:
+    schema, new_session = pg_engine
+    bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema=schema))
+    outbox = Outbox(bus)
+    counted = asyncio.Event()  # a delivery's row is deleted once handled: hold them until counted
+
+    @bus.on(InvoiceDue, name="billing.send")
+    async def send(invoice: InvoiceDue, event: Event) -> None:
+        await counted.wait()
+        recorder.add((event.name, invoice))
+
+    async with bus:
+        async with new_session() as session:
+            async with session.begin():
+                outbox.emit(session, InvoiceDue(invoice=1))
+                outbox.emit(session, "InvoiceDue", {"invoice": "2"})
+            async with session.begin():
+                with pytest.raises(EventValidationError):
+                    outbox.emit(session, "InvoiceDue", {"invoice": "two"})
+            written = await session.scalar(text(f'SELECT count(*) FROM "{schema}".tidings_deliveries'))
+        counted.set()
+        await recorder.wait_count(2)
+        await bus.drain()
+    assert written == 2  # the invalid event's transaction committed, without it
+    assert sorted(recorder.items, key=repr) == [
+        ("InvoiceDue", InvoiceDue(invoice=1)),
+        ("InvoiceDue", InvoiceDue(invoice=2)),
+    ]
 
 
 async def test_the_inbox_through_sqlalchemy_records_once_and_rolls_back_with_the_work(

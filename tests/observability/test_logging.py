@@ -7,10 +7,11 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
+from fastapi import Depends
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -262,6 +263,10 @@ async def test_an_outbox_event_of_a_rolled_back_transaction_names_the_event(
 # -- records your code logs inside handlers -------------------------------------------------------------
 
 
+def database() -> str:  # a FastAPI dependency, at module level: the annotations are strings here
+    return "db"
+
+
 @pytest.fixture
 def shop_log() -> Iterator[tuple[logging.Logger, Recorder]]:
     recorder = Recorder()
@@ -344,3 +349,26 @@ def test_the_filter_keeps_the_fields_a_record_has() -> None:
     assert EventContextFilter().filter(record)
     assert fields(record) == ("a", "01", "h")
     assert tidings.observability.__all__ == ["LOG_FIELDS", "EventContextFilter"]
+
+
+async def test_the_filter_names_a_plain_def_handler_with_dependencies(
+    shop_log: tuple[logging.Logger, Recorder],
+) -> None:
+    log, seen = shop_log
+    bus = EventBus()
+
+    @bus.on("order.paid", name="ledger.book")
+    def book(event: Event) -> None:  # the job's own sync hop
+        log.info("plain handler")
+
+    @bus.on("order.paid", name="mail.receipt")
+    def receipt(event: Event, db: Annotated[str, Depends(database)]) -> None:  # a thread hop of its own
+        log.info("handler with dependencies")
+
+    async with bus:
+        assert await bus.emit_now("order.paid") == ()
+    by_text = {record.getMessage(): fields(record)[::2] for record in seen.items}
+    assert by_text == {
+        "plain handler": ("order.paid", "ledger.book"),
+        "handler with dependencies": ("order.paid", "mail.receipt"),
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,7 +14,9 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from opentelemetry import trace
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -329,6 +332,172 @@ async def test_headers_given_to_emit_are_kept_and_a_given_traceparent_wins(
     ]
     handler = spans.named("process a")[1]
     assert handler.parent is not None and handler.parent.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+
+
+async def test_headers_given_to_emits_in_a_request_get_the_requests_context_in_a_new_mapping(
+    spans: Spans, recorder: Recorder
+) -> None:
+    bus = EventBus(tracing=spans.provider)
+    bus.on("user.*")(lambda event: recorder.add((event.name, dict(event.headers))))
+    given = {"tenant": "acme"}
+    foreign = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    app = FastAPI()
+
+    @app.post("/signup")
+    async def signup() -> None:  # on the loop: into the request's buffer, prepared with its job
+        bus.emit("user.created", {"id": 1}, headers=given)
+        bus.emit("user.invited", {"id": 2}, headers={"tenant": "acme", "traceparent": foreign})
+        emit("user.welcomed", {"id": 3})
+
+    @app.post("/sync")
+    def sync_signup() -> None:  # a worker thread: injected as it crosses to the loop
+        bus.emit("user.created", {"id": 4}, headers=given)
+
+    app.add_middleware(TidingsMiddleware, bus=bus)
+    async with bus:
+        await post(RequestSpans(app, spans.tracer), "/signup")
+        await post(RequestSpans(app, spans.tracer), "/sync")
+        items = await recorder.wait_count(4)
+
+    signup_span, sync_span = spans.one("POST /signup"), spans.one("POST /sync")
+    assert sorted(items, key=repr) == sorted(
+        [
+            ("user.created", {"tenant": "acme", "traceparent": traceparent_of(signup_span)}),
+            ("user.invited", {"tenant": "acme", "traceparent": foreign}),  # the caller's own wins
+            ("user.welcomed", {"traceparent": traceparent_of(signup_span)}),
+            ("user.created", {"tenant": "acme", "traceparent": traceparent_of(sync_span)}),
+        ],
+        key=repr,
+    )
+    assert given == {"tenant": "acme"}  # the caller's mapping is never written to
+    created = spans.named("process user.created")
+    assert len(created) == 2
+    assert {parent_id(h) for h in created} == {span_id(signup_span), span_id(sync_span)}
+    assert all(linked_ids(h) == [parent_id(h)] for h in created)
+    invited = spans.one("process user.invited")
+    assert invited.parent is not None and invited.parent.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+
+
+async def test_an_event_an_async_handler_emits_with_headers_carries_the_handlers_span(
+    spans: Spans, recorder: Recorder
+) -> None:
+    bus = EventBus(tracing=spans.provider)
+    given = {"tenant": "acme"}
+
+    @bus.on("order.placed")
+    async def reserve(event: Event) -> None:
+        bus.emit("stock.reserved", event.payload, headers=given)  # into the job's buffer
+        emit("stock.counted", event.payload)
+
+    bus.on("stock.*")(lambda event: recorder.add((event.name, dict(event.headers))))
+
+    async with bus:
+        await post(fastapi_app(bus, spans, [("order.placed", {"order": 7})]))
+        items = await recorder.wait_count(2)
+
+    placed = spans.one("process order.placed")
+    assert sorted(items) == [
+        ("stock.counted", {"traceparent": traceparent_of(placed)}),
+        ("stock.reserved", {"tenant": "acme", "traceparent": traceparent_of(placed)}),
+    ]
+    assert given == {"tenant": "acme"}
+    reserved = spans.one("process stock.reserved")
+    assert parent_id(reserved) == span_id(placed)
+    assert linked_ids(reserved) == [span_id(placed)]
+    assert trace_id(reserved) == trace_id(spans.one("POST /signup"))
+
+
+class BrokenPropagator(TextMapPropagator):
+    """A propagator that raises, whose error quotes what it was given (a log must not repeat it)."""
+
+    def inject(self, carrier: Any, context: Context | None = None, setter: Any = None) -> None:
+        raise RuntimeError(f"cannot inject into {carrier!r}")
+
+    def extract(self, carrier: Any, context: Context | None = None, getter: Any = None) -> Context:
+        raise RuntimeError(f"cannot extract from {carrier!r}")
+
+    @property
+    def fields(self) -> set[str]:
+        return {"traceparent"}
+
+
+@pytest.fixture
+def broken_propagator() -> Iterator[None]:
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(BrokenPropagator())
+    try:
+        yield
+    finally:
+        propagate.set_global_textmap(before)
+
+
+@pytest.mark.usefixtures("broken_propagator")
+async def test_a_raising_propagator_never_fails_an_emit_or_a_handler_and_is_logged_once_per_kind(
+    spans: Spans, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = EventBus(tracing=spans.provider)
+    foreign = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    @bus.on("order.placed")
+    async def reserve(event: Event) -> None:
+        recorder.add(("placed", dict(event.headers)))
+        emit("stock.reserved", event.payload)  # stamped with the handler's span as it returns
+
+    bus.on("stock.reserved", name="stock")(lambda event: recorder.add(("reserved", dict(event.headers))))
+    bus.on("report", name="report")(lambda event: recorder.add(("report", dict(event.headers))))
+
+    with caplog.at_level(logging.WARNING, logger="tidings"):
+        async with bus:
+            await post(fastapi_app(bus, spans, [("order.placed", {"card": "4111-secret"})]))
+            with spans.tracer.start_as_current_span("nightly job"):
+                bus.emit("report", {"card": "4111-secret"}, headers={"tenant": "acme"})
+                bus.emit("report", headers={"traceparent": foreign})  # read back by the handler
+            items = await recorder.wait_count(4)
+
+    assert sorted(items, key=repr) == sorted(
+        [
+            ("placed", {}),
+            ("reserved", {}),
+            ("report", {"tenant": "acme"}),
+            ("report", {"traceparent": foreign}),
+        ],
+        key=repr,
+    )
+    # every call still has its span: one that could not read its parent starts a trace of its own
+    assert len(spans.named("process order.placed")) == 1
+    assert len(spans.named("process stock.reserved")) == 1
+    reports = spans.named("process report")
+    assert len(reports) == 2 and all(r.parent is None and not r.links for r in reports)
+    warnings = [r for r in caplog.records if r.name == "tidings" and "propagator" in r.getMessage()]
+    assert sorted(r.getMessage() for r in warnings) == [
+        "the OpenTelemetry propagator raised RuntimeError in extract; events go on without trace "
+        "context (further failures of this kind are not logged)",
+        "the OpenTelemetry propagator raised RuntimeError in inject; events go on without trace "
+        "context (further failures of this kind are not logged)",
+    ]
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in warnings)
+    assert "secret" not in caplog.text and "acme" not in caplog.text
+
+
+@pytest.mark.usefixtures("broken_propagator")
+async def test_a_raising_propagator_leaves_the_outbox_event_untraced(spans: Spans, tmp_path: Path) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    from tidings.integrations.sqlalchemy import Outbox
+
+    path = tmp_path / "shop.db"
+    bus = EventBus(store=SQLiteStore(path), tracing=spans.provider)
+    recorder = Recorder()
+    bus.on("order.placed")(lambda event: recorder.add(event))
+    engine = create_engine(f"sqlite:///{path}")
+    async with bus:
+        with spans.tracer.start_as_current_span("checkout"), Session(engine) as session, session.begin():
+            Outbox(bus).emit(session, "order.placed", {"order": 7}, headers={"tenant": "acme"})
+        [event] = await recorder.wait_count(1)
+    engine.dispose()
+    assert dict(event.headers) == {"tenant": "acme"}
+    assert spans.one("process order.placed").parent is None
 
 
 # -- failures ---------------------------------------------------------------------------------------

@@ -370,6 +370,35 @@ def test_tidings_default_bus_is_fresh_in_each_test(pytester: pytest.Pytester) ->
     run(pytester, "-W", "error").assert_outcomes(passed=2)
 
 
+def test_tidings_default_bus_is_captured_whatever_order_the_test_names_the_fixtures(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        test_order="""
+        import tidings
+
+
+        def test_events_first(tidings_events, tidings_default_bus):
+            assert tidings_events.buses == (tidings_default_bus,)
+            assert tidings_default_bus is tidings.default_bus()
+            tidings.default_bus().emit("ping", {"n": 1})
+            tidings_events.assert_emitted("ping", n=1)
+
+
+        def test_default_bus_first(tidings_default_bus, tidings_events):
+            assert tidings_events.buses == (tidings_default_bus,)
+            assert tidings_default_bus is tidings.default_bus()
+            tidings.default_bus().emit("ping", {"n": 2})
+            tidings_events.assert_emitted("ping", n=2)
+
+
+        def test_bus_and_inline_first(tidings_bus, tidings_inline, tidings_default_bus):
+            assert tidings_bus is tidings_inline is tidings_default_bus
+        """
+    )
+    run(pytester, "-W", "error").assert_outcomes(passed=3)
+
+
 LEAKY = """
 import asyncio
 import threading

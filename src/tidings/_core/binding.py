@@ -27,18 +27,17 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, EventValidationError
 from .envelope import Arguments, Event
-from .schemas import field_names, is_event_class
-
-if typing.TYPE_CHECKING:
-    from .schemas import Schema
+from .schemas import Schema, field_names, is_event_class
 
 __all__ = ["BindingStyle", "Plan", "plan_handler"]
 
 BindingStyle = Literal["auto", "arguments"]
 """``"auto"``: the rules above; ``"arguments"``: every parameter not annotated ``Event`` is a data
-parameter (how Litestar listeners and ``emit(name, *args)`` handlers are written)."""
+parameter (how Litestar listeners and ``emit(name, *args)`` handlers are written). Under
+``"arguments"`` an annotation that cannot be resolved (a name imported under ``TYPE_CHECKING``)
+is an argument's class, never the envelope, even if it is spelled ``"Event"``."""
 
 _ENVELOPE: Final = "envelope"
 _PAYLOAD: Final = "payload"
@@ -91,10 +90,12 @@ def _runtime_type(annotation: object) -> type | None:
     return bare if isinstance(bare, type) and _checkable(bare) else None
 
 
-def _is_envelope(annotation: object) -> bool:
+def _is_envelope(annotation: object, *, style: BindingStyle = "auto") -> bool:
     annotation = _strip_annotated(annotation)
     if isinstance(annotation, str):  # unresolvable forward reference (imported under TYPE_CHECKING)
-        return annotation.rpartition(".")[2] == "Event"
+        # "auto" refuses any other unresolvable annotation, so the text can only mean the envelope;
+        # "arguments" takes it for an argument's class: a listener's own ``Event`` class is one too
+        return style == "auto" and annotation.rpartition(".")[2] == "Event"
     return isinstance(annotation, type) and issubclass(annotation, Event)
 
 
@@ -123,7 +124,7 @@ def _hints(fn: Callable[..., Any], schemas: list[Schema]) -> dict[str, Any]:
 class Param:
     """One parameter of a handler and what fills it."""
 
-    __slots__ = ("annotation", "annotation_type", "default", "kind", "name", "source")
+    __slots__ = ("_schema", "annotation", "annotation_type", "default", "kind", "name", "source")
 
     def __init__(self, parameter: inspect.Parameter, annotation: object, source: str) -> None:
         self.name = parameter.name
@@ -133,10 +134,31 @@ class Param:
         # what isinstance() checks a typed parameter against (``object`` matches anything)
         self.annotation_type: type = _runtime_type(annotation) or object
         self.source = source
+        self._schema: Schema | None = None
 
     @property
     def required(self) -> bool:
         return self.default is _MISSING
+
+    def revive(self, payload: Mapping[str, Any], event: Event, handler: str) -> Any:
+        """``payload`` as the event class this parameter asks for (a dict read back from the log).
+
+        Raises:
+            TypeError: the dict does not fit the class (naming the handler, the event and the fields).
+        """
+        schema = self._schema
+        if schema is None:
+            schema = self._schema = Schema(self.annotation_type, event.name)
+        try:
+            return schema.coerce(payload)
+        except EventValidationError as exc:
+            details = "; ".join(
+                f"field {field!r}: {message}" if field else message for field, message in exc.errors
+            )
+            raise TypeError(
+                f"handler {handler} takes {self.name}: {self.annotation_type.__qualname__}, but event "
+                f"{event.name!r} ({event.id}) carries a dict that does not fit it: {details}"
+            ) from exc
 
 
 class Plan:
@@ -146,14 +168,27 @@ class Plan:
         direct: the handler takes the envelope as its only required argument: call it with it.
         params: every parameter, in order, with what fills it.
         dependencies: the FastAPI dependency parameters (solved by the FastAPI integration).
+        guessed_envelope: a lone untyped parameter was taken for the envelope because no known
+            schema has a field of its name (a schema registered later may have one: plan again).
     """
 
-    __slots__ = ("dependencies", "direct", "fn", "name", "params", "style", "var_keyword", "var_positional")
+    __slots__ = (
+        "dependencies",
+        "direct",
+        "fn",
+        "guessed_envelope",
+        "name",
+        "params",
+        "style",
+        "var_keyword",
+        "var_positional",
+    )
 
     def __init__(self, fn: Callable[..., Any], name: str, params: list[Param], style: BindingStyle) -> None:
         self.fn = fn
         self.name = name
         self.style = style
+        self.guessed_envelope = False
         self.params = [p for p in params if p.kind not in (p.kind.VAR_POSITIONAL, p.kind.VAR_KEYWORD)]
         self.var_positional = any(p.kind is p.kind.VAR_POSITIONAL for p in params)
         self.var_keyword = any(p.kind is p.kind.VAR_KEYWORD for p in params)
@@ -245,7 +280,7 @@ def plan_handler(
                 "resolved, so its FastAPI dependency cannot be read; define the names it uses at "
                 "module level, outside TYPE_CHECKING"
             )
-        elif _is_envelope(annotation):
+        elif _is_envelope(annotation, style=style):
             params.append(Param(parameter, annotation, _ENVELOPE))
         else:
             bare = _strip_annotated(annotation)
@@ -264,9 +299,9 @@ def plan_handler(
                     "under TYPE_CHECKING), or annotate the parameter with Event"
                 )
             params.append(Param(parameter, annotation, _PAYLOAD if typed else _DATA))
-    if style == "auto":
-        _guess_envelope(params, schemas)
+    guessed = style == "auto" and _guess_envelope(params, schemas)
     plan = Plan(fn, name, params, style)
+    plan.guessed_envelope = guessed
     if len([p for p in plan.params if p.source == _ENVELOPE]) > 1:
         raise ConfigurationError(f"handler {name} takes the event envelope more than once")
     for schema in schemas:
@@ -274,17 +309,21 @@ def plan_handler(
     return plan
 
 
-def _guess_envelope(params: list[Param], schemas: list[Schema]) -> None:
-    """``def audit(event)``: a first, lone required parameter, untyped and no field's name: the envelope."""
+def _guess_envelope(params: list[Param], schemas: list[Schema]) -> bool:
+    """``def audit(event)``: a first, lone required parameter, untyped and no field's name: the envelope.
+
+    Returns whether it made that guess.
+    """
     candidates = [p for p in params if p.source != _DEPENDENCY and p.required and p.kind in _POSITIONAL]
     if len(candidates) != 1 or candidates[0] is not params[0]:
-        return
+        return False
     only = candidates[0]
     if only.source != _DATA or _strip_annotated(only.annotation) not in _UNTYPED:
-        return
+        return False
     if any(only.name in schema.fields for schema in schemas):
-        return
+        return False
     only.source = _ENVELOPE
+    return True
 
 
 def _binder(plan: Plan) -> Callable[..., Any]:
@@ -341,14 +380,22 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                 value = named.pop(param.name)
             elif fields is not None and (value := _field(fields, param.name)) is not _MISSING:
                 pass
+            elif (
+                source == _PAYLOAD and isinstance(payload, Mapping) and is_event_class(param.annotation_type)
+            ):
+                # a typed event whose name has no schema, read back from the log as JSON
+                value = param.revive(payload, event, name)
             elif source == _PAYLOAD:
                 raise TypeError(
                     f"handler {name} takes {param.name}: {_describe(_strip_annotated(param.annotation))}, "
                     f"but event {event.name!r} ({event.id}) carries a {type(payload).__name__}"
                 )
             elif not param.required:
-                positional = False
-                continue
+                if positional and param.kind is inspect.Parameter.POSITIONAL_ONLY:
+                    value = param.default  # a later positional-only one may be given: keep the places
+                else:
+                    positional = False
+                    continue
             else:
                 raise TypeError(
                     f"handler {name} needs {param.name!r}, which event {event.name!r} "

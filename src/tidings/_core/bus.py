@@ -216,6 +216,8 @@ class EventBus:
         self._inspects_emits = False
         self.app: Any = None
         """The ASGI app the bus serves (set by the middleware; FastAPI dependencies use its overrides)."""
+        self.lifespan_state: dict[str, Any] | None = None
+        """The state the app's lifespan yielded (``request.state`` of handlers' FastAPI dependencies)."""
         self._runner = Runner(self, self._registry, self.limits, on_failure, self.store, self.resubmit_after)
         self.dead_letters = DeadLetters(self, self._runner)
         """The dead letters: list, inspect, replay and purge them (see :class:`DeadLetters`)."""
@@ -374,7 +376,7 @@ class EventBus:
             dependencies=self._dependency_call,
         )
         for cls in classes:
-            self.schemas.add(cls)
+            self.schema(cls)  # checks (or plans again) the handlers registered by its name before
         if classes:
             self.inspects_emits = True  # every emit under a typed name is validated, fast path included
         for pattern in names:
@@ -419,15 +421,45 @@ class EventBus:
         if not is_event_class(cls):
             raise ConfigurationError(f"an event schema must be a Pydantic model or a dataclass, got {cls!r}")
         event_name = self.schemas.name_for(cls) if name is None else name
-        if self.schemas.get(event_name) is None:
-            candidate = Schema(cls, event_name)
-            for subscription in self._registry:
-                plan = subscription.handler.plan
-                if subscription.pattern == event_name and plan is not None:
-                    plan.check(candidate)
+        if self.schemas.get(event_name) is not None:
+            self.schemas.add(cls, event_name)  # the same class again: a no-op; another: refused
+            return cls
+        candidate = Schema(cls, event_name)
+        replanned: dict[HandlerSpec, HandlerSpec] = {}
+        for subscription in self._registry:
+            spec = subscription.handler
+            if subscription.pattern != event_name or spec.plan is None or spec in replanned:
+                continue
+            if spec.plan.guessed_envelope and spec.plan.params[0].name in candidate.fields:
+                # ``def welcome(email)`` registered before the schema: ``email`` is a field, not the envelope
+                replanned[spec] = self._replanned(spec, candidate)
+            else:
+                spec.plan.check(candidate)
         self.schemas.add(cls, event_name)
+        for old, new in replanned.items():
+            self._registry.replace(old, new)
         self.inspects_emits = True
         return cls
+
+    def _replanned(self, spec: HandlerSpec, schema: Schema) -> HandlerSpec:
+        """``spec`` planned again with ``schema`` and the schemas its other event names have."""
+        assert spec.plan is not None
+        schemas = [schema]
+        for subscription in self._registry:
+            if subscription.handler is spec and subscription.pattern != schema.name:
+                known = self.schemas.get(subscription.pattern)
+                if known is not None:
+                    schemas.append(known)
+        return HandlerSpec.from_target(
+            spec.target,
+            batch=spec.batch,
+            timeout=spec.timeout,
+            retry=spec.retry,
+            name=spec.name,
+            schemas=schemas,
+            style=spec.plan.style,
+            dependencies=self._dependency_call,
+        )
 
     @property
     def inspects_emits(self) -> bool:
@@ -573,7 +605,9 @@ class EventBus:
             event: an event name or a typed event, as for :meth:`emit`.
             *args: one argument is the payload; several (or keyword arguments) become an
                 :class:`~tidings.Arguments` payload, and handlers that take them as parameters
-                (``async def on_paid(order_id, amount)``) are called with them.
+                (``async def on_paid(order_id, amount)``) are called with them. A lone ``None``
+                is an argument too (``Arguments((None,), {})``): as a payload it would mean
+                "no payload", and a handler's first parameter would get its default instead.
             **kwargs: see ``*args``.
 
         Returns:
@@ -600,7 +634,8 @@ class EventBus:
         """
         payload: object = (
             args[0]
-            if len(args) == 1 and not kwargs
+            # None and Arguments stay arguments: as a bare payload they would mean something else
+            if len(args) == 1 and not kwargs and args[0] is not None and type(args[0]) is not Arguments
             else Arguments(args, kwargs)
             if (args or kwargs)
             else None

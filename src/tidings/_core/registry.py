@@ -212,6 +212,13 @@ class Registry:
         self._cache[name] = handlers
         return handlers
 
+    def replace(self, old: HandlerSpec, new: HandlerSpec) -> None:
+        """Put ``new`` in every place ``old`` was registered (the handler planned again)."""
+        self._subscriptions = [
+            Subscription(s.pattern, new, s.matches) if s.handler is old else s for s in self._subscriptions
+        ]
+        self._cache.clear()
+
     def named(self, name: str) -> HandlerSpec | None:
         """The handler registered under ``name`` (how the event log refers to it), if any."""
         for subscription in self._subscriptions:

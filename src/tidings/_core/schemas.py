@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
 from ..exceptions import ConfigurationError, EventValidationError
+from .envelope import Arguments
 
 __all__ = ["Schema", "SchemaRegistry", "event_name_of", "is_event_class"]
 
@@ -132,6 +133,8 @@ class Schema:
     def coerce(self, payload: Any) -> Any:
         """``payload`` as an instance of the class: as it is if it is one, else validated into one.
 
+        A dict, ``None`` (no fields) and keyword-only :class:`~tidings.Arguments` are validated.
+
         Raises:
             EventValidationError: it does not fit.
         """
@@ -139,12 +142,16 @@ class Schema:
             return payload
         if payload is None:
             payload = {}
+        elif type(payload) is Arguments and not payload.args:  # emit_now(name, field=value, ...)
+            payload = dict(payload.kwargs)
         elif not isinstance(payload, Mapping):
             raise EventValidationError(
                 self.name,
                 self.cls,
                 [("", f"expected a {self.cls.__qualname__} or a dict, got {type(payload).__name__}")],
             )
+        elif type(payload) is not dict:  # Pydantic validates dataclasses from dicts only
+            payload = dict(payload)
         try:
             return self._validate(payload)
         except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError

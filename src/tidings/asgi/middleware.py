@@ -135,6 +135,8 @@ class TidingsMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         bus = self.bus
         bus.app = scope.get("app", bus.app)  # FastAPI dependencies in handlers use its overrides
+        # ...and its lifespan state: the server's dict, which Starlette fills with what the lifespan yields
+        bus.lifespan_state = scope.get("state")
 
         async def lifespan_receive() -> Message:
             message = await receive()

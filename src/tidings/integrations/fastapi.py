@@ -44,6 +44,7 @@ from .._core.dispatcher import current_scope
 from .._core.dispatcher import emit as _emit
 from .._core.envelope import Arguments
 from ..exceptions import ConfigurationError
+from ..observability import carry_handler_call
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -147,7 +148,7 @@ def _stand_in(plan: Plan) -> Callable[..., Any]:
     return stand_in
 
 
-def _event_request(app: Any, stack: AsyncExitStack, event: Event) -> Request:
+def _event_request(app: Any, stack: AsyncExitStack, event: Event, state: dict[str, Any] | None) -> Request:
     scope: dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -162,7 +163,7 @@ def _event_request(app: Any, stack: AsyncExitStack, event: Event) -> Request:
         "client": None,
         "server": None,
         "path_params": {},
-        "state": {},
+        "state": {} if state is None else state.copy(),  # a copy per run, as Starlette gives requests
         "app": app,
         "tidings.event": event,
     }
@@ -186,6 +187,7 @@ async def _in_thread(bus: EventBus, work: Callable[[], Any]) -> Any:
     runner = getattr(bus, "_runner", None)
     executor = getattr(runner, "_executor", None)  # None: the loop's default executor
     context = contextvars.copy_context()
+    carry_handler_call(context)  # so its log records name this call, not the job's sync one
     return await asyncio.get_running_loop().run_in_executor(executor, context.run, work)
 
 
@@ -226,7 +228,7 @@ def dependency_call(plan: Plan, bus: EventBus) -> Callable[[Event], Awaitable[No
             options = {**_SOLVE_OPTIONS, "async_exit_stack": stack} if _PASS_EXIT_STACK else _SOLVE_OPTIONS
             values, errors, background_tasks = _unpack(
                 await solve_dependencies(
-                    request=_event_request(app, stack, event),
+                    request=_event_request(app, stack, event, bus.lifespan_state),
                     dependant=dependant,
                     # FastAPI reads .dependency_overrides off any provider: Starlette and Litestar have none
                     dependency_overrides_provider=app if hasattr(app, "dependency_overrides") else None,

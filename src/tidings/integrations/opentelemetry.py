@@ -18,7 +18,9 @@ When tracing is on (see ``EventBus(tracing=...)``):
     when the handler returns);
   - events emitted anywhere else (outside requests, in sync handlers, sync endpoints and other
     threads, the outbox): the context current at the emit, that is the sync handler's span in one.
-  - headers given to the emit that hold a ``traceparent`` already are kept as they are.
+  - headers given to the emit get the same context, merged into a new mapping (the caller's is
+    never changed). A header the caller set wins over the propagator's: headers that hold a
+    ``traceparent`` already keep it, and so the span the caller named.
 
 * **A span per handler call**, per attempt: kind ``CONSUMER``, named ``process {event name}`` (the
   OpenTelemetry messaging conventions' ``{operation} {destination}``), with the attributes
@@ -40,6 +42,11 @@ When tracing is on (see ``EventBus(tracing=...)``):
   ``error.type`` ``"timeout"``, one cancelled ``"cancelled"``. Sync handlers get their span in
   the worker thread, around the call itself.
 
+* **Tracing never fails an emit or a handler**: a propagator that raises while writing or reading
+  headers is logged once per kind (``inject``, ``extract``) at ``WARNING`` on the ``tidings``
+  logger, with the exception's type only (headers and payloads may hold what a log must not), and
+  the event goes on without trace context (its handler spans start a trace of their own).
+
 * **The event log keeps it**: headers are written with the event, so a delivery run again after a
   crash, a retry or a dead-letter replay gets a span with the same parent and link as the first.
 
@@ -57,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import __version__
 from .._core.dispatcher import current_scope
+from .._core.envelope import Prebuilt
 from .._core.logs import fields
 
 try:
@@ -94,6 +102,7 @@ _attach = otel_context.attach
 _detach = otel_context.detach
 _inject = propagate.inject
 _extract = propagate.extract
+_Context = otel_context.Context
 
 
 class Tracing:
@@ -112,7 +121,7 @@ class Tracing:
         >>> bus = EventBus(tracing=TracerProvider())  # spans go to this provider's processors
     """
 
-    __slots__ = ("_by_name", "_contexts", "_registry", "_specs", "tracer")
+    __slots__ = ("_by_name", "_contexts", "_registry", "_specs", "_warned", "tracer")
 
     def __init__(self, registry: Registry, provider: TracerProvider | None = None) -> None:
         if provider is None:
@@ -125,46 +134,121 @@ class Tracing:
         # mapping, which we wrote from a context we had: a handler call finds its parent here
         # instead of parsing the headers again (one parse costs about as much as a third of a span).
         self._contexts: dict[int, tuple[Mapping[str, str], Context, SpanContext | None]] = {}
+        self._warned: set[str] = set()  # the kinds of propagator failure logged already
 
     # -- trace context into headers ----------------------------------------------------------------
     def inject(self, headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
-        """``headers`` with the current trace context added (unless they carry one, or there is none)."""
+        """``headers`` with the current trace context added (unless they carry one, or there is none).
+
+        The result is a new mapping; a key ``headers`` has already keeps its value. Never raises:
+        a failing propagator leaves ``headers`` as they were.
+        """
         if headers and "traceparent" in headers:
             return headers
-        context = otel_context.get_current()
-        span_context = _get_current_span(context).get_span_context()
-        if not span_context.is_valid:
+        try:
+            context = otel_context.get_current()
+            span_context = _get_current_span(context).get_span_context()
+            if not span_context.is_valid:
+                return headers
+            carrier = self._carrier(context, span_context)
+            return self._merge(headers, carrier, context, span_context) if headers else carrier
+        except Exception as exc:  # tracing must never fail an emit: the event goes untraced
+            self._propagation_failed("inject", exc)
             return headers
-        carrier = dict(headers) if headers else {}
+
+    def prepare(self, records: list[Record]) -> list[Record]:
+        """Give records emitted without trace context the current one (one injection for them all)."""
+        for record in records:  # _wants_context, inlined: this runs for every job when tracing
+            headers = record[3]
+            if headers is None or (type(headers) is not Prebuilt and "traceparent" not in headers):
+                break
+        else:
+            return records
+        try:
+            context = otel_context.get_current()
+            span_context = _get_current_span(context).get_span_context()
+            if not span_context.is_valid:
+                return records
+            prepared = list(records)
+            self._fill(prepared, 0, context, span_context)
+        except Exception as exc:  # tracing must never fail an emit: the events go untraced
+            self._propagation_failed("inject", exc)
+            return records
+        return prepared
+
+    def _stamp(self, buffer: list[Record], start: int, span: Span, context: Context) -> None:
+        """Give the records an async handler emitted (``buffer[start:]``) its span's context."""
+        try:
+            self._fill(buffer, start, context, span.get_span_context())
+        except Exception as exc:  # runs as the handler returns, whose outcome it must not change
+            self._propagation_failed("inject", exc)
+
+    def _fill(self, records: list[Record], start: int, context: Context, span_context: SpanContext) -> None:
+        """Put ``context`` into the headers of ``records[start:]`` that lack trace context, in place.
+
+        Only the loop's thread calls this. ``records`` is left untouched if the propagator raises:
+        it does so before the first record is replaced.
+        """
+        carrier: Mapping[str, str] | None = None
+        merged: dict[int, Mapping[str, str]] = {}  # the records of one emit site share headers
+        for index in range(start, len(records)):
+            record = records[index]
+            headers = record[3]
+            if not _wants_context(headers):
+                continue
+            if carrier is None:
+                carrier = self._carrier(context, span_context)
+            if headers:
+                made = merged.get(id(headers))
+                if made is None:
+                    made = merged[id(headers)] = self._merge(headers, carrier, context, span_context)
+            else:
+                made = carrier
+            records[index] = (*record[:3], made)
+
+    def _carrier(self, context: Context, span_context: SpanContext) -> Mapping[str, str]:
+        """The headers the propagator writes for ``context`` (remembered: handlers skip the parse)."""
+        carrier: dict[str, str] = {}
         _inject(carrier, context)
         made = MappingProxyType(carrier)
         self._remember(made, context, span_context)
         return made
 
-    def prepare(self, records: list[Record]) -> list[Record]:
-        """Give records emitted without headers the current trace context (once for them all)."""
-        for record in records:
-            if record[3] is None:
-                break
-        else:
-            return records
-        headers = self.inject(None)
-        if headers is None:
-            return records
-        return [record if record[3] is not None else (*record[:3], headers) for record in records]
+    def _merge(
+        self,
+        headers: Mapping[str, str],
+        carrier: Mapping[str, str],
+        context: Context,
+        span_context: SpanContext,
+    ) -> Mapping[str, str]:
+        """The caller's ``headers`` plus the keys of ``carrier`` they lack, in a new mapping."""
+        merged = dict(headers)
+        kept_own = False
+        for key, value in carrier.items():
+            if key in merged:
+                kept_own = True
+            else:
+                merged[key] = value
+        made = MappingProxyType(merged)
+        # A caller's tracestate or baggage makes the headers' context differ from ``context``: a
+        # handler must then read it from the headers, as it would after a restart.
+        if not kept_own:
+            self._remember(made, context, span_context)
+        return made
 
-    def _stamp(self, buffer: list[Record], start: int, span: Span, context: Context) -> None:
-        """Give the records an async handler emitted (``buffer[start:]``) its span's context."""
-        headers: Mapping[str, str] | None = None
-        for index in range(start, len(buffer)):
-            record = buffer[index]
-            if record[3] is None:
-                if headers is None:
-                    carrier: dict[str, str] = {}
-                    _inject(carrier, context)
-                    headers = MappingProxyType(carrier)
-                    self._remember(headers, context, span.get_span_context())
-                buffer[index] = (*record[:3], headers)
+    def _propagation_failed(self, kind: str, exc: Exception) -> None:
+        # Once per kind: a broken propagator fails every emit, and a log line each would flood.
+        # The type only: the message of a propagator's error may quote header values.
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        logger.warning(
+            "the OpenTelemetry propagator raised %s in %s; events go on without trace context "
+            "(further failures of this kind are not logged)",
+            type(exc).__qualname__,
+            kind,
+            extra=fields(None),
+        )
 
     def _remember(
         self, headers: Mapping[str, str], context: Context, span_context: SpanContext | None
@@ -203,9 +287,13 @@ class Tracing:
         known = self._contexts.get(id(headers))
         if known is not None and known[0] is headers:
             return known[1], known[2]
-        parent = _extract(headers)
-        span_context = _get_current_span(parent).get_span_context()
-        found = span_context if span_context.is_valid else None
+        try:
+            parent = _extract(headers)
+            span_context = _get_current_span(parent).get_span_context()
+            found = span_context if span_context.is_valid else None
+        except Exception as exc:  # tracing must never fail a handler: its span starts a new trace
+            self._propagation_failed("extract", exc)
+            parent, found = _Context(), None
         self._remember(headers, parent, found)
         return parent, found
 
@@ -234,7 +322,7 @@ class Tracing:
         contexts = [self._context_of(e.headers) for e in events]
         links = [Link(creation) for _, creation in contexts if creation is not None]
         shared = {None if c is None else (c.trace_id, c.span_id) for _, c in contexts}
-        parent = contexts[0][0] if len(shared) == 1 and contexts else _extract({})
+        parent = contexts[0][0] if len(shared) == 1 and contexts else _Context()  # a new trace
         names = {e.name for e in events}
         attributes: dict[str, Any] = {
             "messaging.system": "tidings",
@@ -310,6 +398,11 @@ class Tracing:
                 span.end()
 
         return traced_call
+
+
+def _wants_context(headers: Mapping[str, str] | None) -> bool:
+    """Whether a record's headers lack trace context (an outbox event has its own, from the log)."""
+    return headers is None or (type(headers) is not Prebuilt and "traceparent" not in headers)
 
 
 def _start_failed(spec: HandlerSpec) -> None:

@@ -45,7 +45,6 @@ from time import time, time_ns
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from .._core.dispatcher import normalize_name
 from .._core.envelope import EMPTY_HEADERS, Event
 from .._core.logs import fields
 from ..exceptions import BusStateError, ConfigurationError
@@ -64,7 +63,6 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in the t
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
-    from enum import Enum
 
     from sqlalchemy import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -123,7 +121,7 @@ class Outbox:
     def emit(
         self,
         session: Session | AsyncSession,
-        event: str | Enum,
+        event: object,
         payload: object = None,
         *,
         headers: Mapping[str, str] | None = None,
@@ -136,11 +134,17 @@ class Outbox:
         (``begin_nested()``) are not tracked: an event belongs to the outermost transaction, so
         emit after a savepoint you may roll back.
 
+        ``event`` and ``payload`` are what :meth:`EventBus.emit <tidings.EventBus.emit>` takes: a
+        name and a payload, or a typed event (named after its class); a ``dict`` payload under a
+        name with a schema is validated into an instance of it, here.
+
         Returns:
             The event, with the id its deliveries have in the log.
 
         Raises:
-            TypeError: ``event`` is not a ``str`` or ``str``-valued ``Enum``.
+            TypeError: ``event`` is not a name or a typed event, or a typed event came with a payload.
+            EventValidationError: the payload does not fit the schema registered for the name
+                (raised here, before anything is staged).
             SerializationError: the payload cannot be written to the log (your transaction is
                 untouched: this is raised here, not at commit).
             BusStateError: the session is not in a transaction.
@@ -150,8 +154,14 @@ class Outbox:
                 "outbox.emit() needs the session to be in a transaction: call session.begin() first "
                 "(the event is written by that transaction's commit, and discarded by its rollback)"
             )
-        name = event if type(event) is str else normalize_name(event)
-        tracing = self.bus.tracing
+        bus = self.bus
+        # What bus.emit() does to what it is given, so that an event is the same either way.
+        if type(event) is str:
+            name = event
+        else:
+            name, payload = bus.name_and_payload(event, payload, bus.schemas.names)
+        payload = bus.schemas.validate(name, payload)
+        tracing = bus.tracing
         if tracing is not None:  # the context of the code that emits, as bus.emit() would take it
             headers = tracing.inject(headers)
         built = Event(name, payload, MappingProxyType(dict(headers)) if headers else EMPTY_HEADERS, time_ns())

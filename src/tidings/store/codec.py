@@ -1,12 +1,14 @@
 """How events are written to a durable log: JSON, never pickle.
 
 A payload is written as JSON. Besides what ``json`` takes, dataclass instances, Pydantic models
-(``model_dump(mode="json")``), ``datetime``/``date``/``time`` (ISO 8601), ``UUID`` and ``Decimal``
-(strings), sets (lists) and ``Enum`` members (their value) are accepted. Handlers of a recorded event
-that is run again from the log (after a crash, a retry in another process, a replay) receive the
-payload as the JSON it became: dicts, lists, strings and numbers, except that a payload whose event
-name has a schema on the bus becomes an instance of that class again, and the
-:class:`~tidings.Arguments` of an event emitted with several arguments are kept as such.
+(``model_dump(mode="json", by_alias=True, round_trip=True)``: the shape ``model_validate`` reads
+back), ``datetime``/``date``/``time`` (ISO 8601), ``UUID`` and ``Decimal`` (strings), sets (lists)
+and ``Enum`` members (their value) are accepted. Handlers of a recorded event that is run again
+from the log (after a crash, a retry in another process, a replay) receive the payload as the JSON
+it became: dicts, lists, strings and numbers, except that a payload whose event name has a schema
+on the bus, or that a handler's parameter asks for as a typed event class, becomes an instance of
+that class again, and the :class:`~tidings.Arguments` of an event emitted with several arguments
+are kept as such.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _default(value: Any) -> Any:
         return dataclasses.asdict(value)
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump):
-        return model_dump(mode="json")
+        # the shape model_validate reads back: aliases, and no computed fields (extra="forbid" refuses them)
+        return model_dump(mode="json", by_alias=True, round_trip=True)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
     if isinstance(value, uuid.UUID | Decimal):

@@ -10,18 +10,22 @@ event log too, and :func:`event_tuple` turns it back into the member.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import inspect
 import logging
 import os
 import threading
 import weakref
+from contextvars import ContextVar
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from ..._core.dispatcher import current_scope
 from .constants import FASTAPI_EVENTS_DISABLE_DISPATCH_ENV_VAR
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Awaitable, Callable, Mapping
 
     from ..._core.bus import EventBus
     from ..._core.envelope import Event as Envelope
@@ -30,10 +34,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NAME_HEADER",
+    "await_result",
     "bus_for",
     "dispatch_disabled",
+    "dispatch_off",
     "event_tuple",
+    "is_async_callable",
     "is_dependency",
+    "is_depends_marker",
+    "matched_name",
     "name_key",
     "register_bus",
     "subscribe",
@@ -48,6 +57,22 @@ _members: dict[str, Enum] = {}  # NAME_HEADER value -> member, filled as members
 _members_lock = threading.Lock()
 
 
+def matched_name(name: EventName) -> str:
+    """The ``str`` fastapi-events matches patterns against: ``str(name)`` unless ``name`` is a ``str``.
+
+    A plain ``Enum`` member is ``"UserEvents.SIGNED_UP"``; a ``str``-valued one (``StrEnum``,
+    ``class E(str, Enum)``) is its value, the ``str`` it is.
+
+    Raises:
+        TypeError: ``name`` is neither a ``str`` nor an ``Enum`` member.
+    """
+    if isinstance(name, str):
+        return str.__str__(name)
+    if isinstance(name, Enum):
+        return str(name)
+    raise TypeError(f"an event name must be a str or an Enum member, got {type(name).__name__}")
+
+
 def name_key(name: EventName) -> tuple[str, Mapping[str, str] | None]:
     """The tidings event name for ``name``, and the headers that give handlers the ``Enum`` member back.
 
@@ -56,12 +81,7 @@ def name_key(name: EventName) -> tuple[str, Mapping[str, str] | None]:
     """
     if type(name) is str:
         return name, None
-    if isinstance(name, str):  # StrEnum, (str, Enum), other str subclasses: fnmatch sees the value
-        key = str.__str__(name)
-    elif isinstance(name, Enum):
-        key = str(name)
-    else:
-        raise TypeError(f"an event name must be a str or an Enum member, got {type(name).__name__}")
+    key = matched_name(name)
     if not isinstance(name, Enum):
         return key, None
     cls = type(name)
@@ -164,6 +184,17 @@ def dispatch_disabled() -> bool:
     return disabled
 
 
+_dispatch_off: ContextVar[bool] = ContextVar("tidings.compat.fastapi_events.dispatch_off", default=False)
+dispatch_off = _dispatch_off.get
+"""Whether the middleware found dispatch disabled when the current request started.
+
+The request still runs in a tidings request scope, so native ``tidings.emit()`` keeps its meaning
+(handled after the response); only ``dispatch()`` reads this, and drops its events.
+"""
+set_dispatch_off = _dispatch_off.set
+reset_dispatch_off = _dispatch_off.reset
+
+
 # -- buses by middleware id ---------------------------------------------------------------------------
 
 _buses: weakref.WeakValueDictionary[object, EventBus] = weakref.WeakValueDictionary()
@@ -193,21 +224,74 @@ def bus_for(middleware_id: object) -> EventBus | None:
 # -- registration -------------------------------------------------------------------------------------
 
 
-def is_dependency(annotation: object, default: object) -> bool:
-    """Whether a parameter is a FastAPI dependency: ``= Depends(...)`` or ``Annotated[..., Depends(...)]``.
+def is_depends_marker(value: object) -> bool:
+    """Whether ``value`` is ``Depends(...)`` or ``Security(...)``.
 
     Duck-typed (``fastapi.params.Depends`` and ``Security``), so that nothing imports FastAPI here.
     """
+    return type(value).__module__.startswith("fastapi.") and hasattr(value, "dependency")
+
+
+def is_dependency(annotation: object, default: object) -> bool:
+    """Whether a parameter is a FastAPI dependency: ``= Depends(...)`` or ``Annotated[..., Depends(...)]``."""
     import typing
 
-    def marker(value: object) -> bool:
-        return type(value).__module__.startswith("fastapi.") and hasattr(value, "dependency")
-
-    if marker(default):
+    if is_depends_marker(default):
         return True
     if typing.get_origin(annotation) is typing.Annotated:
-        return any(marker(meta) for meta in typing.get_args(annotation)[1:])
+        return any(is_depends_marker(meta) for meta in typing.get_args(annotation)[1:])
     return False
+
+
+def is_async_callable(func: object) -> bool:
+    """Whether calling ``func`` starts a coroutine: an ``async def``, or an async ``__call__``."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - an async __call__ on an instance
+    )
+
+
+_handler_loop: ContextVar[asyncio.AbstractEventLoop | None] = ContextVar(
+    "tidings.compat.fastapi_events.handler_loop", default=None
+)
+set_handler_loop = _handler_loop.set
+"""Name the loop for :func:`await_result` where no tidings scope does (``LocalHandler.handle``)."""
+
+
+def await_result(result: object) -> None:
+    """Wait, in a plain ``def`` handler's worker thread, for the awaitable the handler returned.
+
+    fastapi-events awaited whatever ``handle()`` and ``handle_many()`` returned (it hands them to
+    ``asyncio.gather``), so a plain ``def`` returning a coroutine (a decorator's wrapper, a client
+    call's coroutine) was a working handler. tidings runs plain ``def`` handlers in worker threads
+    and ignores what they return: the awaitable is run on the event loop the handlers serve (where
+    its clients and pools live) and waited for here, so it fails, times out and is retried as the
+    handler call it belongs to.
+
+    Raises:
+        Exception: what the awaitable raised.
+        RuntimeError: no event loop is known to run it on, or this thread is running one.
+    """
+    if not inspect.isawaitable(result):
+        return
+    loop = _handler_loop.get()
+    if loop is None:
+        scope = current_scope()  # the handler job's: handlers run with their job as scope
+        loop = scope.bus._loop if scope is not None else None
+    if loop is None or loop.is_closed():
+        _refuse(result, "no event loop is there to await it")
+    if asyncio._get_running_loop() is not None:
+        _refuse(result, "it was called on an event loop's thread, which waiting would block")
+    asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
+
+
+def _refuse(awaitable: object, why: str) -> NoReturn:
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()  # it will never run: no "never awaited" warning on top of this error
+    raise RuntimeError(f"a plain def handler returned an awaitable, and {why}")
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
 
 
 def subscribe(bus: EventBus, target: object, pattern: str, base_name: str) -> HandlerSpec | None:

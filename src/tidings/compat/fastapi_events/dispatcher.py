@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from ..._core.dispatcher import current_scope, live_buses
 from ..._core.dispatcher import emit as _emit
 from ..._core.logs import fields
-from ._support import bus_for, dispatch_disabled, name_key
+from ._support import bus_for, dispatch_disabled, dispatch_off, name_key
 from .errors import MissingEventNameDuringDispatch, MultiplePayloadsDetectedDuringDispatch
 from .registry.payload_schema import registry as _default_registry
 
@@ -99,7 +99,8 @@ def dispatch(
     ):
         scope = current_scope()
         if scope is not None and scope.buffer is not None:
-            _emit(event_name_or_model, payload)
+            if not dispatch_off():
+                _emit(event_name_or_model, payload)
             return
     _dispatch(
         event_name_or_model,

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ..._core.bus import EventBus
-from ..._core.dispatcher import reset_scope, set_scope
 from ...asgi.middleware import TidingsMiddleware
-from ._support import dispatch_disabled, event_tuple, register_bus, subscribe
+from ._support import (
+    await_result,
+    dispatch_disabled,
+    event_tuple,
+    is_async_callable,
+    register_bus,
+    reset_dispatch_off,
+    set_dispatch_off,
+    subscribe,
+)
 from .handlers.base import BaseEventHandler
 from .handlers.local import LocalHandler
 from .handlers.null import NullHandler
@@ -34,15 +41,16 @@ class EventHandlerASGIMiddleware:
     * one handler's exception never keeps the other handlers from running, and never escapes the
       ASGI app: it is logged (and reported to ``on_failure``, retried, made a dead letter, as the
       bus is configured);
-    * plain ``def`` handlers run in worker threads, one thread hop per request;
+    * plain ``def`` handlers run in worker threads, one thread hop per request (an awaitable one
+      returns, as a decorator's wrapper of an ``async def`` does, is awaited on the event loop);
     * the app's lifespan starts the bus before startup code runs and drains it at shutdown, within
       ``drain_timeout``, so events of startup code, of background tasks and of handlers are handled
       rather than lost;
     * events dispatched in a websocket are handled as they come, not when the connection closes.
 
     ``FASTAPI_EVENTS_DISABLE_DISPATCH`` is read at the start of each HTTP request: set to a truthy
-    value, the request's ``dispatch()`` calls (and those of the handlers they would have started)
-    do nothing.
+    value, the request's ``dispatch()`` calls do nothing. Native ``tidings.emit()`` calls are not
+    affected: their events are still handled after the response.
 
     Args:
         app: the ASGI app to wrap.
@@ -93,13 +101,13 @@ class EventHandlerASGIMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and dispatch_disabled():
-            # No buffer for this request: its dispatch() calls take the slow path, which reads
-            # the switch again and drops them.
-            token = set_scope(self.bus.direct_scope)
+            # The request keeps its tidings scope, so a native emit() in it is still handled after
+            # the response; the flag makes this request's dispatch() calls drop their events.
+            token = set_dispatch_off(True)
             try:
-                await self.app(scope, receive, send)
+                await self._tidings(scope, receive, send)
             finally:
-                reset_scope(token)
+                reset_dispatch_off(token)
             return
         await self._tidings(scope, receive, send)
 
@@ -150,7 +158,7 @@ class _Adapter:
     @classmethod
     def each(cls, handler: object, handle: Callable[[Any], Any]) -> _Adapter:
         adapter = cls(handler)
-        if inspect.iscoroutinefunction(handle):
+        if is_async_callable(handle):
 
             async def handle_one(event: Envelope) -> None:
                 await handle(event_tuple(event))
@@ -159,7 +167,9 @@ class _Adapter:
         else:
 
             def handle_one_sync(event: Envelope) -> None:
-                handle(event_tuple(event))
+                result = handle(event_tuple(event))
+                if result is not None:  # fastapi-events awaited what handle() returned
+                    await_result(result)
 
             adapter.handle = handle_one_sync
         return adapter
@@ -167,7 +177,7 @@ class _Adapter:
     @classmethod
     def batch(cls, handler: object, handle_many: Callable[..., Any]) -> _Adapter:
         adapter = cls(handler)
-        if inspect.iscoroutinefunction(handle_many):
+        if is_async_callable(handle_many):
 
             async def handle_batch(events: list[Envelope]) -> None:
                 await handle_many(events=deque(map(event_tuple, events)))
@@ -176,7 +186,9 @@ class _Adapter:
         else:
 
             def handle_batch_sync(events: list[Envelope]) -> None:
-                handle_many(events=deque(map(event_tuple, events)))
+                result = handle_many(events=deque(map(event_tuple, events)))
+                if result is not None:
+                    await_result(result)
 
             adapter.handle_many = handle_batch_sync
         return adapter

@@ -21,7 +21,9 @@ class BaseEventHandler(abc.ABC):
 
     Implement ``handle(event)``; it receives the tuple ``(event_name, payload)``. Override
     ``handle_many(events)`` to take the events of one request (or of one event-loop turn, for events
-    dispatched outside requests) in one call, to forward them in one batch, say.
+    dispatched outside requests) in one call, to forward them in one batch, say. Either may be a
+    plain ``def``: it runs in a worker thread, and an awaitable it returns (as a decorator's wrapper
+    of an ``async def`` does) is awaited on the event loop, as fastapi-events awaited it.
 
     Under :class:`~tidings.compat.fastapi_events.middleware.EventHandlerASGIMiddleware` a handler
     that keeps the default ``handle_many`` gets its events one by one, each call isolated: a failed

@@ -10,12 +10,15 @@ built (handler modules imported late) are registered on its bus then, and run fr
 A function receives the event tuple ``(event_name, payload)`` as its first argument; its other
 parameters may be FastAPI dependencies (``= Depends(...)`` or ``Annotated[..., Depends(...)]``),
 solved by FastAPI for each call, with sub-dependencies, ``yield`` dependencies and the app's
-``dependency_overrides``.
+``dependency_overrides``; any other parameter keeps its default, as in fastapi-events. A dependency
+FastAPI cannot read (a parameter typed with a class it cannot validate, a decorator's ``*args``) is
+solved as fastapi-events solved it: its own dependencies only (see ``_dependencies``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import typing
@@ -24,7 +27,16 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ...._core.envelope import Event as Envelope
 from ....exceptions import ConfigurationError
-from .._support import event_tuple, is_dependency, name_key, subscribe
+from .._dependencies import readable_dependency
+from .._support import (
+    await_result,
+    event_tuple,
+    is_async_callable,
+    is_dependency,
+    name_key,
+    set_handler_loop,
+    subscribe,
+)
 from .base import BaseEventHandler
 
 if TYPE_CHECKING:
@@ -47,12 +59,6 @@ def _qualname(func: Callable[..., Any]) -> str:
     module = getattr(func, "__module__", None) or type(func).__module__
     qualname = getattr(func, "__qualname__", None) or type(func).__qualname__
     return f"{module}.{qualname}"
-
-
-def _is_async(func: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-        getattr(func, "__call__", None)  # noqa: B004 - an async __call__ on an instance
-    )
 
 
 def _adapt(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,10 +86,12 @@ def _adapt(func: Callable[..., Any]) -> Callable[..., Any]:
             f"handler {label} must take the event, the tuple (event_name, payload), as its first argument"
         )
     dependencies: list[inspect.Parameter] = []
+    views: dict[int, tuple[object, object]] = {}
     for parameter in parameters[1:]:
         annotation = hints.get(parameter.name, parameter.annotation)
         if is_dependency(annotation, parameter.default):
-            dependencies.append(parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=annotation))
+            keyword = parameter.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
+            dependencies.append(readable_dependency(keyword, label, views))
         elif isinstance(annotation, str) and ("Depends(" in annotation or "Security(" in annotation):
             raise ConfigurationError(
                 f"handler {label}: the annotation of {parameter.name!r} ({annotation}) cannot be "
@@ -105,7 +113,7 @@ def _adapt(func: Callable[..., Any]) -> Callable[..., Any]:
     # One closure per combination, each doing no more than it must: a call through it costs about
     # 0.15 µs more than a tidings handler called directly (a coroutine and a tuple; bench/README.md).
     adapter: Callable[..., Any]
-    if _is_async(func):
+    if is_async_callable(func):
         if dependencies:
 
             async def adapter(event: Envelope, /, **values: Any) -> Any:
@@ -126,7 +134,9 @@ def _adapt(func: Callable[..., Any]) -> Callable[..., Any]:
     else:
 
         def adapter(event: Envelope, /) -> Any:
-            return func(event_tuple(event) if event.headers else (event.name, event.payload))
+            result = func(event_tuple(event) if event.headers else (event.name, event.payload))
+            if result is not None:  # a decorator's plain def wrapper returns its coroutine
+                await_result(result)
 
     signature = inspect.Signature(
         [inspect.Parameter(first, inspect.Parameter.POSITIONAL_ONLY, annotation=Envelope), *dependencies]
@@ -276,7 +286,10 @@ async def _call(spec: HandlerSpec, envelope: Envelope) -> None:
     if spec.is_async:
         await spec.call(envelope)
     else:
-        await asyncio.to_thread(spec.call, envelope)
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # the caller's, as asyncio.to_thread would copy
+        context.run(set_handler_loop, loop)  # no tidings scope here names the loop for await_result
+        await loop.run_in_executor(None, context.run, spec.call, envelope)
 
 
 local_handler = LocalHandler()
