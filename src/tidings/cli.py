@@ -138,20 +138,21 @@ def buses_of(target: object) -> list[EventBus]:
     return found
 
 
-def _buses_of_app(target: object, *, build: bool) -> list[EventBus]:
-    """:func:`buses_of`, after building the middleware of a Starlette app that has not built it yet.
+def _buses_of_app(target: object) -> list[EventBus]:
+    """:func:`buses_of`, else the same after building the middleware of a Starlette app.
 
     Middleware may make its bus only when it is built (fastapi-events' ``EventHandlerASGIMiddleware``
-    without ``bus=``), which Starlette does on the app's first call. The stack built here is kept,
-    as that first call would keep it, so that an app run in this process (under the pytest plugin)
-    uses the bus found here. But a built app takes no more middleware, and exception handlers added
-    later are not seen, so with ``build=False`` it is built only when nothing else shows a bus.
+    without ``bus=``), which Starlette does on the app's first call. Building runs the middleware's
+    constructors (which may need the app's environment), a built app takes no more middleware and
+    does not see exception handlers added later: so it is built only when nothing else shows a bus.
+    The stack built is kept, as that first call would keep it, so that an app run in this process
+    (under the pytest plugin) uses the bus found here.
 
     Raises:
         UsageError: building the middleware failed.
     """
     buses = buses_of(target)
-    if (buses and not build) or not isinstance(target, _LazyStack) or target.middleware_stack is not None:
+    if buses or not isinstance(target, _LazyStack) or target.middleware_stack is not None:
         return buses
     try:
         target.middleware_stack = target.build_middleware_stack()
@@ -176,7 +177,7 @@ def _module_buses(value: object) -> list[EventBus]:
     try:
         if isinstance(value, ModuleType | type):
             return []
-        return _buses_of_app(value, build=True)
+        return _buses_of_app(value)
     except Exception:
         return []
 
@@ -195,7 +196,7 @@ def load_bus(target: str) -> EventBus:
     module = _import(module_name)
     if attribute:
         found = _attribute(module, target, attribute)
-        buses = _buses_of_app(found, build=False)
+        buses = _buses_of_app(found)
         if len(buses) == 1:
             return buses[0]
         if buses:
@@ -213,7 +214,7 @@ def load_buses(target: str) -> tuple[list[EventBus], str | None]:
     """Import ``module:attribute`` or ``module`` and return every bus found there, and a note.
 
     The note says when the default bus stood in for an app's own (``None`` otherwise). An app's
-    middleware not built yet is built (and kept), for the buses only built middleware has.
+    middleware not built yet is built (and kept) when nothing else shows its bus.
 
     Raises:
         UsageError: the module cannot be imported, or no bus can be found there, or building the
@@ -223,7 +224,7 @@ def load_buses(target: str) -> tuple[list[EventBus], str | None]:
     module = _import(module_name)
     if attribute:
         found = _attribute(module, target, attribute)
-        buses = _buses_of_app(found, build=True)  # this process only lists: build to find them all
+        buses = _buses_of_app(found)
         what = f"{target} is {type(found).__name__}, not an EventBus (nor an app with a bus)"
     else:
         values = list(vars(module).values())

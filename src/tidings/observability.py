@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from contextvars import Context, ContextVar
+from contextvars import ContextVar, Token
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Final
 
@@ -96,16 +96,23 @@ class EventContextFilter(logging.Filter):
         return True
 
 
-# The call an async handler call hands to a worker thread (a plain ``def`` handler with FastAPI
-# dependencies runs from an async call): set only in the context that one thread hop runs in.
+# The call of an async handler whose work goes to other threads (a plain ``def`` handler with
+# FastAPI dependencies, the sync dependencies FastAPI runs in its thread pool): those threads see
+# the handler's context, and so this.
 _carried: ContextVar[tuple[HandlerSpec, Any] | None] = ContextVar("tidings.carried_call", default=None)
 
 
-def carry_handler_call(context: Context) -> None:
-    """Make the handler call running now the current call of ``context``, which a worker thread will run."""
-    call = current_call()
-    if call is not None:
-        context.run(_carried.set, call)
+def carry_handler_call() -> Token[tuple[HandlerSpec, Any] | None]:
+    """Name the handler call running now in this context, for the threads it hands work to.
+
+    Returns the token to reset with :func:`drop_handler_call` when the call ends.
+    """
+    return _carried.set(current_call())
+
+
+def drop_handler_call(token: Token[tuple[HandlerSpec, Any] | None]) -> None:
+    """Undo :func:`carry_handler_call`."""
+    _carried.reset(token)
 
 
 def current_call() -> tuple[HandlerSpec, Any] | None:
@@ -123,5 +130,7 @@ def current_call() -> tuple[HandlerSpec, Any] | None:
     carried = _carried.get()
     if carried is not None:
         return carried
+    if get_ident() != job.sync_thread:  # a thread of someone else's (a thread pool the job used)
+        return None
     running = job.sync_current  # this job's sync calls run one at a time in one worker thread
     return None if running is None else (running[0], running[1])

@@ -372,3 +372,42 @@ async def test_the_filter_names_a_plain_def_handler_with_dependencies(
         "plain handler": ("order.paid", "ledger.book"),
         "handler with dependencies": ("order.paid", "mail.receipt"),
     }
+
+
+a_started = threading.Event()
+b_logged = threading.Event()
+
+
+def logging_database() -> str:  # a plain def dependency: FastAPI runs it in its thread pool
+    assert a_started.wait(5), "the sync handler did not start"
+    logging.getLogger("tests.shop").info("dependency opens the db")
+    b_logged.set()
+    return "db"
+
+
+async def test_the_filter_names_the_handler_of_a_dependency_run_in_fastapis_thread_pool(
+    shop_log: tuple[logging.Logger, Recorder],
+) -> None:
+    log, seen = shop_log
+    bus = EventBus()
+    a_started.clear()
+    b_logged.clear()
+
+    @bus.on("order.paid", name="ledger.book")
+    def book(event: Event) -> None:  # runs in the job's worker thread meanwhile
+        a_started.set()
+        log.info("plain handler")
+        assert b_logged.wait(5), "the dependency did not log"
+
+    @bus.on("order.paid", name="mail.receipt")
+    async def receipt(event: Event, db: Annotated[str, Depends(logging_database)]) -> None:
+        log.info("async handler")
+
+    async with bus:
+        assert await bus.emit_now("order.paid") == ()
+    by_text = {record.getMessage(): fields(record)[::2] for record in seen.items}
+    assert by_text == {
+        "plain handler": ("order.paid", "ledger.book"),
+        "dependency opens the db": ("order.paid", "mail.receipt"),
+        "async handler": ("order.paid", "mail.receipt"),
+    }

@@ -124,7 +124,16 @@ def _hints(fn: Callable[..., Any], schemas: list[Schema]) -> dict[str, Any]:
 class Param:
     """One parameter of a handler and what fills it."""
 
-    __slots__ = ("_schema", "annotation", "annotation_type", "default", "kind", "name", "source")
+    __slots__ = (
+        "_schema",
+        "annotation",
+        "annotation_type",
+        "default",
+        "event_class",
+        "kind",
+        "name",
+        "source",
+    )
 
     def __init__(self, parameter: inspect.Parameter, annotation: object, source: str) -> None:
         self.name = parameter.name
@@ -134,11 +143,27 @@ class Param:
         # what isinstance() checks a typed parameter against (``object`` matches anything)
         self.annotation_type: type = _runtime_type(annotation) or object
         self.source = source
+        # a typed event class: a dict given for it (read back from the log) is validated into one
+        self.event_class = self.annotation_type if is_event_class(self.annotation_type) else None
         self._schema: Schema | None = None
 
     @property
     def required(self) -> bool:
         return self.default is _MISSING
+
+    def _schema_of(self) -> Schema:
+        schema = self._schema
+        if schema is None:
+            assert self.event_class is not None
+            schema = self._schema = Schema(self.event_class, self.event_class.__qualname__)
+        return schema
+
+    def revive_quietly(self, payload: Mapping[str, Any]) -> Any:
+        """``payload`` as the event class this parameter asks for, or ``_MISSING`` if it does not fit."""
+        try:
+            return self._schema_of().coerce(payload, read_back=True)
+        except EventValidationError:
+            return _MISSING
 
     def revive(self, payload: Mapping[str, Any], event: Event, handler: str) -> Any:
         """``payload`` as the event class this parameter asks for (a dict read back from the log).
@@ -146,11 +171,8 @@ class Param:
         Raises:
             TypeError: the dict does not fit the class (naming the handler, the event and the fields).
         """
-        schema = self._schema
-        if schema is None:
-            schema = self._schema = Schema(self.annotation_type, event.name)
         try:
-            return schema.coerce(payload)
+            return self._schema_of().coerce(payload, read_back=True)
         except EventValidationError as exc:
             details = "; ".join(
                 f"field {field!r}: {message}" if field else message for field, message in exc.errors
@@ -339,6 +361,7 @@ def _binder(plan: Plan) -> Callable[..., Any]:
     if whole_type in _UNTYPED:
         whole_type = None
     arguments_only = plan.style == "arguments"
+    none_is_argument = bool(data) and data[0].required and data[0].kind in _POSITIONAL
     var_positional = plan.var_positional
     var_keyword = plan.var_keyword
     name = plan.name
@@ -353,7 +376,8 @@ def _binder(plan: Plan) -> Callable[..., Any]:
             named = dict(payload.kwargs)
             fields: Any = None
         elif arguments_only:  # emit(name, payload): the payload is the one argument
-            given = [] if payload is None else [payload]
+            # None is "no payload" too: it fills a required first parameter, else the defaults hold
+            given = [payload] if payload is not None or none_is_argument else []
             named = {}
             fields = None
         else:
@@ -374,17 +398,25 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                 value = payload
                 if given and given[0] is payload:  # bind="arguments": the payload was the one argument
                     given.pop(0)
+            elif (
+                source == _PAYLOAD
+                and param.event_class is not None
+                and isinstance(fields, Mapping)
+                and (value := param.revive_quietly(fields)) is not _MISSING
+            ):
+                pass  # the class's fields as a dict (read back from the log as JSON): an instance
             elif given and param.kind in _POSITIONAL:
                 value = given.pop(0)
             elif param.name in named:
                 value = named.pop(param.name)
-            elif fields is not None and (value := _field(fields, param.name)) is not _MISSING:
-                pass
             elif (
-                source == _PAYLOAD and isinstance(payload, Mapping) and is_event_class(param.annotation_type)
+                fields is not None
+                and (value := _field(fields, param.name)) is not _MISSING
+                and (source != _PAYLOAD or param.event_class is None or _could_be(value, param.event_class))
             ):
-                # a typed event whose name has no schema, read back from the log as JSON
-                value = param.revive(payload, event, name)
+                pass
+            elif source == _PAYLOAD and param.event_class is not None and isinstance(payload, Mapping):
+                value = param.revive(payload, event, name)  # it did not fit: raises, saying why
             elif source == _PAYLOAD:
                 raise TypeError(
                     f"handler {name} takes {param.name}: {_describe(_strip_annotated(param.annotation))}, "
@@ -401,6 +433,8 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                     f"handler {name} needs {param.name!r}, which event {event.name!r} "
                     f"({event.id}) does not carry"
                 )
+            if param.event_class is not None and isinstance(value, Mapping):
+                value = param.revive(value, event, name)  # an argument or field read back from the log
             if positional and param.kind in _POSITIONAL and param.name not in by_keyword:
                 args.append(value)
             else:
@@ -421,6 +455,11 @@ def _binder(plan: Plan) -> Callable[..., Any]:
         return fn(*args, **kwargs)
 
     return call
+
+
+def _could_be(value: object, cls: type) -> bool:
+    """Whether a typed parameter can take ``value``: an instance, ``None``, or a dict to validate."""
+    return value is None or isinstance(value, cls | Mapping)
 
 
 def _field(payload: Any, name: str) -> Any:

@@ -425,16 +425,21 @@ class EventBus:
             self.schemas.add(cls, event_name)  # the same class again: a no-op; another: refused
             return cls
         candidate = Schema(cls, event_name)
-        replanned: dict[HandlerSpec, HandlerSpec] = {}
+        # ``def welcome(email)`` registered before the schema took ``email`` for the envelope; now
+        # it is a field. Every registration of that handler (one per decorator) is planned again.
+        replan: set[str] = set()
         for subscription in self._registry:
-            spec = subscription.handler
-            if subscription.pattern != event_name or spec.plan is None or spec in replanned:
+            plan = subscription.handler.plan
+            if subscription.pattern != event_name or plan is None:
                 continue
-            if spec.plan.guessed_envelope and spec.plan.params[0].name in candidate.fields:
-                # ``def welcome(email)`` registered before the schema: ``email`` is a field, not the envelope
-                replanned[spec] = self._replanned(spec, candidate)
+            if plan.guessed_envelope and plan.params[0].name in candidate.fields:
+                replan.add(subscription.handler.name)
             else:
-                spec.plan.check(candidate)
+                plan.check(candidate)
+        replanned = {
+            spec: self._replanned(spec, candidate)
+            for spec in {s.handler for s in self._registry if s.handler.name in replan}
+        }
         self.schemas.add(cls, event_name)
         for old, new in replanned.items():
             self._registry.replace(old, new)
@@ -442,13 +447,13 @@ class EventBus:
         return cls
 
     def _replanned(self, spec: HandlerSpec, schema: Schema) -> HandlerSpec:
-        """``spec`` planned again with ``schema`` and the schemas its other event names have."""
+        """``spec`` planned again with ``schema`` and the schemas of its handler's other event names."""
         assert spec.plan is not None
         schemas = [schema]
         for subscription in self._registry:
-            if subscription.handler is spec and subscription.pattern != schema.name:
+            if subscription.handler.name == spec.name and subscription.pattern != schema.name:
                 known = self.schemas.get(subscription.pattern)
-                if known is not None:
+                if known is not None and known not in schemas:
                     schemas.append(known)
         return HandlerSpec.from_target(
             spec.target,
@@ -606,8 +611,8 @@ class EventBus:
             *args: one argument is the payload; several (or keyword arguments) become an
                 :class:`~tidings.Arguments` payload, and handlers that take them as parameters
                 (``async def on_paid(order_id, amount)``) are called with them. A lone ``None``
-                is an argument too (``Arguments((None,), {})``): as a payload it would mean
-                "no payload", and a handler's first parameter would get its default instead.
+                is the payload ``None``, as for :meth:`emit`: it fills a handler's required first
+                argument (``bind="arguments"``), while an optional one keeps its default.
             **kwargs: see ``*args``.
 
         Returns:
@@ -634,8 +639,7 @@ class EventBus:
         """
         payload: object = (
             args[0]
-            # None and Arguments stay arguments: as a bare payload they would mean something else
-            if len(args) == 1 and not kwargs and args[0] is not None and type(args[0]) is not Arguments
+            if len(args) == 1 and not kwargs
             else Arguments(args, kwargs)
             if (args or kwargs)
             else None

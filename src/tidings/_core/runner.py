@@ -32,6 +32,7 @@ import traceback
 from asyncio import current_task
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from threading import get_ident
 from time import monotonic, time
 from typing import TYPE_CHECKING, Any, Final
 
@@ -135,6 +136,7 @@ class Job(Scope):
     sync_calls: Sequence[Call] = ()
     sync_index = 0
     sync_current: SyncCall | None = None
+    sync_thread = 0  # the worker thread of its latest thread hop
     sync_reported: SyncCall | None = None
     sync_stop = False
     # retries and the event log
@@ -625,6 +627,7 @@ class Runner:
         loop = self.loop
         assert loop is not None
         calls = job.sync_calls
+        job.sync_thread = get_ident()
         for index in range(len(calls)):
             if job.sync_stop:
                 return

@@ -14,6 +14,8 @@ installed, and built with ``cls(**payload)`` (no type checks) when it is not.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
 
@@ -88,10 +90,24 @@ def field_names(cls: type) -> frozenset[str]:
     return names
 
 
-def _build_validator(cls: type) -> Callable[[Any], Any]:
+def _by_name(validate: Callable[..., Any]) -> Callable[[Any], Any]:
+    """``validate`` accepting field names besides aliases, where Pydantic can (2.11 and later)."""
+    try:
+        supported = "by_name" in inspect.signature(validate).parameters
+    except (TypeError, ValueError):
+        supported = False
+    return functools.partial(validate, by_name=True) if supported else validate
+
+
+def _build_validators(cls: type) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """How to validate a payload emitted by a caller, and one read back from the log.
+
+    The log holds models by field name (see :mod:`tidings.store.codec`), so revival also accepts
+    field names where the class's own validation wants aliases.
+    """
     model_validate = getattr(cls, "model_validate", None)
     if callable(model_validate):
-        return model_validate  # type: ignore[no-any-return]
+        return model_validate, _by_name(model_validate)
     try:
         from pydantic import TypeAdapter
     except ImportError:  # no Pydantic: build the dataclass, which checks names but not types
@@ -101,8 +117,9 @@ def _build_validator(cls: type) -> Callable[[Any], Any]:
                 raise TypeError(f"expected a {cls.__qualname__} or a mapping, got {type(payload).__name__}")
             return cls(**payload)
 
-        return construct
-    return TypeAdapter(cls).validate_python
+        return construct, construct
+    validate_python: Callable[..., Any] = TypeAdapter(cls).validate_python
+    return validate_python, _by_name(validate_python)
 
 
 def _problems(exc: Exception) -> list[tuple[str, str]]:
@@ -122,18 +139,20 @@ def _problems(exc: Exception) -> list[tuple[str, str]]:
 class Schema:
     """One registered event class: its name, fields and validator."""
 
-    __slots__ = ("_validate", "cls", "fields", "name")
+    __slots__ = ("_revive", "_validate", "cls", "fields", "name")
 
     def __init__(self, cls: type, name: str) -> None:
         self.cls = cls
         self.name = name
         self.fields = field_names(cls)
-        self._validate = _build_validator(cls)
+        self._validate, self._revive = _build_validators(cls)
 
-    def coerce(self, payload: Any) -> Any:
+    def coerce(self, payload: Any, *, read_back: bool = False) -> Any:
         """``payload`` as an instance of the class: as it is if it is one, else validated into one.
 
         A dict, ``None`` (no fields) and keyword-only :class:`~tidings.Arguments` are validated.
+        ``read_back``: the payload was read back from the log (or is a dict a handler's typed
+        parameter is given), so field names are accepted besides aliases.
 
         Raises:
             EventValidationError: it does not fit.
@@ -153,7 +172,7 @@ class Schema:
         elif type(payload) is not dict:  # Pydantic validates dataclasses from dicts only
             payload = dict(payload)
         try:
-            return self._validate(payload)
+            return (self._revive if read_back else self._validate)(payload)
         except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
             raise EventValidationError(self.name, self.cls, _problems(exc)) from exc
 
@@ -227,7 +246,7 @@ class SchemaRegistry:
         if schema is None or isinstance(payload, schema.cls):
             return payload
         try:
-            return schema.coerce(payload)
+            return schema.coerce(payload, read_back=True)
         except EventValidationError:
             return payload
 

@@ -44,7 +44,7 @@ from .._core.dispatcher import current_scope
 from .._core.dispatcher import emit as _emit
 from .._core.envelope import Arguments
 from ..exceptions import ConfigurationError
-from ..observability import carry_handler_call
+from ..observability import carry_handler_call, drop_handler_call
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -187,7 +187,6 @@ async def _in_thread(bus: EventBus, work: Callable[[], Any]) -> Any:
     runner = getattr(bus, "_runner", None)
     executor = getattr(runner, "_executor", None)  # None: the loop's default executor
     context = contextvars.copy_context()
-    carry_handler_call(context)  # so its log records name this call, not the job's sync one
     return await asyncio.get_running_loop().run_in_executor(executor, context.run, work)
 
 
@@ -222,6 +221,14 @@ def dependency_call(plan: Plan, bus: EventBus) -> Callable[[Event], Awaitable[No
     name = plan.name
 
     async def call(event: Event) -> None:
+        # the threads this call uses (its own, FastAPI's for sync dependencies) log as this handler
+        carried = carry_handler_call()
+        try:
+            await run(event)
+        finally:
+            drop_handler_call(carried)
+
+    async def run(event: Event) -> None:
         failure: BaseException | None = None
         async with AsyncExitStack() as stack:
             app = bus.app

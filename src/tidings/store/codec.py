@@ -1,14 +1,15 @@
 """How events are written to a durable log: JSON, never pickle.
 
 A payload is written as JSON. Besides what ``json`` takes, dataclass instances, Pydantic models
-(``model_dump(mode="json", by_alias=True, round_trip=True)``: the shape ``model_validate`` reads
-back), ``datetime``/``date``/``time`` (ISO 8601), ``UUID`` and ``Decimal`` (strings), sets (lists)
-and ``Enum`` members (their value) are accepted. Handlers of a recorded event that is run again
-from the log (after a crash, a retry in another process, a replay) receive the payload as the JSON
-it became: dicts, lists, strings and numbers, except that a payload whose event name has a schema
-on the bus, or that a handler's parameter asks for as a typed event class, becomes an instance of
-that class again, and the :class:`~tidings.Arguments` of an event emitted with several arguments
-are kept as such.
+(``model_dump(mode="json", round_trip=True)``: by field name, without computed fields), ``datetime``
+/``date``/``time`` (ISO 8601), ``UUID`` and ``Decimal`` (strings), sets (lists) and ``Enum`` members
+(their value) are accepted. Handlers of a recorded event that is run again from the log (after a
+crash, a retry in another process, a replay) receive the payload as the JSON it became: dicts,
+lists, strings and numbers, except that a payload whose event name has a schema on the bus, or
+that a handler's parameter asks for as a typed event class, becomes an instance of that class
+again, and the :class:`~tidings.Arguments` of an event emitted with several arguments are kept as
+such. Revival accepts field names besides aliases on Pydantic 2.11 and later, so models whose
+fields have aliases come back there; on older Pydantic they need ``populate_by_name=True``.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def _default(value: Any) -> Any:
         return dataclasses.asdict(value)
     model_dump = getattr(value, "model_dump", None)
     if callable(model_dump):
-        # the shape model_validate reads back: aliases, and no computed fields (extra="forbid" refuses them)
-        return model_dump(mode="json", by_alias=True, round_trip=True)
+        # By field name (what handlers bind by name, and what revival accepts whatever the aliases),
+        # without computed fields (extra="forbid" would refuse them when it is read back).
+        return model_dump(mode="json", round_trip=True)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
     if isinstance(value, uuid.UUID | Decimal):

@@ -184,9 +184,12 @@ def dispatch_disabled() -> bool:
     return disabled
 
 
-_dispatch_off: ContextVar[bool] = ContextVar("tidings.compat.fastapi_events.dispatch_off", default=False)
+_dispatch_off: ContextVar[bool | None] = ContextVar(
+    "tidings.compat.fastapi_events.dispatch_off", default=None
+)
 dispatch_off = _dispatch_off.get
-"""Whether the middleware found dispatch disabled when the current request started.
+"""Whether the middleware found dispatch disabled when the current request started (``None``
+outside such a request: in startup code, or a handler of an event emitted there).
 
 The request still runs in a tidings request scope, so native ``tidings.emit()`` keeps its meaning
 (handled after the response); only ``dispatch()`` reads this, and drops its events.

@@ -99,7 +99,8 @@ def dispatch(
     ):
         scope = current_scope()
         if scope is not None and scope.buffer is not None:
-            if not dispatch_off():
+            off = dispatch_off()
+            if not (dispatch_disabled() if off is None else off):  # None: no checked request
                 _emit(event_name_or_model, payload)
             return
     _dispatch(

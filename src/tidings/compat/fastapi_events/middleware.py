@@ -100,16 +100,17 @@ class EventHandlerASGIMiddleware:
             register_bus(middleware_id, bus)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and dispatch_disabled():
-            # The request keeps its tidings scope, so a native emit() in it is still handled after
-            # the response; the flag makes this request's dispatch() calls drop their events.
-            token = set_dispatch_off(True)
-            try:
-                await self._tidings(scope, receive, send)
-            finally:
-                reset_dispatch_off(token)
+        if scope["type"] != "http":
+            await self._tidings(scope, receive, send)
             return
-        await self._tidings(scope, receive, send)
+        # Read once per request, as fastapi-events does. The request keeps its tidings scope either
+        # way, so a native emit() in it is still handled after the response; the flag tells this
+        # request's dispatch() calls (and its handlers') whether to drop their events.
+        token = set_dispatch_off(dispatch_disabled())
+        try:
+            await self._tidings(scope, receive, send)
+        finally:
+            reset_dispatch_off(token)
 
 
 def _attach(handler: object, bus: EventBus) -> None:
