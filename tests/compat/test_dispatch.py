@@ -17,6 +17,7 @@ import anyio
 import pydantic
 import pytest
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -533,6 +534,54 @@ async def test_a_disabled_dispatch_leaves_native_emit_handled_after_the_response
             await call_asgi(app, "/", log)  # handlers run in the request, after the response
         assert log == ["boot", "endpoint returns", "start", "body", "emitted"]
     assert log == ["boot", "endpoint returns", "start", "body", "emitted"]
+
+
+async def test_every_dispatch_of_a_request_goes_by_the_reading_at_its_start(
+    monkeypatch: pytest.MonkeyPatch, recorder: Recorder
+) -> None:
+    """A str name takes the fast path, an Enum one the slow path: both keep the request's reading."""
+
+    async def turn_off(request: Request) -> Response:
+        monkeypatch.setenv("FASTAPI_EVENTS_DISABLE_DISPATCH", "1")
+        dispatch("fast")
+        dispatch(UserEvents.SIGNED_UP)
+        return PlainTextResponse("ok")
+
+    async def turn_on(request: Request) -> Response:
+        monkeypatch.delenv("FASTAPI_EVENTS_DISABLE_DISPATCH")
+        dispatch("dropped.fast")
+        dispatch(UserEvents.SIGNED_UP, {"dropped": True})
+        return PlainTextResponse("ok")
+
+    app = starlette_app([recording_handler(recorder)], [Route("/off", turn_off), Route("/on", turn_on)])
+    async with lifespan(app):
+        await call_asgi(app, "/off")  # dispatch was on when this request started
+        await call_asgi(app, "/on")  # and off when this one did
+    assert recorder.items == [("fast", None), (UserEvents.SIGNED_UP, None)]
+
+
+async def test_dispatch_under_tidings_own_middleware_reads_the_switch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FASTAPI_EVENTS_DISABLE_DISPATCH", "1")
+    log: list[str] = []
+    bus = EventBus()
+
+    @bus.on("*")
+    async def native(event: tidings.Event) -> None:
+        log.append(event.name)
+
+    async def endpoint(request: Request) -> Response:
+        dispatch("dispatched")
+        tidings.emit("emitted")
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/", endpoint)], middleware=[Middleware(tidings.TidingsMiddleware, bus=bus)]
+    )
+    async with lifespan(app):
+        await call_asgi(app)
+    assert log == ["emitted"]
 
 
 @pytest.mark.parametrize("value", ["0", "false", "no", "off", "", "not-a-truth-value"])

@@ -297,3 +297,73 @@ async def test_every_registration_of_a_handler_is_planned_again_and_replays_with
         result = await second.dead_letters.replay(all=True)  # finds the handler by its name
         assert len(result.succeeded) == 2
     assert recorder.items == ["a@example.com", "b@example.com", "a@example.com", "b@example.com"]
+
+
+class Customer(pydantic.BaseModel):
+    id: int
+    name: str = ""
+
+
+class Prefs(pydantic.BaseModel):
+    newsletter: bool = False
+
+
+async def test_typed_parameters_named_after_fields_get_those_fields(recorder: Recorder) -> None:
+    bus = EventBus()
+
+    @bus.on("order.placed")
+    async def notify(customer: Customer, prefs: Prefs) -> None:
+        recorder.add((customer, prefs))
+
+    async with bus:
+        # the dict an order event is, live or read back from the log: the fields win, not the whole
+        payload = {
+            "id": 1001,
+            "name": "order",
+            "customer": {"id": 7, "name": "Ann"},
+            "prefs": {"newsletter": 1},
+        }
+        assert await bus.emit_now("order.placed", payload) == ()
+        (failure,) = await bus.emit_now("order.placed", {"id": 1002, "customer": {"id": 8}})
+    assert recorder.items == [(Customer(id=7, name="Ann"), Prefs(newsletter=True))]
+    assert "takes prefs: Prefs" in str(failure.__cause__)  # never the whole payload as Prefs()
+
+
+def test_a_schema_plans_again_a_handler_that_also_has_a_batch_registration() -> None:
+    bus = EventBus()
+
+    @bus.on("metrics.*", batch=True)
+    @bus.on("user.signed_up")
+    def record(email):  # type: ignore[no-untyped-def]
+        return email
+
+    bus.schema(SignUp, name="user.signed_up")
+    plans = {s.pattern: s.handler.plan for s in bus.registry}
+    assert plans["metrics.*"] is None  # a batch call gets the list of events, unchanged
+    plan = plans["user.signed_up"]
+    assert plan is not None
+    assert not plan.guessed_envelope
+
+
+@pytest.mark.parametrize("schema_first", [True, False])
+@pytest.mark.parametrize("schema_on_inner", [True, False])
+async def test_stacked_registrations_agree_whatever_the_order(
+    schema_first: bool, schema_on_inner: bool, recorder: Recorder
+) -> None:
+    bus = EventBus()
+    typed_name = "user.signed_up"
+    inner, outer = (typed_name, "user.invited") if schema_on_inner else ("user.invited", typed_name)
+    if schema_first:
+        bus.schema(SignUp, name=typed_name)
+
+    @bus.on(outer, name="welcome")
+    @bus.on(inner, name="welcome")
+    async def welcome(email):  # type: ignore[no-untyped-def]
+        recorder.add(email)
+
+    if not schema_first:
+        bus.schema(SignUp, name=typed_name)
+    async with bus:
+        assert await bus.emit_now("user.invited", {"email": "a@example.com"}) == ()
+        assert await bus.emit_now(typed_name, {"email": "b@example.com"}) == ()
+    assert recorder.items == ["a@example.com", "b@example.com"]

@@ -4,7 +4,10 @@ A handler gets what its signature asks for:
 
 * a parameter annotated :class:`~tidings.Event` gets the event envelope;
 * a handler with a single parameter and no annotation (``def audit(event)``) gets the envelope too;
-* a parameter annotated with the event's class (or a base of it) gets the payload, typed;
+* a parameter annotated with the event's class (or a base of it) gets the payload, typed; a dict
+  given for a parameter typed with an event class (the payload, a field or an argument, as the
+  durable log gives them back) is validated into that class (containers such as ``list[Item]``
+  are not);
 * a FastAPI dependency (``Depends(...)``, ``Annotated[..., Depends(...)]``) is solved for each run by
   :mod:`tidings.integrations.fastapi`, with FastAPI's own machinery;
 * any other parameter is a *data* parameter, filled from the payload: from the arguments of an
@@ -157,13 +160,6 @@ class Param:
             assert self.event_class is not None
             schema = self._schema = Schema(self.event_class, self.event_class.__qualname__)
         return schema
-
-    def revive_quietly(self, payload: Mapping[str, Any]) -> Any:
-        """``payload`` as the event class this parameter asks for, or ``_MISSING`` if it does not fit."""
-        try:
-            return self._schema_of().coerce(payload, read_back=True)
-        except EventValidationError:
-            return _MISSING
 
     def revive(self, payload: Mapping[str, Any], event: Event, handler: str) -> Any:
         """``payload`` as the event class this parameter asks for (a dict read back from the log).
@@ -398,13 +394,6 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                 value = payload
                 if given and given[0] is payload:  # bind="arguments": the payload was the one argument
                     given.pop(0)
-            elif (
-                source == _PAYLOAD
-                and param.event_class is not None
-                and isinstance(fields, Mapping)
-                and (value := param.revive_quietly(fields)) is not _MISSING
-            ):
-                pass  # the class's fields as a dict (read back from the log as JSON): an instance
             elif given and param.kind in _POSITIONAL:
                 value = given.pop(0)
             elif param.name in named:
@@ -415,8 +404,10 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                 and (source != _PAYLOAD or param.event_class is None or _could_be(value, param.event_class))
             ):
                 pass
-            elif source == _PAYLOAD and param.event_class is not None and isinstance(payload, Mapping):
-                value = param.revive(payload, event, name)  # it did not fit: raises, saying why
+            elif whole is param and param.event_class is not None and isinstance(fields, Mapping):
+                # the handler's one typed parameter, and the class's fields as a dict (read back
+                # from the log as JSON, or emitted under a name with no schema): an instance
+                value = param.revive(fields, event, name)
             elif source == _PAYLOAD:
                 raise TypeError(
                     f"handler {name} takes {param.name}: {_describe(_strip_annotated(param.annotation))}, "
@@ -433,7 +424,11 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                     f"handler {name} needs {param.name!r}, which event {event.name!r} "
                     f"({event.id}) does not carry"
                 )
-            if param.event_class is not None and isinstance(value, Mapping):
+            if (
+                param.event_class is not None
+                and type(value) is not param.event_class  # the common case, and cheaper than isinstance
+                and isinstance(value, Mapping)
+            ):
                 value = param.revive(value, event, name)  # an argument or field read back from the log
             if positional and param.kind in _POSITIONAL and param.name not in by_keyword:
                 args.append(value)

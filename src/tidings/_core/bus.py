@@ -381,6 +381,12 @@ class EventBus:
             self.inspects_emits = True  # every emit under a typed name is validated, fast path included
         for pattern in names:
             self._registry.add(pattern, spec)
+        # another decorator on the same handler may have met a schema this one did not (or this one
+        # one that it did not): the handler's registrations must agree on what it is given
+        for old, new in self._replanned(spec.name).items():
+            self._registry.replace(old, new)
+            if old is spec:
+                spec = new
         self._runner.timeouts_changed(s.handler.timeout for s in self._registry)
         return spec
 
@@ -425,46 +431,53 @@ class EventBus:
             self.schemas.add(cls, event_name)  # the same class again: a no-op; another: refused
             return cls
         candidate = Schema(cls, event_name)
-        # ``def welcome(email)`` registered before the schema took ``email`` for the envelope; now
-        # it is a field. Every registration of that handler (one per decorator) is planned again.
-        replan: set[str] = set()
+        names: set[str] = set()
         for subscription in self._registry:
-            plan = subscription.handler.plan
-            if subscription.pattern != event_name or plan is None:
-                continue
-            if plan.guessed_envelope and plan.params[0].name in candidate.fields:
-                replan.add(subscription.handler.name)
-            else:
-                plan.check(candidate)
-        replanned = {
-            spec: self._replanned(spec, candidate)
-            for spec in {s.handler for s in self._registry if s.handler.name in replan}
-        }
+            if subscription.pattern == event_name and subscription.handler.plan is not None:
+                subscription.handler.plan.check(candidate)  # a guessed envelope passes: see below
+                names.add(subscription.handler.name)
+        replanned: dict[HandlerSpec, HandlerSpec] = {}
+        for handler_name in names:
+            replanned.update(self._replanned(handler_name, candidate))
         self.schemas.add(cls, event_name)
         for old, new in replanned.items():
             self._registry.replace(old, new)
         self.inspects_emits = True
         return cls
 
-    def _replanned(self, spec: HandlerSpec, schema: Schema) -> HandlerSpec:
-        """``spec`` planned again with ``schema`` and the schemas of its handler's other event names."""
-        assert spec.plan is not None
-        schemas = [schema]
+    def _replanned(self, handler_name: str, extra: Schema | None = None) -> dict[HandlerSpec, HandlerSpec]:
+        """The registrations of a handler to plan again, each with its new plan.
+
+        ``def welcome(email)`` registered for a name with no schema (yet) takes ``email`` for the
+        envelope. Once one of the handler's event names has a schema with an ``email`` field,
+        ``email`` is that field: every registration of the handler (one per decorator) is planned
+        again with the schemas of all of its event names (and ``extra``, about to be registered),
+        so it gets the same arguments whichever event it runs for, live or replayed from the log.
+        """
+        specs = {s.handler for s in self._registry if s.handler.name == handler_name}
+        schemas = [] if extra is None else [extra]
         for subscription in self._registry:
-            if subscription.handler.name == spec.name and subscription.pattern != schema.name:
+            if subscription.handler in specs:
                 known = self.schemas.get(subscription.pattern)
-                if known is not None and known not in schemas:
+                if known is not None and all(known.name != other.name for other in schemas):
                     schemas.append(known)
-        return HandlerSpec.from_target(
-            spec.target,
-            batch=spec.batch,
-            timeout=spec.timeout,
-            retry=spec.retry,
-            name=spec.name,
-            schemas=schemas,
-            style=spec.plan.style,
-            dependencies=self._dependency_call,
-        )
+        replanned: dict[HandlerSpec, HandlerSpec] = {}
+        for spec in specs:
+            plan = spec.plan  # None: a batch registration, which gets the list of events as it is
+            if plan is None or not plan.guessed_envelope:
+                continue
+            if any(plan.params[0].name in schema.fields for schema in schemas):
+                replanned[spec] = HandlerSpec.from_target(
+                    spec.target,
+                    batch=spec.batch,
+                    timeout=spec.timeout,
+                    retry=spec.retry,
+                    name=spec.name,
+                    schemas=schemas,
+                    style=plan.style,
+                    dependencies=self._dependency_call,
+                )
+        return replanned
 
     @property
     def inspects_emits(self) -> bool:

@@ -44,6 +44,12 @@ DEFAULT_PAYLOAD_SCHEMA_CLS_DICT_ARGS: Final[Mapping[str, Any]] = {"exclude_unset
 _schemas = _default_registry.data  # read on the fast path: one dict, cleared in place, never replaced
 
 
+def _disabled() -> bool:
+    """The switch as the request the middleware checked read it; else as the environment says now."""
+    off = dispatch_off()
+    return dispatch_disabled() if off is None else off
+
+
 def dispatch(
     event_name_or_model: object = None,
     payload: object = None,
@@ -99,8 +105,8 @@ def dispatch(
     ):
         scope = current_scope()
         if scope is not None and scope.buffer is not None:
-            off = dispatch_off()
-            if not (dispatch_disabled() if off is None else off):  # None: no checked request
+            off = dispatch_off()  # _disabled(), inlined: this is the path dispatch() is timed on
+            if not (dispatch_disabled() if off is None else off):
                 _emit(event_name_or_model, payload)
             return
     _dispatch(
@@ -159,7 +165,7 @@ def _dispatch(
             payload = _dump(validated, dict_args) if dump else validated
     key, headers = name_key(name)
     # Read after validation, as fastapi-events does: a bad payload raises even while disabled.
-    if dispatch_disabled():
+    if _disabled():
         return
     if middleware_id is not None:
         bus = bus_for(middleware_id)
