@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pydantic
 import pytest
 
-from tidings import Arguments, Event, EventBus, EventValidationError
+from tidings import Arguments, ConfigurationError, Event, EventBus, EventValidationError
 from tidings._core.schemas import Schema
 from tidings.store import SQLiteStore
 from tidings.store.codec import decode_event, encode_payload
@@ -205,7 +205,11 @@ async def test_a_handler_by_name_gets_its_typed_event_back_from_the_log(recorder
 def test_models_are_written_by_field_name_without_computed_fields() -> None:
     event = Event("user.renamed", Renamed(userId=3, newName="Ada"))
     text = encode_payload(event)
-    assert json.loads(text) == {"user_id": 3, "new_name": "Ada"}  # what handlers bind by name
+    # by field name (what handlers bind by name), with the class it was
+    assert json.loads(text) == {"$tidings.typed": [f"{__name__}:Renamed", {"user_id": 3, "new_name": "Ada"}]}
+    read = decode_event(event.id, event.name, text, "{}", event.timestamp_ns)
+    assert read.payload == {"user_id": 3, "new_name": "Ada"}  # what a handler of the envelope sees
+    assert encode_payload(read) == text  # written again as it was (a revived dead letter)
 
 
 class Aliased(pydantic.BaseModel):
@@ -367,3 +371,112 @@ async def test_stacked_registrations_agree_whatever_the_order(
         assert await bus.emit_now("user.invited", {"email": "a@example.com"}) == ()
         assert await bus.emit_now(typed_name, {"email": "b@example.com"}) == ()
     assert recorder.items == ["a@example.com", "b@example.com"]
+
+
+class Webhook(pydantic.BaseModel):
+    source: str
+    payload: dict[str, str] = {}
+
+
+class Reply(pydantic.BaseModel):
+    text: str
+    reply: Reply | None = None
+
+
+class Order(pydantic.BaseModel):
+    id: int
+    total: float
+
+
+async def test_typed_events_replay_as_they_ran_live(recorder: Recorder) -> None:
+    path = os.path.join(tempfile.mkdtemp(prefix="tidings-typed-replay-"), "log.db")
+
+    def build(fail: bool) -> EventBus:
+        bus = EventBus(store=SQLiteStore(path))
+
+        # no schema for these names: the class travels with the event in the log
+        @bus.on("order.placed", name="receipt")
+        async def receipt(order: Order, note: str = "") -> None:  # one typed parameter among others
+            recorder.add((order, note))
+            if fail:
+                raise ConnectionError("the mail server is down")
+
+        @bus.on("webhook.received", name="webhook")
+        async def on_webhook(payload: Webhook) -> None:  # named like a field of its own class
+            recorder.add(payload)
+            if fail:
+                raise ConnectionError("the queue is down")
+
+        @bus.on("comment.added", name="comment")
+        async def on_comment(reply: Reply) -> None:
+            recorder.add(reply)
+            if fail:
+                raise ConnectionError("the queue is down")
+
+        return bus
+
+    events = [
+        ("order.placed", Order(id=1, total=9.5)),
+        ("webhook.received", Webhook(source="github", payload={"ref": "main"})),
+        ("comment.added", Reply(text="top")),
+    ]
+    first = build(fail=True)
+    async with first:
+        for name, payload in events:
+            assert len(await first.emit_now(name, payload)) == 1
+        await first.flush()
+    live = list(recorder.items)
+    second = build(fail=False)
+    async with second:
+        result = await second.dead_letters.replay(all=True)
+        assert len(result.succeeded) == 3
+    assert live == [(events[0][1], ""), events[1][1], events[2][1]]
+    assert sorted(map(repr, recorder.items[3:])) == sorted(map(repr, live))
+
+
+@pytest.mark.parametrize("style", ["batch", "arguments"])
+def test_registrations_that_bind_no_fields_do_not_make_the_order_matter(style: str) -> None:
+    @dataclass
+    class Invited:
+        inviter: str
+
+    for schema_first in (True, False):
+        bus = EventBus()
+        bus.schema(Invited, name="user.invited")
+        if schema_first:
+            bus.schema(SignUp, name="user.signed_up")
+
+        def record(email):  # type: ignore[no-untyped-def]
+            return email
+
+        if style == "batch":
+            bus.subscribe(record, "user.invited", batch=True)
+        else:
+            bus.subscribe(record, "user.invited", bind="arguments")
+        bus.subscribe(record, "user.signed_up")
+        if not schema_first:
+            bus.schema(SignUp, name="user.signed_up")  # no longer refused for user.invited's fields
+        plan = next(s.handler.plan for s in bus.registry if s.pattern == "user.signed_up")
+        assert plan is not None
+        assert not plan.guessed_envelope
+
+
+async def test_a_refused_registration_leaves_nothing_behind(recorder: Recorder) -> None:
+    @dataclass
+    class Invited:
+        inviter: str
+
+    bus = EventBus()
+    bus.schema(SignUp, name="user.signed_up")
+    bus.schema(Invited, name="user.invited")
+
+    async def welcome(email):  # type: ignore[no-untyped-def]
+        recorder.add(email)
+
+    bus.subscribe(welcome, "user.signed_up")
+    with pytest.raises(ConfigurationError, match=r"asks for 'email', which event 'user\.invited'"):
+        bus.subscribe(welcome, "user.invited")
+    assert [s.pattern for s in bus.registry] == ["user.signed_up"]
+    async with bus:
+        assert await bus.emit_now("user.invited", {"inviter": "bob"}) == ()
+    assert recorder.items == []

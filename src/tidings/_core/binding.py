@@ -31,8 +31,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal
 
 from ..exceptions import ConfigurationError, EventValidationError
-from .envelope import Arguments, Event
-from .schemas import Schema, field_names, is_event_class
+from .envelope import Arguments, Event, TypedDump
+from .schemas import Schema, class_key, field_names, is_event_class
 
 __all__ = ["BindingStyle", "Plan", "plan_handler"]
 
@@ -133,6 +133,7 @@ class Param:
         "annotation_type",
         "default",
         "event_class",
+        "event_class_key",
         "kind",
         "name",
         "source",
@@ -148,6 +149,7 @@ class Param:
         self.source = source
         # a typed event class: a dict given for it (read back from the log) is validated into one
         self.event_class = self.annotation_type if is_event_class(self.annotation_type) else None
+        self.event_class_key = None if self.event_class is None else class_key(self.event_class)
         self._schema: Schema | None = None
 
     @property
@@ -394,6 +396,12 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                 value = payload
                 if given and given[0] is payload:  # bind="arguments": the payload was the one argument
                     given.pop(0)
+            elif (
+                type(fields) is TypedDump
+                and param.event_class is not None
+                and fields.type_key == param.event_class_key
+            ):
+                value = param.revive(fields, event, name)  # an instance of this class, read back from the log
             elif given and param.kind in _POSITIONAL:
                 value = given.pop(0)
             elif param.name in named:

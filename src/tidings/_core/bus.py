@@ -383,7 +383,12 @@ class EventBus:
             self._registry.add(pattern, spec)
         # another decorator on the same handler may have met a schema this one did not (or this one
         # one that it did not): the handler's registrations must agree on what it is given
-        for old, new in self._replanned(spec.name).items():
+        try:
+            replanned = self._replanned(spec.name)
+        except BaseException:
+            self._registry.remove(spec)  # refused: as if it had never been registered
+            raise
+        for old, new in replanned.items():
             self._registry.replace(old, new)
             if old is spec:
                 spec = new
@@ -457,7 +462,10 @@ class EventBus:
         specs = {s.handler for s in self._registry if s.handler.name == handler_name}
         schemas = [] if extra is None else [extra]
         for subscription in self._registry:
-            if subscription.handler in specs:
+            plan = subscription.handler.plan
+            # a batch registration gets lists, a bind="arguments" one the emit's arguments: the
+            # fields of their events' schemas are nothing the handler's parameters are given
+            if subscription.handler in specs and plan is not None and plan.style == "auto":
                 known = self.schemas.get(subscription.pattern)
                 if known is not None and all(known.name != other.name for other in schemas):
                     schemas.append(known)

@@ -10,7 +10,7 @@ from time import time_ns
 from types import MappingProxyType
 from typing import Any, Final
 
-__all__ = ["EMPTY_HEADERS", "Arguments", "Event", "Prebuilt", "new_sequence"]
+__all__ = ["EMPTY_HEADERS", "Arguments", "Event", "Prebuilt", "TypedDump", "new_sequence"]
 
 EMPTY_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
 
@@ -110,6 +110,21 @@ class Arguments:
     def __repr__(self) -> str:
         parts = [repr(arg) for arg in self.args] + [f"{key}={value!r}" for key, value in self.kwargs.items()]
         return f"Arguments({', '.join(parts)})"
+
+
+class TypedDump(dict[str, Any]):
+    """A typed event's fields as the durable log gives them back, with the class they were.
+
+    A handler that takes the envelope sees a ``dict`` (this is one); a parameter typed with that
+    very class gets them validated into an instance again (:mod:`tidings._core.binding`), which a
+    plain dict's fields could not tell apart from a payload that only holds such a field.
+    """
+
+    __slots__ = ("type_key",)
+
+    def __init__(self, fields: Mapping[str, Any], type_key: str) -> None:
+        super().__init__(fields)
+        self.type_key = type_key  # schemas.class_key() of the class
 
 
 class Prebuilt(Mapping[str, str]):

@@ -212,6 +212,11 @@ class Registry:
         self._cache[name] = handlers
         return handlers
 
+    def remove(self, handler: HandlerSpec) -> None:
+        """Take back every registration of ``handler``."""
+        self._subscriptions = [s for s in self._subscriptions if s.handler is not handler]
+        self._cache.clear()
+
     def replace(self, old: HandlerSpec, new: HandlerSpec) -> None:
         """Put ``new`` in every place ``old`` was registered (the handler planned again)."""
         self._subscriptions = [

@@ -22,7 +22,7 @@ from typing import Any, Final
 from ..exceptions import ConfigurationError, EventValidationError
 from .envelope import Arguments
 
-__all__ = ["Schema", "SchemaRegistry", "event_name_of", "is_event_class"]
+__all__ = ["Schema", "SchemaRegistry", "class_key", "event_name_of", "is_event_class"]
 
 _NAMES: dict[type, str] = {}  # a cache of a pure function of the class
 _NAME_ATTRIBUTE: Final = "__event_name__"
@@ -33,6 +33,11 @@ def is_event_class(cls: object) -> bool:
     return isinstance(cls, type) and (
         dataclasses.is_dataclass(cls) or callable(getattr(cls, "model_validate", None))
     )
+
+
+def class_key(cls: type) -> str:
+    """How the event log names a typed event's class (``module:qualname``)."""
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def event_name_of(cls: type) -> str:

@@ -8,8 +8,10 @@ crash, a retry in another process, a replay) receive the payload as the JSON it 
 lists, strings and numbers, except that a payload whose event name has a schema on the bus, or
 that a handler's parameter asks for as a typed event class, becomes an instance of that class
 again, and the :class:`~tidings.Arguments` of an event emitted with several arguments are kept as
-such. Revival accepts field names besides aliases on Pydantic 2.11 and later, so models whose
-fields have aliases come back there; on older Pydantic they need ``populate_by_name=True``.
+such. A typed event is written with its class's ``module:qualname``, so a handler whose parameter
+is typed with that class gets the instance back, never a field of the same name. Revival accepts
+field names besides aliases on Pydantic 2.11 and later, so models whose fields have aliases come
+back there; on older Pydantic they need ``populate_by_name=True``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from .._core.envelope import EMPTY_HEADERS, Arguments, Event
+from .._core.envelope import EMPTY_HEADERS, Arguments, Event, TypedDump
+from .._core.schemas import class_key, is_event_class
 from ..exceptions import SerializationError
 
 if TYPE_CHECKING:
@@ -32,8 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "decode_event", "encode_headers", "encode_payload"]
 
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
-# The JSON shape of Arguments: one key no payload of a user's would plausibly have.
+# The JSON shapes of Arguments and of a typed event: one key no payload of a user's would plausibly have.
 _ARGUMENTS_KEY = "$tidings.arguments"
+_TYPED_KEY = "$tidings.typed"
 
 
 def _default(value: Any) -> Any:
@@ -66,8 +70,13 @@ def encode_payload(event: Event, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> 
     Raises:
         SerializationError: it cannot be written as JSON, or it is longer than ``max_bytes``.
     """
+    payload = event.payload
+    if type(payload) is TypedDump:  # read back from the log, and written again (a revived dead letter)
+        payload = {_TYPED_KEY: [payload.type_key, dict(payload)]}
+    elif is_event_class(type(payload)):  # its class goes with it, for handlers typed with that class
+        payload = {_TYPED_KEY: [class_key(type(payload)), payload]}
     try:
-        text = _encoder.encode(event.payload)
+        text = _encoder.encode(payload)
     except (TypeError, ValueError) as exc:
         raise SerializationError(
             f"event {event.name!r} ({event.id}) cannot be written to the event log: {exc}", event=event
@@ -90,9 +99,13 @@ def decode_event(event_id: str, name: str, payload: str, headers: str, timestamp
     """Rebuild an event read from the log (payloads come back as plain JSON values)."""
     decoded_headers = json.loads(headers)
     decoded = json.loads(payload)
-    if type(decoded) is dict and len(decoded) == 1 and _ARGUMENTS_KEY in decoded:
-        args, kwargs = decoded[_ARGUMENTS_KEY]
-        decoded = Arguments(tuple(args), kwargs)
+    if type(decoded) is dict and len(decoded) == 1:
+        if _ARGUMENTS_KEY in decoded:
+            args, kwargs = decoded[_ARGUMENTS_KEY]
+            decoded = Arguments(tuple(args), kwargs)
+        elif _TYPED_KEY in decoded:
+            type_key, fields = decoded[_TYPED_KEY]
+            decoded = TypedDump(fields, type_key) if type(fields) is dict else fields
     return Event(
         name,
         decoded,
