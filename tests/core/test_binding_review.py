@@ -206,7 +206,9 @@ def test_models_are_written_by_field_name_without_computed_fields() -> None:
     event = Event("user.renamed", Renamed(userId=3, newName="Ada"))
     text = encode_payload(event)
     # by field name (what handlers bind by name), with the class it was
-    assert json.loads(text) == {"$tidings.typed": [f"{__name__}:Renamed", {"user_id": 3, "new_name": "Ada"}]}
+    assert json.loads(text) == {
+        "$tidings.typed": [[f"{__name__}:Renamed"], {"user_id": 3, "new_name": "Ada"}]
+    }
     read = decode_event(event.id, event.name, text, "{}", event.timestamp_ns)
     assert read.payload == {"user_id": 3, "new_name": "Ada"}  # what a handler of the envelope sees
     assert encode_payload(read) == text  # written again as it was (a revived dead letter)
@@ -480,3 +482,60 @@ async def test_a_refused_registration_leaves_nothing_behind(recorder: Recorder) 
     async with bus:
         assert await bus.emit_now("user.invited", {"inviter": "bob"}) == ()
     assert recorder.items == []
+
+
+@dataclass
+class Audited:
+    name: str
+    data: Any
+
+
+class RushOrder(Order):
+    deadline: str
+
+
+def test_a_payload_read_back_can_be_written_again_inside_another_event() -> None:
+    event = Event("order.placed", RushOrder(id=1, total=2.0, deadline="today"))
+    read = decode_event(event.id, event.name, encode_payload(event), "{}", event.timestamp_ns)
+    assert isinstance(read.payload, dict)
+    assert json.loads(json.dumps(read.payload)) == {"id": 1, "total": 2.0, "deadline": "today"}
+    # a handler forwarding what it was given: dataclasses.asdict rebuilds the dict by its type
+    forwarded = Event("audit", Audited(read.name, read.payload))
+    assert json.loads(encode_payload(forwarded))["$tidings.typed"][1] == {
+        "name": "order.placed",
+        "data": {"id": 1, "total": 2.0, "deadline": "today"},
+    }
+
+
+async def test_a_parameter_typed_with_a_base_class_gets_the_base_back(recorder: Recorder) -> None:
+    bus = EventBus()
+
+    @bus.on("order.placed")
+    async def receipt(order: Order, note: str = "") -> None:
+        recorder.add(order)
+
+    event = Event("order.placed", RushOrder(id=1, total=2.0, deadline="today"))
+    read = decode_event(event.id, event.name, encode_payload(event), "{}", event.timestamp_ns)
+    async with bus:
+        assert await bus.emit_now("order.placed", read.payload) == ()
+    assert recorder.items == [Order(id=1, total=2.0)]  # what the log can give without importing classes
+
+
+def test_a_refused_subscribe_registers_neither_its_names_nor_its_classes() -> None:
+    @dataclass
+    class Invited:
+        inviter: str
+
+    bus = EventBus()
+    bus.schema(SignUp, name="user.signed_up")
+
+    def welcome(email):  # type: ignore[no-untyped-def]
+        return email
+
+    bus.subscribe(welcome, "user.signed_up")
+    with pytest.raises(ConfigurationError, match="asks for 'email'"):
+        bus.subscribe(welcome, Invited)
+    assert bus.schemas.get("Invited") is None
+    with pytest.raises(ConfigurationError, match="non-empty str"):
+        bus.subscribe(welcome, "a.b", "")
+    assert [s.pattern for s in bus.registry] == ["user.signed_up"]

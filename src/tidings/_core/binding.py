@@ -399,7 +399,7 @@ def _binder(plan: Plan) -> Callable[..., Any]:
             elif (
                 type(fields) is TypedDump
                 and param.event_class is not None
-                and fields.type_key == param.event_class_key
+                and param.event_class_key in fields.type_keys
             ):
                 value = param.revive(fields, event, name)  # an instance of this class, read back from the log
             elif given and param.kind in _POSITIONAL:

@@ -375,23 +375,25 @@ class EventBus:
             style=bind,
             dependencies=self._dependency_call,
         )
-        for cls in classes:
-            self.schema(cls)  # checks (or plans again) the handlers registered by its name before
+        registered, schemas_before = self._registry.snapshot(), self.schemas.snapshot()
+        try:
+            for cls in classes:
+                self.schema(cls)  # checks (or plans again) the handlers registered by its name before
+            for pattern in names:
+                self._registry.add(pattern, spec)
+            # another decorator on the same handler may have met a schema this one did not (or
+            # this one one that it did not): the handler's registrations must agree on what it is given
+            for old, new in self._replanned(spec.name).items():
+                self._registry.replace(old, new)
+                if old is spec:
+                    spec = new
+        except BaseException:
+            # refused: as if it had never been asked for (no registration, no schema of its classes)
+            self._registry.restore(registered)
+            self.schemas.restore(schemas_before)
+            raise
         if classes:
             self.inspects_emits = True  # every emit under a typed name is validated, fast path included
-        for pattern in names:
-            self._registry.add(pattern, spec)
-        # another decorator on the same handler may have met a schema this one did not (or this one
-        # one that it did not): the handler's registrations must agree on what it is given
-        try:
-            replanned = self._replanned(spec.name)
-        except BaseException:
-            self._registry.remove(spec)  # refused: as if it had never been registered
-            raise
-        for old, new in replanned.items():
-            self._registry.replace(old, new)
-            if old is spec:
-                spec = new
         self._runner.timeouts_changed(s.handler.timeout for s in self._registry)
         return spec
 

@@ -120,11 +120,12 @@ class TypedDump(dict[str, Any]):
     plain dict's fields could not tell apart from a payload that only holds such a field.
     """
 
-    __slots__ = ("type_key",)
+    __slots__ = ("type_keys",)
 
-    def __init__(self, fields: Mapping[str, Any], type_key: str) -> None:
-        super().__init__(fields)
-        self.type_key = type_key  # schemas.class_key() of the class
+    def __init__(self, *args: Any, type_keys: tuple[str, ...] = (), **kwargs: Any) -> None:
+        # built like a dict too (``dataclasses.asdict`` and ``copy`` do), then with no class
+        super().__init__(*args, **kwargs)
+        self.type_keys = type_keys  # schemas.class_key() of the class and of its event-class bases
 
 
 class Prebuilt(Mapping[str, str]):

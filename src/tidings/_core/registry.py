@@ -212,9 +212,13 @@ class Registry:
         self._cache[name] = handlers
         return handlers
 
-    def remove(self, handler: HandlerSpec) -> None:
-        """Take back every registration of ``handler``."""
-        self._subscriptions = [s for s in self._subscriptions if s.handler is not handler]
+    def snapshot(self) -> list[Subscription]:
+        """The registrations as they are now, for :meth:`restore`."""
+        return list(self._subscriptions)
+
+    def restore(self, snapshot: list[Subscription]) -> None:
+        """Put back the registrations of a :meth:`snapshot` (a registration that was refused)."""
+        self._subscriptions = list(snapshot)
         self._cache.clear()
 
     def replace(self, old: HandlerSpec, new: HandlerSpec) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Final
 from ..exceptions import ConfigurationError, EventValidationError
 from .envelope import Arguments
 
-__all__ = ["Schema", "SchemaRegistry", "class_key", "event_name_of", "is_event_class"]
+__all__ = ["Schema", "SchemaRegistry", "class_key", "class_keys", "event_name_of", "is_event_class"]
 
 _NAMES: dict[type, str] = {}  # a cache of a pure function of the class
 _NAME_ATTRIBUTE: Final = "__event_name__"
@@ -38,6 +38,15 @@ def is_event_class(cls: object) -> bool:
 def class_key(cls: type) -> str:
     """How the event log names a typed event's class (``module:qualname``)."""
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def class_keys(cls: type) -> list[str]:
+    """:func:`class_key` of ``cls`` and of its bases that are event classes themselves (not Pydantic's)."""
+    return [
+        class_key(base)
+        for base in cls.__mro__
+        if is_event_class(base) and not base.__module__.startswith("pydantic.")
+    ]
 
 
 def event_name_of(cls: type) -> str:
@@ -227,6 +236,18 @@ class SchemaRegistry:
         if name != event_name_of(cls):
             self.names.setdefault(cls, name)  # emit(cls(...)) goes by its first registered name
         return schema
+
+    def snapshot(self) -> tuple[dict[str, Schema], dict[type, str]]:
+        """The registrations as they are now, for :meth:`restore`."""
+        return dict(self.by_name), dict(self.names)
+
+    def restore(self, snapshot: tuple[dict[str, Schema], dict[type, str]]) -> None:
+        """Put back the registrations of a :meth:`snapshot` (in place: the bus holds ``by_name``)."""
+        by_name, names = snapshot
+        self.by_name.clear()
+        self.by_name.update(by_name)
+        self.names.clear()
+        self.names.update(names)
 
     def get(self, name: str) -> Schema | None:
         """The schema registered for ``name``, if any."""

@@ -8,8 +8,10 @@ crash, a retry in another process, a replay) receive the payload as the JSON it 
 lists, strings and numbers, except that a payload whose event name has a schema on the bus, or
 that a handler's parameter asks for as a typed event class, becomes an instance of that class
 again, and the :class:`~tidings.Arguments` of an event emitted with several arguments are kept as
-such. A typed event is written with its class's ``module:qualname``, so a handler whose parameter
-is typed with that class gets the instance back, never a field of the same name. Revival accepts
+such. A typed event is written with the ``module:qualname`` of its class and of its event-class
+bases, so a handler whose parameter is typed with one of them gets an instance of that class back
+(a subclass's own fields are dropped, or refused by ``extra="forbid"``), never a field of the same
+name. A ``RootModel`` whose root is a list or a single value comes back as that value. Revival accepts
 field names besides aliases on Pydantic 2.11 and later, so models whose fields have aliases come
 back there; on older Pydantic they need ``populate_by_name=True``.
 """
@@ -26,7 +28,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .._core.envelope import EMPTY_HEADERS, Arguments, Event, TypedDump
-from .._core.schemas import class_key, is_event_class
+from .._core.schemas import class_keys, is_event_class
 from ..exceptions import SerializationError
 
 if TYPE_CHECKING:
@@ -71,10 +73,10 @@ def encode_payload(event: Event, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> 
         SerializationError: it cannot be written as JSON, or it is longer than ``max_bytes``.
     """
     payload = event.payload
-    if type(payload) is TypedDump:  # read back from the log, and written again (a revived dead letter)
-        payload = {_TYPED_KEY: [payload.type_key, dict(payload)]}
+    if type(payload) is TypedDump and payload.type_keys:  # read back, written again (a revived dead letter)
+        payload = {_TYPED_KEY: [list(payload.type_keys), dict(payload)]}
     elif is_event_class(type(payload)):  # its class goes with it, for handlers typed with that class
-        payload = {_TYPED_KEY: [class_key(type(payload)), payload]}
+        payload = {_TYPED_KEY: [class_keys(type(payload)), payload]}
     try:
         text = _encoder.encode(payload)
     except (TypeError, ValueError) as exc:
@@ -104,8 +106,9 @@ def decode_event(event_id: str, name: str, payload: str, headers: str, timestamp
             args, kwargs = decoded[_ARGUMENTS_KEY]
             decoded = Arguments(tuple(args), kwargs)
         elif _TYPED_KEY in decoded:
-            type_key, fields = decoded[_TYPED_KEY]
-            decoded = TypedDump(fields, type_key) if type(fields) is dict else fields
+            type_keys, fields = decoded[_TYPED_KEY]
+            # a RootModel of a list or a value comes back as that value, without its class
+            decoded = TypedDump(fields, type_keys=tuple(type_keys)) if type(fields) is dict else fields
     return Event(
         name,
         decoded,
