@@ -33,6 +33,7 @@ from starlette.middleware import Middleware
 from tidings import Event, EventBus, TidingsMiddleware, emit
 from tidings._core.dispatcher import reset_scope, set_scope
 from tidings._core.envelope import EMPTY_HEADERS
+from tidings._core.runner import Job
 
 from ._types import ASGIApp, Receive, Scope, Send
 from .apps import EVENT, TALLY, AppSpec, EmitFn, _starlette, build_app
@@ -41,7 +42,9 @@ from .harness import Lifespan, RequestDriver
 _REQUESTS_PER_ROUND = 2000
 
 
-class _NoRunJob(TidingsMiddleware):
+class _Variant(TidingsMiddleware):
+    """The request scope and ``emit()`` as shipped; what runs the handlers is the subclass's."""
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await super().__call__(scope, receive, send)
@@ -52,33 +55,30 @@ class _NoRunJob(TidingsMiddleware):
         token = set_scope(events)
         try:
             await self.app(scope, receive, send)
-            if events.buffer and bus.request_job(events):
-                for spec, arg in events.async_calls:
-                    await spec.call(arg)
-                bus._runner.jobs.discard(events)  # what the end of run_job does
-            events.buffer = None
+            await self.run_handlers(bus, events)
         finally:
             reset_scope(token)
 
+    async def run_handlers(self, bus: EventBus, events: Job) -> None:
+        raise NotImplementedError
 
-class _NoJob(TidingsMiddleware):
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await super().__call__(scope, receive, send)
-            return
-        bus = self.bus
-        bus.ensure_running()
-        events = bus.open_request()
-        token = set_scope(events)
-        try:
-            await self.app(scope, receive, send)
-            records, events.buffer = events.buffer or [], None
-            resolve = bus.registry.resolve
-            for name, payload, timestamp_ns, _headers in records:
-                for spec in resolve(name):
-                    await spec.call(Event(name, payload, EMPTY_HEADERS, timestamp_ns))
-        finally:
-            reset_scope(token)
+
+class _NoRunJob(_Variant):
+    async def run_handlers(self, bus: EventBus, events: Job) -> None:
+        if events.buffer and bus.request_job(events):
+            for spec, arg in events.async_calls:
+                await spec.call(arg)
+            bus._runner.jobs.discard(events)  # what the end of run_job does
+        events.buffer = None
+
+
+class _NoJob(_Variant):
+    async def run_handlers(self, bus: EventBus, events: Job) -> None:
+        records, events.buffer = events.buffer or [], None
+        resolve = bus.registry.resolve
+        for name, payload, timestamp_ns, _headers in records:
+            for spec in resolve(name):
+                await spec.call(Event(name, payload, EMPTY_HEADERS, timestamp_ns))
 
 
 _floor_buffer: ContextVar[list[tuple[str, Any, int]] | None] = ContextVar("floor_buffer", default=None)

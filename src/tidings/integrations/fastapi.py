@@ -221,16 +221,11 @@ def dependency_call(plan: Plan, bus: EventBus) -> Callable[[Event], Awaitable[No
     name = plan.name
 
     async def call(event: Event) -> None:
-        # the threads this call uses (its own, FastAPI's for sync dependencies) log as this handler
-        carried = carry_handler_call()
-        try:
-            await run(event)
-        finally:
-            drop_handler_call(carried)
-
-    async def run(event: Event) -> None:
         failure: BaseException | None = None
         async with AsyncExitStack() as stack:
+            # the threads this call uses (its own, FastAPI's for sync dependencies) log as this
+            # handler, to the end: registered first, this is undone after the dependencies close
+            stack.callback(drop_handler_call, carry_handler_call())
             app = bus.app
             options = {**_SOLVE_OPTIONS, "async_exit_stack": stack} if _PASS_EXIT_STACK else _SOLVE_OPTIONS
             values, errors, background_tasks = _unpack(
