@@ -516,6 +516,8 @@ async def test_events_nobody_handles_are_a_harmless_no_op(bus: EventBus, failure
     app = starlette_app(bus, [Route("/", endpoint)])
     async with bus, client(app) as http:
         assert (await http.get("/")).text == "ok"
+        assert bus._runner.jobs == set()  # no job was tracked, so drain has nothing to wait for
+        assert bus._runner._running == 0  # nor was a concurrency slot taken
     assert failures == []
 
 

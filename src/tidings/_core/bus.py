@@ -224,8 +224,9 @@ class EventBus:
         self._opening: asyncio.Task[None] | None = None
         self._resubmit = True
         self._relay_task: asyncio.Task[None] | None = None
-        self._state = BusState.CREATED
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving_loop: asyncio.AbstractEventLoop | None = None  # the loop while RUNNING
+        self._state = BusState.CREATED
         self.loop_thread = 0
         # tidings.emit() appends to a request's buffer itself only on this thread: the loop's,
         # or none (0) while schemas or taps need every emit to pass through EventBus.emit. One
@@ -237,11 +238,23 @@ class EventBus:
         self._drain_deadline: float | None = None
         # The scope of contexts where events skip buffering: lifespan, websockets, disabled bus.
         self.direct_scope = Scope(self, None)
-        # The middleware's per-request calls, bound once (an extra call layer costs per request):
-        # request_job(job) -> bool prepares a finished request's events (False: nobody handles
-        # them); run_job(job) then runs them in the request's own task.
+        # The middleware's per-request call, bound once (an extra call layer costs per request):
+        # run_job(job, request=True) sorts a finished request's events and runs them in the
+        # request's own task. request_job(job) -> bool does only the sorting (False: nobody
+        # handles them), for a job then run by run_job(job).
         self.request_job = self._runner.request_job
         self.run_job = self._runner.run_job
+
+    @property
+    def _state(self) -> BusState:
+        return self._state_value
+
+    @_state.setter
+    def _state(self, state: BusState) -> None:
+        # Reading an Enum member costs as much as the rest of a request's check: ensure_running()
+        # reads the loop kept here instead.
+        self._state_value = state
+        self._serving_loop = self._loop if state is BusState.RUNNING else None
 
     # -- registration ------------------------------------------------------------------------------
     def on(
@@ -812,8 +825,8 @@ class EventBus:
         Raises:
             BusStateError: the bus runs on another, still open event loop.
         """
-        loop = self._loop
-        if self._state is BusState.RUNNING and loop is not None and not loop.is_closed():
+        loop = self._serving_loop
+        if loop is not None and not loop.is_closed():
             return
         self._ensure_running_slow(lazily=True)
 

@@ -301,12 +301,25 @@ class Runner:
         """:meth:`start_job` for a finished request, to be run in the request's own task."""
         return self.start_job(job, current_task(self.loop))
 
-    async def run_job(self, job: Job) -> None:
+    async def run_job(self, job: Job, *, request: bool = False) -> None:
         """Run a started job to completion in the current task.
 
+        With ``request=True`` the job is a finished request's scope, not started yet: it is sorted
+        and tracked here first, as :meth:`start_job` does (so a request costs one coroutine, not a
+        call and a coroutine), and ends at once when nobody handles its events.
+
         Deliberately one flat coroutine: each extra layer of ``await`` costs more per request than
-        the work of delivering one event (bench/README.md).
+        the work of delivering one event (bench/README.md). For the same reason the common case
+        (in memory, every handler async) reads as few job attributes as it can: ``durable`` guards
+        everything the event log needs.
         """
+        if request:
+            emitted, job.buffer = job.buffer or [], []
+            if not self._sort(emitted, job):
+                job.buffer = None
+                return
+            job.task = current_task(self.loop)
+            self._track(job)
         has_slot = False
         try:
             if job.unbounded:
@@ -340,8 +353,8 @@ class Runner:
                     except BaseException as exc:  # a handler's BaseException is its own failure
                         self._handler_failed(job, spec, arg, exc)
                     else:
-                        if job.done is not None:
-                            job.done.append(call)
+                        if job.durable:
+                            job.done.append(call)  # type: ignore[union-attr]  # durable jobs have it
                     job.current = None
                     if job.timed_out:
                         self._handler_timed_out(job, spec, arg)
@@ -358,7 +371,7 @@ class Runner:
                     job.sync_running = False
                 records = job.buffer  # events the handlers emitted: same job, right after
                 if not records:
-                    if job.done or job.sync_done:
+                    if job.durable and (job.done or job.sync_done):
                         self._complete(job)
                     break
                 if job.cut_off:
@@ -369,7 +382,7 @@ class Runner:
                     # The children go into the log before their parents leave it: a crash in
                     # between must not lose the events a finished handler emitted.
                     await self._record(job)
-                if job.done or job.sync_done:
+                if job.durable and (job.done or job.sync_done):
                     self._complete(job)
         except asyncio.CancelledError:
             if not job.cut_off:
@@ -383,8 +396,11 @@ class Runner:
             job.buffer = None  # later emits from this context go straight to the bus
             # A finished call whose emitted events never reached the log stays in it, leased:
             # run again later, it emits them again (at least once beats lost).
-            if (job.done or job.sync_done) and not (job.durable and unrecorded):
-                self._complete(job)
+            if job.durable:
+                if (job.done or job.sync_done) and not unrecorded:
+                    self._complete(job)
+                if job.record_waiters:  # it ended before its record step (cut off): stop waiting
+                    _wake(job.record_waiters)
             if has_slot:
                 if self._slot_waiters:
                     self._release_slot()
@@ -393,8 +409,6 @@ class Runner:
             self.jobs.discard(job)
             if self._idle_waiters:
                 self._wake_idle_waiters()
-            if job.record_waiters:  # it ended before its record step (cut off): stop waiting
-                _wake(job.record_waiters)
 
     async def wait_recorded(self) -> list[StoreError]:
         """Wait until every durable job tracked now has tried to write its first calls to the log.

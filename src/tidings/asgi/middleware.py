@@ -97,8 +97,8 @@ class TidingsMiddleware:
             if events.buffer:
                 if not bus.request_handlers_inline:
                     bus.spawn_request_job(events)
-                elif bus.request_job(events):
-                    await bus.run_job(events)
+                else:
+                    await bus.run_job(events, request=True)
             else:
                 events.buffer = None  # tasks the request started now emit straight to the bus
         finally:
