@@ -477,6 +477,7 @@ def test_dependencies_see_the_state_the_lifespan_yielded(recorder: Recorder) -> 
         assert http.post("/emit").json() == {"touched": False}
         assert http.post("/emit").json() == {"touched": False}
     assert recorder.items == [(7, ("pool-1", False)), (7, ("pool-1", False))]
+    assert bus.lifespan_state is None  # the ended lifespan's state is not kept for later runs
 
 
 # -- failures ----------------------------------------------------------------------------------------

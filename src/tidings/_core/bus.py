@@ -217,7 +217,8 @@ class EventBus:
         self.app: Any = None
         """The ASGI app the bus serves (set by the middleware; FastAPI dependencies use its overrides)."""
         self.lifespan_state: dict[str, Any] | None = None
-        """The state the app's lifespan yielded (``request.state`` of handlers' FastAPI dependencies)."""
+        """The state the running app's lifespan yielded, ``None`` once it ended (``request.state``
+        of handlers' FastAPI dependencies)."""
         self._runner = Runner(self, self._registry, self.limits, on_failure, self.store, self.resubmit_after)
         self.dead_letters = DeadLetters(self, self._runner)
         """The dead letters: list, inspect, replay and purge them (see :class:`DeadLetters`)."""

@@ -163,6 +163,9 @@ class TidingsMiddleware:
             await self.app(scope, lifespan_receive, lifespan_send)
         finally:
             reset_scope(token)
+            # the ended lifespan's resources (closed pools, often) are not for a later use of the bus
+            if bus.lifespan_state is scope.get("state"):
+                bus.lifespan_state = None
 
 
 def _tracking(events: Job, send: Send) -> Send:

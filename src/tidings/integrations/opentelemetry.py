@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -121,7 +122,7 @@ class Tracing:
         >>> bus = EventBus(tracing=TracerProvider())  # spans go to this provider's processors
     """
 
-    __slots__ = ("_by_name", "_contexts", "_registry", "_specs", "_warned", "tracer")
+    __slots__ = ("_by_name", "_contexts", "_registry", "_specs", "_warn_lock", "_warned", "tracer")
 
     def __init__(self, registry: Registry, provider: TracerProvider | None = None) -> None:
         if provider is None:
@@ -135,6 +136,7 @@ class Tracing:
         # instead of parsing the headers again (one parse costs about as much as a third of a span).
         self._contexts: dict[int, tuple[Mapping[str, str], Context, SpanContext | None]] = {}
         self._warned: set[str] = set()  # the kinds of propagator failure logged already
+        self._warn_lock = threading.Lock()  # emits from several threads may fail at once
 
     # -- trace context into headers ----------------------------------------------------------------
     def inject(self, headers: Mapping[str, str] | None) -> Mapping[str, str] | None:
@@ -239,9 +241,10 @@ class Tracing:
     def _propagation_failed(self, kind: str, exc: Exception) -> None:
         # Once per kind: a broken propagator fails every emit, and a log line each would flood.
         # The type only: the message of a propagator's error may quote header values.
-        if kind in self._warned:
-            return
-        self._warned.add(kind)
+        with self._warn_lock:
+            if kind in self._warned:
+                return
+            self._warned.add(kind)
         logger.warning(
             "the OpenTelemetry propagator raised %s in %s; events go on without trace context "
             "(further failures of this kind are not logged)",
