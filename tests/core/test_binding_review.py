@@ -539,3 +539,26 @@ def test_a_refused_subscribe_registers_neither_its_names_nor_its_classes() -> No
     with pytest.raises(ConfigurationError, match="non-empty str"):
         bus.subscribe(welcome, "a.b", "")
     assert [s.pattern for s in bus.registry] == ["user.signed_up"]
+
+
+async def test_a_none_field_for_a_required_typed_parameter_fails_the_call_clearly(recorder: Recorder) -> None:
+    bus = EventBus()
+
+    @bus.on("comment.added", name="strict")
+    async def strict(comment: Comment) -> None:
+        recorder.add(("strict", comment))  # pragma: no cover - never called with None
+
+    @bus.on("comment.added")
+    def optional(comment: Comment | None, note: str) -> None:  # a plain def: the same binding
+        recorder.add(("optional", comment, note))
+
+    @bus.on("comment.added")
+    async def defaulted(comment: Comment = None) -> None:  # type: ignore[assignment]
+        recorder.add(("defaulted", comment))
+
+    async with bus:
+        errors = await bus.emit_now("comment.added", {"comment": None, "note": "n"})
+    assert [error.handler for error in errors] == ["strict"]  # the others ran, with None
+    assert "field 'comment' of event 'comment.added'" in str(errors[0])
+    assert "is None" in str(errors[0])
+    assert sorted(recorder.items, key=str) == [("defaulted", None), ("optional", None, "n")]

@@ -296,3 +296,32 @@ def test_dataclass_schemas_work_without_pydantic(monkeypatch: pytest.MonkeyPatch
     assert schema.coerce({"x": 1}) == Point(1)
     with pytest.raises(EventValidationError, match="TypeError"):
         schema.coerce({"y": 1})
+
+
+async def test_classes_made_at_run_time_are_not_kept_alive(
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import weakref
+    from dataclasses import make_dataclass
+
+    from tidings._core import schemas
+
+    monkeypatch.setattr(schemas, "_CLASS_CACHE_LIMIT", 16)  # 4096 in production: the same code path
+    bus = EventBus()
+
+    @bus.on("*")
+    async def handler(id: int) -> None:  # reads a field: the payload's class is looked at too
+        recorder.add(id)
+
+    made: list[weakref.ref[type]] = []
+    async with bus:
+        for number in range(40):
+            cls = make_dataclass(f"Made{number}", [("id", int)])  # as a per-request factory would
+            made.append(weakref.ref(cls))
+            await bus.emit_now(cls(id=number))
+            del cls
+    gc.collect()
+    assert recorder.items == list(range(40))  # every event was handled
+    assert len(schemas._NAMES) <= 16 and len(schemas._FIELDS) <= 16
+    assert made[0]() is None  # the first classes are gone: the caches let go of them

@@ -930,3 +930,26 @@ def test_the_docs_setup_example_prints_what_it_says(tmp_path: Path) -> None:
         "welcome mail sent to ada@example.com",
         "201",
     ]
+
+
+async def test_listener_ids_match_exactly_as_in_litestar(recorder: Recorder) -> None:
+    # tidings reads "*", "?" and "[" as wildcards; Litestar's ids are plain names
+    @listener("order[1]")
+    async def first_order() -> None:
+        recorder.add("order[1]")
+
+    @listener("what?", "report.*")
+    async def odd_names() -> None:
+        recorder.add("odd")
+
+    @post("/emit")
+    async def emit_them(request: Request[Any, Any, Any]) -> None:
+        for name in ("order1", "whatX", "report.daily", "order[1]", "what?", "report.*"):
+            request.app.emit(name)
+
+    app = make_app(TidingsPlugin(), [emit_them], [first_order, odd_names])
+    async with Lifespan(app):
+        status, _ = await call(app, "POST", "/emit")
+        assert status == 201
+        await recorder.wait_count(3)
+    assert recorder.items == ["order[1]", "odd", "odd"]  # the first three names match no listener

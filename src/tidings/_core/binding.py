@@ -75,6 +75,16 @@ def _strip_annotated(annotation: object) -> object:
     return annotation
 
 
+def _admits_none(annotation: object) -> bool:
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if annotation is None or annotation is type(None):
+        return True
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+        annotation
+    )
+
+
 def _checkable(cls: type) -> bool:
     """Whether ``isinstance``/``issubclass`` work with ``cls`` (not with a TypedDict or a plain Protocol)."""
     if typing.is_typeddict(cls):
@@ -136,6 +146,7 @@ class Param:
         "event_class_key",
         "kind",
         "name",
+        "nullable",
         "source",
     )
 
@@ -150,6 +161,8 @@ class Param:
         # a typed event class: a dict given for it (read back from the log) is validated into one
         self.event_class = self.annotation_type if is_event_class(self.annotation_type) else None
         self.event_class_key = None if self.event_class is None else class_key(self.event_class)
+        # whether None may fill it: ``X | None``, ``Optional[X]``, or a default of None
+        self.nullable = parameter.default is None or _admits_none(annotation)
         self._schema: Schema | None = None
 
     @property
@@ -411,7 +424,12 @@ def _binder(plan: Plan) -> Callable[..., Any]:
                 and (value := _field(fields, param.name)) is not _MISSING
                 and (source != _PAYLOAD or param.event_class is None or _could_be(value, param.event_class))
             ):
-                pass
+                if value is None and param.event_class is not None and not param.nullable:
+                    raise TypeError(
+                        f"handler {name} takes {param.name}: {param.event_class.__qualname__}, but "
+                        f"field {param.name!r} of event {event.name!r} ({event.id}) is None (annotate "
+                        f"it {param.event_class.__qualname__} | None to accept that)"
+                    )
             elif whole is param and param.event_class is not None and isinstance(fields, Mapping):
                 # the handler's one typed parameter, and the class's fields as a dict (read back
                 # from the log as JSON, or emitted under a name with no schema): an instance

@@ -24,7 +24,10 @@ from .envelope import Arguments
 
 __all__ = ["Schema", "SchemaRegistry", "class_key", "class_keys", "event_name_of", "is_event_class"]
 
-_NAMES: dict[type, str] = {}  # a cache of a pure function of the class
+# Caches of pure functions of a class. Bounded: an app that makes classes as it runs
+# (``create_model``, ``make_dataclass``) must not keep every one of them alive.
+_CLASS_CACHE_LIMIT: Final = 4096
+_NAMES: dict[type, str] = {}
 _NAME_ATTRIBUTE: Final = "__event_name__"
 
 
@@ -80,11 +83,11 @@ def event_name_of(cls: type) -> str:
         name = name.value
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"{cls.__qualname__}.__event_name__ must be a non-empty str, got {name!r}")
-    _NAMES[cls] = name
+    _remember(_NAMES, cls, name)
     return name
 
 
-_FIELDS: dict[type, frozenset[str]] = {}  # a cache of a pure function of the class, like _NAMES
+_FIELDS: dict[type, frozenset[str]] = {}
 
 
 def field_names(cls: type) -> frozenset[str]:
@@ -100,8 +103,14 @@ def field_names(cls: type) -> frozenset[str]:
         names = frozenset(field.name for field in dataclasses.fields(cls))
     else:
         names = frozenset()
-    _FIELDS[cls] = names
+    _remember(_FIELDS, cls, names)
     return names
+
+
+def _remember(cache: dict[type, Any], cls: type, value: Any) -> None:
+    if len(cache) >= _CLASS_CACHE_LIMIT:
+        cache.clear()
+    cache[cls] = value
 
 
 def _by_name(validate: Callable[..., Any]) -> Callable[[Any], Any]:

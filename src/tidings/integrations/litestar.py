@@ -52,6 +52,7 @@ Litestar 2.12 to 2.25; unwrapping a listener to its original function reads how
 
 from __future__ import annotations
 
+import glob
 import inspect
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, cast
@@ -297,7 +298,9 @@ class TidingsPlugin(InitPluginProtocol):
             # tidings would take an object's handle()/handle_many() for its entry point; Litestar calls it
             if not inspect.isroutine(fn) and (hasattr(fn, "handle") or hasattr(fn, "handle_many")):
                 target = fn.__call__
-            bus.subscribe(target, *ids, name=_free_name(bus, target), bind="arguments")
+            # Litestar matches ids exactly: "order[1]" or "what?" must not become tidings wildcards
+            exact = [glob.escape(event_id) for event_id in ids]
+            bus.subscribe(target, *exact, name=_free_name(bus, target), bind="arguments")
 
     @asynccontextmanager
     async def _drain_before_shutdown_code(self, app: Litestar) -> AsyncIterator[None]:

@@ -43,6 +43,7 @@ class EventHandlerASGIMiddleware:
       bus is configured);
     * plain ``def`` handlers run in worker threads, one thread hop per request (an awaitable one
       returns, as a decorator's wrapper of an ``async def`` does, is awaited on the event loop);
+      one with ``Depends`` parameters has them solved on the loop, then a hop of its own per call;
     * the app's lifespan starts the bus before startup code runs and drains it at shutdown, within
       ``drain_timeout``, so events of startup code, of background tasks and of handlers are handled
       rather than lost;

@@ -160,8 +160,10 @@ class LocalHandler(BaseEventHandler):
     (``"UserEvents.SIGNED_UP"``); registering with the member itself always matches it.
 
     For each event, the matching functions run in registration order (``async def`` ones on the
-    loop, one after another; plain ``def`` ones in a worker thread, one after another). A function
-    registered twice, under two patterns that both match, runs once.
+    loop, one after another; plain ``def`` ones in a worker thread, one after another, except that
+    one with ``Depends`` parameters takes its turn among the ``async def`` ones, where its
+    dependencies are solved, and then a thread hop of its own). A function registered twice, under
+    two patterns that both match, runs once.
 
     Example:
         >>> from tidings.compat.fastapi_events.handlers.local import LocalHandler
