@@ -401,6 +401,67 @@ def test_without_lifespan_the_bus_starts_at_the_first_request(
     assert "no tidings bus is running" in caplog.text
 
 
+def test_without_a_lifespan_a_failed_requests_events_are_delivered_before_the_error_response(
+    recorder: Recorder, failures: list[Any]
+) -> None:
+    # No lifespan: a bus task would be cut off when TestClient closes the request's loop.
+    bus = EventBus(on_failure=failures.append)
+
+    @bus.on("*")
+    async def slow(event: Event) -> None:
+        await asyncio.sleep(0.01)  # still running when a bus task would have been cut off
+        recorder.add(("async", event.name))
+
+    @bus.on("*")
+    def sync(event: Event) -> None:
+        recorder.add(("sync", event.name))
+
+    test_client = TestClient(failing_app(bus), raise_server_exceptions=False)  # no `with`
+    assert test_client.get("/").status_code == 500
+    assert sorted(recorder.items) == [
+        ("async", "user.created"),
+        ("async", "user.welcomed"),
+        ("sync", "user.created"),
+        ("sync", "user.welcomed"),
+    ]
+    assert failures == []
+
+
+@pytest.mark.parametrize("mode", ["inline", "task"])
+async def test_a_request_that_outlives_its_bus_logs_its_events_as_dropped(
+    mode: RequestHandlerMode, recorder: Recorder, failures: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = EventBus(on_failure=failures.append, request_handlers=mode)
+    bus.on("*")(lambda event: recorder.add(("sync", event.name)))  # needs the bus's threads, gone
+
+    @bus.on("*")
+    async def handler(event: Event) -> None:  # pragma: no cover - the bus closed: never called
+        recorder.add(("async", event.name))
+
+    go_on = asyncio.Event()
+
+    async def endpoint(request: Request) -> Response:
+        await go_on.wait()
+        emit("late.event")
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await bus.start()
+    request = asyncio.create_task(app(http_scope("/"), request_body(), send))
+    await asyncio.sleep(0)  # the request is in its endpoint
+    await bus.aclose()  # say, a server that closed the bus without waiting for its requests
+    go_on.set()
+    await request  # nothing reaches the server
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert recorder.items == [] and failures == []  # not run after the app's shutdown code...
+    assert "event 'late.event' was dropped because the bus is closed" in caplog.text  # ...nor silently lost
+
+
 async def test_two_apps_in_one_process_do_not_see_each_others_events(recorder: Recorder) -> None:
     shop_bus, admin_bus = EventBus(name="shop"), EventBus(name="admin")
 

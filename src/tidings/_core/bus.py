@@ -188,6 +188,8 @@ class EventBus:
         self.request_errors: RequestErrorPolicy = request_errors
         self.request_handlers: RequestHandlerMode = request_handlers
         self.request_handlers_inline = request_handlers == "inline"
+        # started by a request, with no lifespan: nothing drains a bus task before the loop closes
+        self.started_lazily = False
         if not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
         if not (isinstance(resubmit_after, int | float) and resubmit_after > 0):
@@ -846,6 +848,7 @@ class EventBus:
         # Started by a request (no lifespan ran, e.g. a test client that makes a loop per request):
         # nothing will drain a bus task before that loop closes, so handlers run inline.
         self.request_handlers_inline = lazily or self.request_handlers == "inline"
+        self.started_lazily = lazily
         self._bind(loop)
 
     def open_request(self) -> Job:
@@ -858,6 +861,9 @@ class EventBus:
         The task runs in a copy of the request's context, so handlers see the request's context
         variables and the events they emit join the same job.
         """
+        if self._runner.closed:  # the request outlived the bus: its events go where late emits go
+            self.adopt(job)
+            return
         if self._runner.start_job(job, None):
             assert self._loop is not None
             job.task = self._loop.create_task(self._runner.run_job(job))

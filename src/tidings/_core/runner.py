@@ -314,6 +314,9 @@ class Runner:
         everything the event log needs.
         """
         if request:
+            if self.closed:  # the request outlived the bus: its events go where late emits go
+                self.bus.adopt(job)  # (logged and dropped, each by name)
+                return
             emitted, job.buffer = job.buffer or [], []
             if not self._sort(emitted, job):
                 job.buffer = None

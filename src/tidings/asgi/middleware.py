@@ -28,7 +28,9 @@ class TidingsMiddleware:
       is after the last body chunk was sent, streaming responses included. They run in the
       request's own task, in emit order (or in a bus task, with ``request_handlers="task"``). If
       the app raises, the ``request_errors`` policy decides: ``"deliver"`` (default: handled in a
-      bus task, so they never delay the error response still to be sent) or ``"drop"``.
+      bus task, so they never delay the error response still to be sent; with no lifespan, before
+      it) or ``"drop"``. A request that finishes after the bus closed has its events logged and
+      dropped, as any event emitted to a closed bus.
       Tasks the request started that emit after it finished hand their events to the bus
       directly: nothing is lost.
     * **websocket**: a connection can last for hours, so its events are not held until it closes:
@@ -92,7 +94,8 @@ class TidingsMiddleware:
             try:
                 await self.app(scope, receive, send)
             except BaseException as exc:
-                self._app_raised(events, exc)
+                if self._app_raised(events, exc):
+                    await bus.run_job(events, request=True)
                 raise
             if events.buffer:
                 if not bus.request_handlers_inline:
@@ -104,7 +107,8 @@ class TidingsMiddleware:
         finally:
             reset_scope(token)
 
-    def _app_raised(self, events: Job, exc: BaseException) -> None:
+    def _app_raised(self, events: Job, exc: BaseException) -> bool:
+        """Dispose of the events of a request whose app raised; ``True``: run them here, now."""
         bus = self.bus
         if isinstance(exc, asyncio.CancelledError):
             bus.adopt(events)  # this task cannot run handlers any more; the bus's own tasks can
@@ -112,12 +116,17 @@ class TidingsMiddleware:
             bus.discard_request_events(
                 events, f"the app raised {type(exc).__name__} before responding (request_errors='drop')"
             )
-        elif events.buffer:
+        elif not events.buffer:
+            events.buffer = None
+        elif bus.started_lazily:
+            # No lifespan: a bus task would be cut off when the loop closes (a test client makes
+            # one per request), so the error response waits for the handlers instead.
+            return True
+        else:
             # Not inline: the error response is still to be sent (by an outer middleware), and
             # handlers must not delay it.
             bus.spawn_request_job(events)
-        else:
-            events.buffer = None
+        return False
 
     async def _not_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
