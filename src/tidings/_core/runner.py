@@ -15,7 +15,9 @@ the call). A job publishes the call it is awaiting; the watchdog notes the tick 
 that call and cancels it once it has seen it for longer than its timeout. A tick is a quarter of the
 smallest timeout, at most 0.5 s, so a call is cancelled between its timeout and its timeout plus two
 ticks: never before, and never a call the job has not started yet (a job waiting for its task to
-start, or for a concurrency slot, is awaiting no call).
+start, or for a concurrency slot, is awaiting no call). A sync call past its timeout cannot be
+cancelled: the watchdog reports it and leaves it behind in its thread, and the job's other sync calls
+go on in a new hop.
 
 A failed call (raised, timed out, cancelled itself) is retried by its handler's
 :class:`~tidings.RetryPolicy` in a job of its own, after a backoff timer; after its last attempt it
@@ -65,7 +67,7 @@ FailureHook = Callable[[HandlerError], object]
 """Called on the event loop with every failed handler call; its return value is ignored."""
 
 Call = tuple[HandlerSpec, Any]  # (handler, Event) or (batch handler, tuple[Event, ...])
-SyncCall = tuple[HandlerSpec, Any, float]  # a sync call in progress, with its monotonic start
+SyncCall = tuple[HandlerSpec, Any, float, int]  # a sync call in progress: its monotonic start, index
 
 # What a handler may raise that is not its own failure: the process is stopping. (fastapi-events'
 # errors derive from BaseException, so the rest of BaseException counts as a failure.)
@@ -139,6 +141,13 @@ class Job(Scope):
     sync_thread = 0  # the worker thread of its latest thread hop
     sync_reported: SyncCall | None = None
     sync_stop = False
+    # A call past its timeout is left behind in its thread; the rest go on in a new hop. Who
+    # settles a call, its thread (it returned) or the watchdog (it left it behind), is decided by
+    # who pops it from the hop's `sync_running_calls` first: dict.pop is atomic, and cheaper than
+    # a lock per call.
+    sync_hop = 0  # the number of the job's latest hop
+    sync_running_calls: dict[int, bool] | None = None  # the index of the call in progress
+    sync_waiter: asyncio.Future[None] | None = None  # done when the job's latest hop is
     # retries and the event log
     attempt = 1  # the attempt number of the job's own calls (a retry job's are > 1)
     durable = False  # its deliveries are in a durable log
@@ -188,6 +197,8 @@ class Runner:
         # outbox events handed to the bus whose job has not recorded them yet (their log rows
         # exist; their leases need renewing meanwhile), by id
         self.released: dict[str, Event] = {}
+        # sync calls past their timeout, still running in a thread their job no longer waits for
+        self.left_behind: dict[tuple[Job, Call], None] = {}  # a dict: reported in the order left
         self.closed = False  # shut down: nothing is scheduled any more
         self.loop: asyncio.AbstractEventLoop | None = None
         self._executor: DaemonThreadPool | None = None
@@ -213,6 +224,7 @@ class Runner:
     def shutdown(self) -> None:
         self.closed = True
         self.released.clear()
+        self.left_behind.clear()
         self.abandon_retries()
         if self._watch_handle is not None:
             self._watch_handle.cancel()
@@ -339,7 +351,7 @@ class Runner:
                 if job.record_waiters:
                     _wake(job.record_waiters)
             while True:
-                sync_future = self._start_sync(job) if job.sync_calls else None
+                sync_future = self._start_sync(job, 0) if job.sync_calls else None
                 for index, call in enumerate(job.async_calls):
                     job.async_index = index
                     job.current = call
@@ -629,29 +641,62 @@ class Runner:
             job.async_index += 1  # this call is reported already: not among the unfinished
             raise asyncio.CancelledError
 
-    def _start_sync(self, job: Job) -> asyncio.Future[None]:
-        job.sync_index = 0
-        job.sync_stop = False
-        job.sync_running = True
-        assert self.loop is not None
+    def _start_sync(self, job: Job, start: int) -> asyncio.Future[None]:
+        """Run the job's sync calls from ``start`` on in a worker thread; return the job's waiter.
+
+        The waiter (one per job run, whichever hops it takes) is done when the job's latest hop
+        is: a hop left behind with a call past its timeout no longer counts.
+        """
+        loop = self.loop
+        assert loop is not None
         assert self._executor is not None
+        job.sync_hop += 1
+        hop = job.sync_hop
+        job.sync_index = start
+        job.sync_current = None
+        running: dict[int, bool] = {}
+        job.sync_running_calls = running
+        if start == 0:
+            job.sync_stop = False
+            job.sync_running = True
+            job.sync_waiter = loop.create_future()
         # The thread sees the job's context, so sync handlers can emit and their events chain.
         context = contextvars.copy_context()
-        return self.loop.run_in_executor(self._executor, context.run, self._run_sync_calls, job)
+        future = loop.run_in_executor(self._executor, context.run, self._run_sync_calls, job, running, start)
+        future.add_done_callback(lambda ended: self._hop_ended(job, hop, ended))
+        assert job.sync_waiter is not None
+        return job.sync_waiter
 
-    def _run_sync_calls(self, job: Job) -> None:
-        """Runs in a worker thread: every sync call of the job, in order."""
+    def _hop_ended(self, job: Job, hop: int, ended: asyncio.Future[None]) -> None:
+        error = None if ended.cancelled() else ended.exception()  # retrieved, so never "unretrieved"
+        waiter = job.sync_waiter
+        if hop != job.sync_hop or waiter is None or waiter.done():
+            if error is not None:  # a hop left behind, stopped by what stops the process
+                logger.error("a worker thread of bus %r stopped: %r", self.bus.name, error)
+            return
+        if ended.cancelled():
+            waiter.cancel()
+        elif error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(None)
+
+    def _run_sync_calls(self, job: Job, running: dict[int, bool], start: int) -> None:
+        """Runs in a worker thread: the job's sync calls from ``start`` on, in order."""
         loop = self.loop
         assert loop is not None
         calls = job.sync_calls
         job.sync_thread = get_ident()
-        for index in range(len(calls)):
+        for index in range(start, len(calls)):
             if job.sync_stop:
                 return
-            spec, arg = calls[index]
+            call = calls[index]
+            spec, arg = call
             job.sync_index = index
             # one attribute, so the watchdog never pairs one call's handler with another's event
-            job.sync_current = (spec, arg, monotonic())
+            running[index] = True  # before the watchdog can see it
+            job.sync_current = (spec, arg, monotonic(), index)
+            succeeded = False
             try:
                 spec.call(arg)
             except _FATAL:
@@ -662,12 +707,55 @@ class Runner:
                     events=_events_of(spec, arg),
                     handler=spec.name,
                 )
-                loop.call_soon_threadsafe(self.failed, job, calls[index], error, exc)
+                loop.call_soon_threadsafe(self.failed, job, call, error, exc)
             else:
-                if job.sync_done is not None:
-                    job.sync_done.append(calls[index])  # read by the loop once this hop is over
+                succeeded = True
+            if not running.pop(index, False):
+                # The watchdog left this call behind: the job went on without it (this thread
+                # no longer touches the job's state), so its end is passed on by itself.
+                try:
+                    loop.call_soon_threadsafe(self._left_behind_ended, job, call, succeeded)
+                except RuntimeError:  # the loop has closed: nobody waits for this call any more
+                    pass
+                return
             job.sync_current = None
+            if succeeded and job.sync_done is not None:
+                job.sync_done.append(call)  # read by the loop once this hop is over
         job.sync_index = len(calls)
+
+    def _leave_behind(self, job: Job, sync_call: SyncCall) -> None:
+        """Go on without a sync call past its timeout: its thread keeps it, a new hop the rest.
+
+        Threads cannot be interrupted, so the call runs on; but the calls queued behind it, the
+        job (a request's handlers, their concurrency slot) and drain do not wait for it beyond
+        the drain bound. It stays in the log meanwhile (its lease renewed), and counts as
+        unfinished until it returns.
+        """
+        running = job.sync_running_calls
+        if running is None or self.closed or job.sync_stop or job.cut_off:
+            return
+        spec, arg, _, index = sync_call
+        if not running.pop(index, False):  # it has just returned: its thread goes on
+            return
+        job.sync_current = None
+        self.left_behind[job, (spec, arg)] = None
+        rest = index + 1
+        if rest < len(job.sync_calls):
+            self._start_sync(job, rest)
+        else:
+            job.sync_index = rest
+            if job.sync_waiter is not None and not job.sync_waiter.done():
+                job.sync_waiter.set_result(None)
+
+    def _left_behind_ended(self, job: Job, call: Call, succeeded: bool) -> None:
+        """A call left behind past its timeout has returned (its failure is reported already)."""
+        if (job, call) not in self.left_behind:
+            return  # the drain bound reported it as unfinished; where it stays, it stays
+        del self.left_behind[job, call]
+        if succeeded and job.durable and not self.closed:
+            self.store.complete([(event.id, name) for event, name in _deliveries([call])])
+        if self._idle_waiters:
+            self._wake_idle_waiters()
 
     # -- timeouts ----------------------------------------------------------------------------------
     def _watch(self) -> None:
@@ -685,16 +773,17 @@ class Runner:
                         job.task.cancel()
             sync_call = job.sync_current
             if sync_call is not None and sync_call is not job.sync_reported:
-                spec, arg, started = sync_call
+                spec, arg, started, _ = sync_call
                 if spec.timeout is not None and now - started > spec.timeout:
                     job.sync_reported = sync_call
                     message = (
                         f"handler {spec.name} has run past its timeout of {spec.timeout}s; a plain "
                         "def handler cannot be interrupted, so it keeps its worker thread until it "
-                        "returns"
+                        "returns, and the other handlers go on without it"
                     )
                     error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
                     self.report(error, None)
+                    self._leave_behind(job, sync_call)
         if self.jobs and self.loop is not None and not self.loop.is_closed():
             self._watch_handle = self.loop.call_later(self._tick, self._watch)
 
@@ -767,13 +856,21 @@ class Runner:
         for retry in self.retries:
             spec, arg = retry.call
             pairs.extend((event.id, spec.name) for event in _events_of(spec, arg))
+        for job, (spec, arg) in self.left_behind:  # run on: not to be taken over meanwhile
+            if job.durable:
+                pairs.extend((event.id, spec.name) for event in _events_of(spec, arg))
         return pairs
 
     # -- drain -------------------------------------------------------------------------------------
     def idle(self, until: float = 0.0) -> bool:
-        """Whether no job runs other than the caller's own, and no retry is due by ``until``."""
+        """Whether no job runs other than the caller's own, no call left behind past its timeout
+        runs on, and no retry is due by ``until``."""
         current = asyncio.current_task()
-        return all(job.task is current for job in self.jobs) and all(r.due > until for r in self.retries)
+        return (
+            all(job.task is current for job in self.jobs)
+            and not self.left_behind
+            and all(r.due > until for r in self.retries)
+        )
 
     async def wait_idle(self, until: float) -> bool:
         """Wait until :meth:`idle` (retries due by ``until`` included) or ``until`` (monotonic)."""
@@ -810,6 +907,9 @@ class Runner:
             self.jobs.discard(job)
             if job.task is not None:
                 job.task.cancel()
+        for _, (spec, arg) in self.left_behind:  # past their timeouts, in threads that run on
+            pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
+        self.left_behind.clear()
         return pending
 
     def _wake_idle_waiters(self) -> None:
