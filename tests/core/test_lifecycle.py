@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from typing import Any
 
 import anyio
 import pytest
@@ -19,9 +20,12 @@ from tidings import (
     HandlerError,
     Limits,
     PendingDelivery,
+    TidingsMiddleware,
+    emit,
 )
 from tidings._core.runner import Job
 
+from ..asgi_calls import http_scope, request_body
 from ..conftest import Recorder
 
 
@@ -67,6 +71,70 @@ def test_a_bus_serves_one_loop_at_a_time() -> None:
         other_loop.call_soon_threadsafe(stop.set)
         thread.join(5)
     assert bus.state is BusState.CLOSED
+
+
+def test_a_request_on_another_loop_is_refused_while_the_bus_loop_is_open(recorder: Recorder) -> None:
+    # e.g. a bus fixture kept across tests whose event loops differ: the bus cannot serve both
+    bus = EventBus()
+
+    @bus.on("seen")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        emit("seen")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = TidingsMiddleware(endpoint, bus=bus)
+
+    async def request() -> None:
+        async def send(message: Any) -> None:
+            pass
+
+        await app(http_scope("/"), request_body(), send)
+
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        first.run_until_complete(request())  # starts the bus on the first loop, which stays open
+        with pytest.raises(BusStateError, match="another event loop"):
+            second.run_until_complete(request())
+        assert recorder.items == ["seen"]  # the second request's app never ran
+        first.run_until_complete(bus.aclose())
+        second.run_until_complete(request())  # a closed bus starts again on the loop it is given
+        assert recorder.items == ["seen", "seen"]
+        second.run_until_complete(bus.aclose())
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.anyio
+async def test_a_job_that_outlives_a_restart_gives_back_no_slot_of_the_new_count() -> None:
+    bus = EventBus(handler_timeout=None, drain_timeout=0.05, limits=Limits(max_concurrency=1))
+    cleaning_up = asyncio.Event()
+    cleaned_up = asyncio.Event()
+
+    @bus.on("stubborn")
+    async def stubborn(event: Event) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cleaning_up.set()
+            await cleaned_up.wait()  # clean-up that outlives the drain's cancellation
+
+    await bus.start()
+    bus.emit("stubborn")
+    await anyio.wait_all_tasks_blocked()
+    await bus.aclose()  # the drain bound cuts the job off; it swallows the cancellation
+    await cleaning_up.wait()
+    await bus.start()  # counts slots afresh
+    runner = bus._runner
+    assert runner._running == 0
+    cleaned_up.set()
+    await anyio.wait_all_tasks_blocked()  # the old job ends
+    assert runner._running == 0  # not -1: the limit of one still holds
+    await bus.aclose()
 
 
 @pytest.mark.anyio

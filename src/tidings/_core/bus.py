@@ -822,14 +822,16 @@ class EventBus:
     def ensure_running(self) -> None:
         """Start the bus on the running loop if it is not running there yet (no lifespan ran).
 
-        Called for every request, so the common case is two attribute checks. A loop that closed
-        under the bus (a test client without lifespan makes one per request) is replaced.
+        Called for every request, so the common case is a few attribute checks: the bus's loop is
+        running, on this thread, so it is the running loop (``asyncio.get_running_loop()`` costs a
+        system call on Python 3.11). A loop that closed under the bus (a test client without
+        lifespan makes one per request) is replaced.
 
         Raises:
             BusStateError: the bus runs on another, still open event loop.
         """
         loop = self._serving_loop
-        if loop is not None and not loop.is_closed():
+        if loop is not None and loop.is_running() and threading.get_ident() == self.loop_thread:
             return
         self._ensure_running_slow(lazily=True)
 

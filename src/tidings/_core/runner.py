@@ -203,6 +203,9 @@ class Runner:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._executor: DaemonThreadPool | None = None
         self._running = 0
+        # bind() starts counting slots afresh: a job still running from before (it outlived a drain
+        # cut-off) must not give back a slot of the new count
+        self._slot_generation = 0
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._watch_handle: asyncio.TimerHandle | None = None
@@ -216,6 +219,7 @@ class Runner:
         self.loop = loop
         self.closed = False
         self._running = 0
+        self._slot_generation += 1
         self._slot_waiters.clear()
         self._watch_handle = None
         if self._executor is None:
@@ -335,16 +339,16 @@ class Runner:
                 return
             job.task = current_task(self.loop)
             self._track(job)
-        has_slot = False
+        slot = 0  # the generation of the slot the job holds (bind() makes them 1, 2, ...), if any
         try:
             if job.unbounded:
                 pass
             elif self._running < self.limits.max_concurrency:
                 self._running += 1
-                has_slot = True
+                slot = self._slot_generation
             else:
                 await self._wait_for_slot()
-                has_slot = True
+                slot = self._slot_generation
             if job.durable and not job.recorded:
                 await self._record(job)
                 job.recorded = True
@@ -416,7 +420,7 @@ class Runner:
                     self._complete(job)
                 if job.record_waiters:  # it ended before its record step (cut off): stop waiting
                     _wake(job.record_waiters)
-            if has_slot:
+            if slot == self._slot_generation:
                 if self._slot_waiters:
                     self._release_slot()
                 else:
