@@ -26,6 +26,7 @@ from tidings import (
     DrainTimeoutError,
     Event,
     EventBus,
+    Limits,
     RequestErrorPolicy,
     RequestHandlerMode,
     TidingsMiddleware,
@@ -490,8 +491,14 @@ async def test_two_apps_in_one_process_do_not_see_each_others_events(recorder: R
     ]
 
 
-async def test_a_disabled_bus_passes_requests_through(recorder: Recorder) -> None:
-    bus = EventBus(enabled=False)
+@pytest.mark.parametrize("switch", ["option", "environment"])
+async def test_a_disabled_bus_passes_requests_through(
+    switch: str, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if switch == "environment":
+        monkeypatch.setenv("TIDINGS_DISABLE_EMIT", "1")
+    bus = EventBus(enabled=False) if switch == "option" else EventBus()
+    assert not bus.enabled
 
     @bus.on("*")
     async def handler(event: Event) -> None:
@@ -567,6 +574,54 @@ async def test_a_client_disconnecting_mid_stream_does_not_lose_the_requests_even
     async with bus:
         await app(scope, receive, send)
     assert recorder.items == ["download.started"]
+
+
+async def test_backpressure_queues_request_jobs_without_delaying_responses(recorder: Recorder) -> None:
+    # max_concurrency=1: while one request's handler holds the slot, the next requests still
+    # respond; their jobs wait in their own tasks, then run in arrival order.
+    bus = EventBus(limits=Limits(max_concurrency=1), handler_timeout=None)
+    go_on = asyncio.Event()
+
+    @bus.on("job")
+    async def handler(event: Event) -> None:
+        recorder.add(("start", event.payload))
+        if event.payload == 0:
+            await go_on.wait()
+        recorder.add(("end", event.payload))
+
+    async def endpoint(request: Request) -> Response:
+        emit("job", int(request.query_params["n"]))
+        return PlainTextResponse("ok")
+
+    app = starlette_app(bus, [Route("/", endpoint)])
+    responded: list[int] = []
+
+    async def request(number: int) -> None:
+        scope = http_scope("/")
+        scope["query_string"] = f"n={number}".encode()
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                responded.append(number)
+                recorder.add(("responded", number))
+
+        await app(scope, request_body(), send)
+
+    async with bus:
+        requests = [asyncio.create_task(request(number)) for number in range(3)]
+        await recorder.wait_for(lambda items: len(responded) == 3)
+        assert recorder.items[-2:] == [("responded", 1), ("responded", 2)]  # job 0 holds the slot...
+        assert ("start", 1) not in recorder.items  # ...and the other jobs wait for it
+        go_on.set()
+        await asyncio.gather(*requests)
+    assert [item for item in recorder.items if item[0] != "responded"] == [
+        ("start", 0),
+        ("end", 0),
+        ("start", 1),
+        ("end", 1),
+        ("start", 2),
+        ("end", 2),
+    ]
 
 
 async def test_events_nobody_handles_are_a_harmless_no_op(bus: EventBus, failures: list[Any]) -> None:
