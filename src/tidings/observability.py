@@ -130,6 +130,9 @@ def current_call() -> tuple[HandlerSpec, Any] | None:
     carried = _carried.get()
     if carried is not None:
         return carried
+    left_behind = job.sync_left_behind  # calls past their timeouts, in threads the job left
+    if left_behind and (call := left_behind.get(get_ident())) is not None:
+        return call
     if get_ident() != job.sync_thread:  # a thread of someone else's (a thread pool the job used)
         return None
     running = job.sync_current  # this job's sync calls run one at a time in one worker thread

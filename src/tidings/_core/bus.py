@@ -37,7 +37,7 @@ from .envelope import EMPTY_HEADERS, Arguments, Event, Prebuilt
 from .logs import fields
 from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
 from .registry import HandlerSpec, Registry, is_pattern
-from .runner import FailureHook, Job, Runner, make_event
+from .runner import FailureHook, Job, Runner, deliveries_of, make_event
 from .schemas import Schema, SchemaRegistry, event_name_of, is_event_class
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from ..integrations.opentelemetry import Tracing
     from ..store.base import Store
     from .binding import BindingStyle, Plan
+    from .runner import Call
 
 __all__ = ["BusState", "EventBus"]
 
@@ -656,7 +657,9 @@ class EventBus:
 
         Returns:
             The failures of this first attempt, one :class:`~tidings.HandlerError` per failed call
-            (empty when every handler succeeded).
+            (empty when every handler succeeded). A plain ``def`` handler past its timeout is one
+            (a :class:`~tidings.HandlerTimeoutError`): it cannot be interrupted, so this returns
+            without waiting for it; what it does after that reaches ``on_failure`` only.
 
         Raises:
             BusStateError: the bus is closed or runs on another event loop.
@@ -793,16 +796,26 @@ class EventBus:
             assert self._loop is not None
             self._loop.call_soon(self._spawn_outside_job)
 
-    def _spawn_outside_job(self) -> None:
+    def _spawn_outside_job(self, completing: Call | None = None) -> None:
         self._outside_scheduled = False
         records, self._outside = self._outside, []
-        if not records or self._loop is None:
-            return
         job = Job(self, records)
-        if not self._runner.start_job(job, None):
+        if not records or self._loop is None or not self._runner.start_job(job, None):
+            if completing is not None:  # nothing of it waits to be recorded
+                self.store.complete([(event.id, name) for event, name in deliveries_of([completing])])
             return  # nobody handles these events: no task
+        if completing is not None and job.done is not None:
+            job.done.append(completing)  # completed once the job has recorded its own calls
         # Handlers of outside events run in a clean context, not in whichever context emitted first.
         self._runner.spawn(job)
+
+    def complete_after_emitted(self, call: Call) -> None:
+        """Complete a call in the log once the events it emitted, waiting for a job, are in it too.
+
+        For a sync call left behind past its timeout that returned after its job had ended: its
+        events wait among those emitted outside jobs, and go into a job now.
+        """
+        self._spawn_outside_job(completing=call)
 
     def _drop(self, record: Record, why: str) -> None:
         headers = record[3]

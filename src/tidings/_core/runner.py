@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from .dispatcher import Record
     from .policies import Limits
 
-__all__ = ["FailureHook", "Job", "Runner", "call_for", "make_event"]
+__all__ = ["Call", "FailureHook", "Job", "Runner", "call_for", "deliveries_of", "make_event"]
 
 logger = logging.getLogger("tidings")
 
@@ -92,7 +92,8 @@ def call_for(spec: HandlerSpec, event: Event) -> Call:
     return (spec, (event,)) if spec.batch else (spec, event)
 
 
-def _deliveries(calls: Iterable[Call]) -> list[tuple[Event, str]]:
+def deliveries_of(calls: Iterable[Call]) -> list[tuple[Event, str]]:
+    """The (event, handler name) deliveries that ``calls`` make."""
     return [(event, spec.name) for spec, arg in calls for event in _events_of(spec, arg)]
 
 
@@ -148,6 +149,8 @@ class Job(Scope):
     sync_hop = 0  # the number of the job's latest hop
     sync_running_calls: dict[int, bool] | None = None  # the index of the call in progress
     sync_waiter: asyncio.Future[None] | None = None  # done when the job's latest hop is
+    sync_context: contextvars.Context | None = None  # the job's context, for every hop of a run
+    sync_left_behind: dict[int, Call] | None = None  # by thread: calls left behind, still running
     # retries and the event log
     attempt = 1  # the attempt number of the job's own calls (a retry job's are > 1)
     durable = False  # its deliveries are in a durable log
@@ -518,11 +521,11 @@ class Runner:
             done += sync_done
             job.sync_done = []
         if done:
-            self.store.complete([(event.id, name) for event, name in _deliveries(done)])
+            self.store.complete([(event.id, name) for event, name in deliveries_of(done)])
 
     async def _record(self, job: Job) -> None:
         """Write the job's current calls to the log before they run (they run even if it fails)."""
-        deliveries = _deliveries(job.async_calls) + _deliveries(job.sync_calls)
+        deliveries = deliveries_of(job.async_calls) + deliveries_of(job.sync_calls)
         try:
             refused = await self.store.record(deliveries, lease=self.lease)
         except StoreError as exc:
@@ -551,14 +554,23 @@ class Runner:
         error = HandlerCancelledError(message, events=_events_of(spec, arg), handler=spec.name)
         self.failed(job, (spec, arg), error, exc)
 
-    def failed(self, job: Job, call: Call, error: HandlerError, cause: BaseException | None) -> None:
+    def failed(
+        self,
+        job: Job,
+        call: Call,
+        error: HandlerError,
+        cause: BaseException | None,
+        attempt: int | None = None,
+    ) -> None:
         """A call failed: report it, then retry it later or make dead letters of it.
 
-        Runs on the loop (a worker thread's failures are passed here with ``call_soon_threadsafe``).
+        Runs on the loop (a worker thread's failures are passed here with ``call_soon_threadsafe``,
+        with the attempt its hop ran: a call left behind may fail after its job went on).
         """
         spec, arg = call
         policy = spec.retry
-        attempt = job.attempt
+        if attempt is None:
+            attempt = job.attempt
         error.attempt = attempt
         delay: float | None = None
         # A timeout or a cancellation is judged as the HandlerError it became (an Exception).
@@ -664,9 +676,16 @@ class Runner:
             job.sync_stop = False
             job.sync_running = True
             job.sync_waiter = loop.create_future()
-        # The thread sees the job's context, so sync handlers can emit and their events chain.
-        context = contextvars.copy_context()
-        future = loop.run_in_executor(self._executor, context.run, self._run_sync_calls, job, running, start)
+            # The thread sees the job's context, so sync handlers can emit and their events chain.
+            # A later hop (the watchdog starts it, in its own context) gets a copy of the same:
+            # the thread left behind is still inside the first.
+            context = job.sync_context = contextvars.copy_context()
+        else:
+            assert job.sync_context is not None
+            context = job.sync_context.copy()
+        future = loop.run_in_executor(
+            self._executor, context.run, self._run_sync_calls, job, running, start, job.attempt
+        )
         future.add_done_callback(lambda ended: self._hop_ended(job, hop, ended))
         assert job.sync_waiter is not None
         return job.sync_waiter
@@ -685,7 +704,7 @@ class Runner:
         else:
             waiter.set_result(None)
 
-    def _run_sync_calls(self, job: Job, running: dict[int, bool], start: int) -> None:
+    def _run_sync_calls(self, job: Job, running: dict[int, bool], start: int, attempt: int) -> None:
         """Runs in a worker thread: the job's sync calls from ``start`` on, in order."""
         loop = self.loop
         assert loop is not None
@@ -704,6 +723,8 @@ class Runner:
             try:
                 spec.call(arg)
             except _FATAL:
+                if not running.pop(index, False):
+                    self._hand_back(job, call, succeeded=False)
                 raise
             except BaseException as exc:  # a handler's BaseException is its own failure
                 error = HandlerError(
@@ -711,21 +732,29 @@ class Runner:
                     events=_events_of(spec, arg),
                     handler=spec.name,
                 )
-                loop.call_soon_threadsafe(self.failed, job, call, error, exc)
+                loop.call_soon_threadsafe(self.failed, job, call, error, exc, attempt)
             else:
                 succeeded = True
             if not running.pop(index, False):
                 # The watchdog left this call behind: the job went on without it (this thread
                 # no longer touches the job's state), so its end is passed on by itself.
-                try:
-                    loop.call_soon_threadsafe(self._left_behind_ended, job, call, succeeded)
-                except RuntimeError:  # the loop has closed: nobody waits for this call any more
-                    pass
+                self._hand_back(job, call, succeeded=succeeded)
                 return
             job.sync_current = None
             if succeeded and job.sync_done is not None:
                 job.sync_done.append(call)  # read by the loop once this hop is over
         job.sync_index = len(calls)
+
+    def _hand_back(self, job: Job, call: Call, *, succeeded: bool) -> None:
+        """Runs in the thread of a call left behind, once it has returned (or raised)."""
+        assert self.loop is not None
+        if job.sync_left_behind is not None:
+            job.sync_left_behind.pop(get_ident(), None)  # this thread may serve another hop next
+        try:
+            # after the events it emitted (scheduled the same way, earlier): they are ahead of it
+            self.loop.call_soon_threadsafe(self._left_behind_ended, job, call, succeeded)
+        except RuntimeError:  # the loop has closed: nobody waits for this call any more
+            pass
 
     def _leave_behind(self, job: Job, sync_call: SyncCall) -> None:
         """Go on without a sync call past its timeout: its thread keeps it, a new hop the rest.
@@ -743,6 +772,9 @@ class Runner:
             return
         job.sync_current = None
         self.left_behind[job, (spec, arg)] = None
+        if job.sync_left_behind is None:
+            job.sync_left_behind = {}
+        job.sync_left_behind[job.sync_thread] = (spec, arg)  # its log records still name it
         rest = index + 1
         if rest < len(job.sync_calls):
             self._start_sync(job, rest)
@@ -757,7 +789,13 @@ class Runner:
             return  # the drain bound reported it as unfinished; where it stays, it stays
         del self.left_behind[job, call]
         if succeeded and job.durable and not self.closed:
-            self.store.complete([(event.id, name) for event, name in _deliveries([call])])
+            # Completed only once the events it emitted are in the log (a crash in between must
+            # not lose them): by its job, if still running (they joined its buffer), else by the
+            # job that takes them from the bus.
+            if job in self.jobs and job.done is not None:
+                job.done.append(call)
+            else:
+                self.bus.complete_after_emitted(call)
         if self._idle_waiters:
             self._wake_idle_waiters()
 
@@ -786,7 +824,10 @@ class Runner:
                         "returns, and the other handlers go on without it"
                     )
                     error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
+                    error.attempt = job.attempt
                     self.report(error, None)
+                    if job.errors is not None:  # emit_now's caller hears of it too
+                        job.errors.append(error)
                     self._leave_behind(job, sync_call)
         if self.jobs and self.loop is not None and not self.loop.is_closed():
             self._watch_handle = self.loop.call_later(self._tick, self._watch)
@@ -854,7 +895,7 @@ class Runner:
         for job in self.jobs:  # finished, not yet completed in the log (it waits for its siblings)
             for calls in (job.done, job.sync_done):
                 if calls:
-                    pairs.extend((event.id, name) for event, name in _deliveries(list(calls)))
+                    pairs.extend((event.id, name) for event, name in deliveries_of(list(calls)))
         for event in self.released.values():  # committed by the outbox, waiting for a response
             pairs.extend((event.id, spec.name) for spec in resolve(event.name))
         for retry in self.retries:
