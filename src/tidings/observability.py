@@ -131,8 +131,8 @@ def current_call() -> tuple[HandlerSpec, Any] | None:
     if carried is not None:
         return carried
     left_behind = job.sync_left_behind  # calls past their timeouts, in threads the job left
-    if left_behind and (call := left_behind.get(get_ident())) is not None:
-        return call
+    if left_behind and (left := left_behind.get(get_ident())) is not None:
+        return left.call
     if get_ident() != job.sync_thread:  # a thread of someone else's (a thread pool the job used)
         return None
     running = job.sync_current  # this job's sync calls run one at a time in one worker thread

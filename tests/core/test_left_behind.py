@@ -195,19 +195,25 @@ async def test_the_calls_after_a_hung_one_keep_their_jobs_context(recorder: Reco
     assert recorder.items[:4] == [("after", "alice"), ("child", "alice"), ("after", "bob"), ("child", "bob")]
 
 
-@pytest.mark.parametrize("job_state", ["running", "ended"])
+@pytest.mark.parametrize("job_state", ["running", "recording", "ended"])
 async def test_a_late_call_is_completed_only_after_the_events_it_emitted_are_recorded(
     job_state: str, recorder: Recorder
 ) -> None:
+    # running: its job still runs a handler; recording: its job waits for the log to take other
+    # events when the call returns; ended: its job has ended
     release = threading.Event()
     job_may_end = asyncio.Event()
+    log_may_take_sibling = asyncio.Event()
     path = os.path.join(tempfile.mkdtemp(), "events.db")
     store = SQLiteStore(path)
     writes: list[tuple[str, list[str]]] = []
     record, complete = store.record, store.complete
 
     async def spy_record(deliveries: Any, *, lease: float) -> dict[str, str]:
-        writes.append(("record", [handler for _, handler in deliveries]))
+        names = [handler for _, handler in deliveries]
+        if "sibling" in names:
+            await log_may_take_sibling.wait()
+        writes.append(("record", names))
         return await record(deliveries, lease=lease)
 
     def spy_complete(deliveries: Any) -> None:
@@ -228,6 +234,12 @@ async def test_a_late_call_is_completed_only_after_the_events_it_emitted_are_rec
     async def keeps_job(event: Event) -> None:
         if job_state == "running":
             await job_may_end.wait()
+        elif job_state == "recording":
+            emit("sibling")
+
+    @bus.on("sibling", name="sibling")
+    async def sibling(event: Event) -> None:
+        pass
 
     @bus.on("child", name="child")
     async def child(event: Event) -> None:
@@ -244,6 +256,7 @@ async def test_a_late_call_is_completed_only_after_the_events_it_emitted_are_rec
         release.set()
         await recorder.wait_count(1)  # it returned, having emitted the child
         job_may_end.set()
+        log_may_take_sibling.set()
         await recorder.wait_count(2)  # the child ran
         await bus.drain()
         await bus.flush()

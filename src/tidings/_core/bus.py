@@ -37,7 +37,7 @@ from .envelope import EMPTY_HEADERS, Arguments, Event, Prebuilt
 from .logs import fields
 from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
 from .registry import HandlerSpec, Registry, is_pattern
-from .runner import FailureHook, Job, Runner, deliveries_of, make_event
+from .runner import FailureHook, Job, Runner, make_event
 from .schemas import Schema, SchemaRegistry, event_name_of, is_event_class
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from ..integrations.opentelemetry import Tracing
     from ..store.base import Store
     from .binding import BindingStyle, Plan
-    from .runner import Call
 
 __all__ = ["BusState", "EventBus"]
 
@@ -659,7 +658,8 @@ class EventBus:
             The failures of this first attempt, one :class:`~tidings.HandlerError` per failed call
             (empty when every handler succeeded). A plain ``def`` handler past its timeout is one
             (a :class:`~tidings.HandlerTimeoutError`): it cannot be interrupted, so this returns
-            without waiting for it; what it does after that reaches ``on_failure`` only.
+            without waiting for it; a failure of it after that reaches ``on_failure``, and is
+            returned too only if it happens while the other handlers still run.
 
         Raises:
             BusStateError: the bus is closed or runs on another event loop.
@@ -738,6 +738,13 @@ class EventBus:
 
     def _route(self, record: Record) -> None:
         scope = current_scope()
+        if type(scope) is Job and scope.sync_left_behind and scope.bus is self:
+            left = scope.sync_left_behind.get(threading.get_ident())
+            if left is not None:  # a sync call its job went on without: its events go with it
+                if self.tracing is not None and type(record[3]) is not Prebuilt:
+                    record = (*record[:3], self.tracing.inject(record[3]))
+                left.records.append(record)
+                return
         if scope is not None and scope.bus is self and scope.buffer is not None:
             if threading.get_ident() == self.loop_thread:
                 scope.buffer.append(record)  # its trace context is added with its job's (runner)
@@ -747,7 +754,7 @@ class EventBus:
             # Another thread (a sync endpoint, a sync handler): only the loop touches buffers, and
             # call_soon_threadsafe keeps this thread's events in order ahead of its return value.
             try:
-                self._loop.call_soon_threadsafe(self._append_to, scope, record)  # type: ignore[union-attr]
+                self._loop.call_soon_threadsafe(self.append_to, scope, record)  # type: ignore[union-attr]
             except RuntimeError:  # the loop has closed under us
                 self._drop(record, "its event loop has closed")
             return
@@ -755,7 +762,8 @@ class EventBus:
             record = (*record[:3], self.tracing.inject(record[3]))  # the emitting code's context
         self._submit(record)
 
-    def _append_to(self, scope: Scope, record: Record) -> None:
+    def append_to(self, scope: Scope, record: Record) -> None:
+        """On the loop: add ``record`` to ``scope``'s buffer, or hand it on if it has none now."""
         if scope.buffer is not None:
             scope.buffer.append(record)
         else:  # the request or job finished meanwhile: the event goes on by itself
@@ -796,26 +804,16 @@ class EventBus:
             assert self._loop is not None
             self._loop.call_soon(self._spawn_outside_job)
 
-    def _spawn_outside_job(self, completing: Call | None = None) -> None:
+    def _spawn_outside_job(self) -> None:
         self._outside_scheduled = False
         records, self._outside = self._outside, []
+        if not records or self._loop is None:
+            return
         job = Job(self, records)
-        if not records or self._loop is None or not self._runner.start_job(job, None):
-            if completing is not None:  # nothing of it waits to be recorded
-                self.store.complete([(event.id, name) for event, name in deliveries_of([completing])])
+        if not self._runner.start_job(job, None):
             return  # nobody handles these events: no task
-        if completing is not None and job.done is not None:
-            job.done.append(completing)  # completed once the job has recorded its own calls
         # Handlers of outside events run in a clean context, not in whichever context emitted first.
         self._runner.spawn(job)
-
-    def complete_after_emitted(self, call: Call) -> None:
-        """Complete a call in the log once the events it emitted, waiting for a job, are in it too.
-
-        For a sync call left behind past its timeout that returned after its job had ended: its
-        events wait among those emitted outside jobs, and go into a job now.
-        """
-        self._spawn_outside_job(completing=call)
 
     def _drop(self, record: Record, why: str) -> None:
         headers = record[3]

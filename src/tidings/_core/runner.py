@@ -104,6 +104,16 @@ def _wake(waiters: list[asyncio.Future[None]]) -> None:
     waiters.clear()
 
 
+class _LeftBehind:
+    """A sync call past its timeout that its job went on without, and what it emitted since."""
+
+    __slots__ = ("call", "records")
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.records: list[Record] = []  # appended by its own thread only (EventBus._route)
+
+
 class _Retry:
     """A failed call waiting for its backoff timer."""
 
@@ -150,7 +160,8 @@ class Job(Scope):
     sync_running_calls: dict[int, bool] | None = None  # the index of the call in progress
     sync_waiter: asyncio.Future[None] | None = None  # done when the job's latest hop is
     sync_context: contextvars.Context | None = None  # the job's context, for every hop of a run
-    sync_left_behind: dict[int, Call] | None = None  # by thread: calls left behind, still running
+    sync_left_behind: dict[int, _LeftBehind] | None = None  # by thread: calls left behind, running
+    late_done: list[Call] | None = None  # calls left behind that returned, to complete in the log
     # retries and the event log
     attempt = 1  # the attempt number of the job's own calls (a retry job's are > 1)
     durable = False  # its deliveries are in a durable log
@@ -392,9 +403,16 @@ class Runner:
                     job.sync_calls = ()
                     job.sync_running = False
                 records = job.buffer  # events the handlers emitted: same job, right after
+                late = None
+                if job.durable:
+                    # calls left behind that returned: their events are in `records` (or before)
+                    late, job.late_done = job.late_done, None
                 if not records:
-                    if job.durable and (job.done or job.sync_done):
-                        self._complete(job)
+                    if job.durable:
+                        if late:
+                            job.done.extend(late)  # type: ignore[union-attr]  # durable jobs have it
+                        if job.done or job.sync_done:
+                            self._complete(job)
                     break
                 if job.cut_off:
                     raise asyncio.CancelledError
@@ -404,8 +422,11 @@ class Runner:
                     # The children go into the log before their parents leave it: a crash in
                     # between must not lose the events a finished handler emitted.
                     await self._record(job)
-                if job.durable and (job.done or job.sync_done):
-                    self._complete(job)
+                if job.durable:
+                    if late:
+                        job.done.extend(late)  # type: ignore[union-attr]  # durable jobs have it
+                    if job.done or job.sync_done:
+                        self._complete(job)
         except asyncio.CancelledError:
             if not job.cut_off:
                 self._cancelled(job)
@@ -682,7 +703,7 @@ class Runner:
             context = job.sync_context = contextvars.copy_context()
         else:
             assert job.sync_context is not None
-            context = job.sync_context.copy()
+            context = job.sync_context = job.sync_context.copy()
         future = loop.run_in_executor(
             self._executor, context.run, self._run_sync_calls, job, running, start, job.attempt
         )
@@ -748,11 +769,12 @@ class Runner:
     def _hand_back(self, job: Job, call: Call, *, succeeded: bool) -> None:
         """Runs in the thread of a call left behind, once it has returned (or raised)."""
         assert self.loop is not None
-        if job.sync_left_behind is not None:
-            job.sync_left_behind.pop(get_ident(), None)  # this thread may serve another hop next
+        # the watchdog put it there before it took the call over; this thread may serve a hop next
+        left = job.sync_left_behind.pop(get_ident(), None) if job.sync_left_behind else None
+        records = [] if left is None else left.records
         try:
-            # after the events it emitted (scheduled the same way, earlier): they are ahead of it
-            self.loop.call_soon_threadsafe(self._left_behind_ended, job, call, succeeded)
+            # after the events it emitted before it was left behind (scheduled the same way)
+            self.loop.call_soon_threadsafe(self._left_behind_ended, job, call, succeeded, records)
         except RuntimeError:  # the loop has closed: nobody waits for this call any more
             pass
 
@@ -768,13 +790,20 @@ class Runner:
         if running is None or self.closed or job.sync_stop or job.cut_off:
             return
         spec, arg, _, index = sync_call
-        if not running.pop(index, False):  # it has just returned: its thread goes on
-            return
-        job.sync_current = None
-        self.left_behind[job, (spec, arg)] = None
+        left = _LeftBehind((spec, arg))
         if job.sync_left_behind is None:
             job.sync_left_behind = {}
-        job.sync_left_behind[job.sync_thread] = (spec, arg)  # its log records still name it
+        # Before the call is taken over: from now on what its thread emits (and logs) is the
+        # call's own, whoever wins the pop below.
+        thread = job.sync_thread
+        job.sync_left_behind[thread] = left
+        if not running.pop(index, False):  # it has just returned: its thread goes on
+            del job.sync_left_behind[thread]
+            for record in left.records:  # emitted as it returned: the job's, behind what came before
+                self.loop.call_soon(self.bus.append_to, job, record)  # type: ignore[union-attr]
+            return
+        job.sync_current = None
+        self.left_behind[job, left.call] = None
         rest = index + 1
         if rest < len(job.sync_calls):
             self._start_sync(job, rest)
@@ -783,19 +812,34 @@ class Runner:
             if job.sync_waiter is not None and not job.sync_waiter.done():
                 job.sync_waiter.set_result(None)
 
-    def _left_behind_ended(self, job: Job, call: Call, succeeded: bool) -> None:
-        """A call left behind past its timeout has returned (its failure is reported already)."""
-        if (job, call) not in self.left_behind:
-            return  # the drain bound reported it as unfinished; where it stays, it stays
+    def _left_behind_ended(self, job: Job, call: Call, succeeded: bool, records: list[Record]) -> None:
+        """A call left behind past its timeout has returned (its failure is reported already).
+
+        The events it emitted since are handled, and it is completed in the log only once they
+        are recorded (a crash in between must not lose them): by its job if that still runs, else
+        by a job of their own.
+        """
+        if (job, call) not in self.left_behind:  # the drain bound reported it; it stays in the log
+            if records:
+                self.bus.adopt(Job(self.bus, records))  # handled, or logged as dropped when closed
+            return
         del self.left_behind[job, call]
-        if succeeded and job.durable and not self.closed:
-            # Completed only once the events it emitted are in the log (a crash in between must
-            # not lose them): by its job, if still running (they joined its buffer), else by the
-            # job that takes them from the bus.
-            if job in self.jobs and job.done is not None:
-                job.done.append(call)
-            else:
-                self.bus.complete_after_emitted(call)
+        completing = succeeded and job.durable
+        if job in self.jobs and job.buffer is not None:
+            job.buffer.extend(records)
+            if completing:
+                if job.late_done is None:
+                    job.late_done = []
+                job.late_done.append(call)
+        else:
+            late = Job(self.bus, records)
+            if records and self.start_job(late, None):
+                if completing:
+                    assert late.done is not None
+                    late.done.append(call)  # completed once the job has recorded its own calls
+                self.spawn(late)
+            elif completing:
+                self.store.complete([(event.id, name) for event, name in deliveries_of([call])])
         if self._idle_waiters:
             self._wake_idle_waiters()
 
