@@ -255,6 +255,10 @@ async def test_a_late_call_is_completed_only_after_the_events_it_emitted_are_rec
             assert bus._runner.jobs
         release.set()
         await recorder.wait_count(1)  # it returned, having emitted the child
+        if job_state == "running":
+            await anyio.wait_all_tasks_blocked()  # its return reached the loop; its job waits on
+            # not completed yet, so still leased: no relay may take it over meanwhile
+            assert "hangs" in {handler for _, handler in bus._runner.in_flight()}
         job_may_end.set()
         log_may_take_sibling.set()
         await recorder.wait_count(2)  # the child ran
@@ -346,3 +350,84 @@ async def test_records_a_late_call_logs_still_name_it(recorder: Recorder) -> Non
         ("before its timeout", "slow.report"),
         ("after it was left behind", "slow.report"),
     ]
+
+
+class _Watch(logging.Handler):
+    """Sets ``seen`` once a record whose message holds ``text`` is logged, from any thread."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+def test_what_a_late_call_emits_after_its_loop_closed_is_logged_as_dropped() -> None:
+    watch = _Watch("event 'child' was dropped because the bus is closed")
+    logging.getLogger("tidings").addHandler(watch)
+    release, returned = threading.Event(), threading.Event()
+    failures = Recorder()
+    bus = EventBus(drain_timeout=0.05, on_failure=failures.add)
+
+    @bus.on("job", timeout=0.05)
+    def hangs(event: Event) -> None:
+        release.wait(10)
+        emit("child")  # the bus has closed, and its loop with it
+        returned.set()
+
+    async def run() -> None:
+        async with bus:  # its drain bound cuts the call off
+            bus.emit("job")
+            await failures.wait_count(1)  # left behind
+
+    asyncio.run(run())
+    release.set()
+    try:
+        assert returned.wait(5)
+        assert watch.seen.wait(5)  # logged by the call's thread once it returned: not lost silently
+    finally:
+        logging.getLogger("tidings").removeHandler(watch)
+
+
+async def test_a_late_call_whose_events_are_cut_off_before_they_are_recorded_stays_in_the_log(
+    recorder: Recorder,
+) -> None:
+    release, returned = threading.Event(), threading.Event()
+    failures = Recorder()
+    path = os.path.join(tempfile.mkdtemp(), "events.db")
+    bus = EventBus(store=SQLiteStore(path), limits=Limits(max_concurrency=1), on_failure=failures.add)
+    blocker_holds_slot = asyncio.Event()
+
+    @bus.on("job", timeout=0.05, name="hangs")
+    def hangs(event: Event) -> None:
+        release.wait(10)
+        emit("child")
+        returned.set()
+
+    @bus.on("blocker", name="blocker")
+    async def blocker(event: Event) -> None:
+        blocker_holds_slot.set()
+        await asyncio.Event().wait()
+
+    @bus.on("child", name="child")
+    async def child(event: Event) -> None:  # pragma: no cover - cut off before it runs
+        recorder.add("child")
+
+    async with bus:
+        bus.emit("job")
+        await failures.wait_count(1)  # left behind
+        await anyio.wait_all_tasks_blocked()  # its job has ended
+        bus.emit("blocker")
+        await blocker_holds_slot.wait()  # the only slot
+        release.set()
+        await anyio.to_thread.run_sync(returned.wait, 5)
+        await anyio.wait_all_tasks_blocked()  # the child's job waits for the slot
+        with pytest.raises(DrainTimeoutError):
+            await bus.drain(0.05)
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(f"SELECT handler FROM {SQLiteStore.deliveries_table}").fetchall()
+    # its child never reached the log, so it stays, to run again after a restart and emit it again
+    assert ("hangs",) in rows

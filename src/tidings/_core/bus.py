@@ -743,8 +743,8 @@ class EventBus:
             if left is not None:  # a sync call its job went on without: its events go with it
                 if self.tracing is not None and type(record[3]) is not Prebuilt:
                     record = (*record[:3], self.tracing.inject(record[3]))
-                left.records.append(record)
-                return
+                if left.keep(record):
+                    return
         if scope is not None and scope.bus is self and scope.buffer is not None:
             if threading.get_ident() == self.loop_thread:
                 scope.buffer.append(record)  # its trace context is added with its job's (runner)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import traceback
 from asyncio import current_task
 from collections import deque
@@ -105,13 +106,32 @@ def _wake(waiters: list[asyncio.Future[None]]) -> None:
 
 
 class _LeftBehind:
-    """A sync call past its timeout that its job went on without, and what it emitted since."""
+    """A sync call past its timeout that its job went on without, and what it emitted since.
 
-    __slots__ = ("call", "records")
+    Its thread appends to ``records`` (:meth:`take`) while it is ``open``; whoever closes it takes
+    them. The lock keeps an event from landing in a list already taken.
+    """
+
+    __slots__ = ("call", "lock", "open", "records")
 
     def __init__(self, call: Call) -> None:
         self.call = call
-        self.records: list[Record] = []  # appended by its own thread only (EventBus._route)
+        self.lock = threading.Lock()
+        self.open = True
+        self.records: list[Record] = []
+
+    def keep(self, record: Record) -> bool:
+        """Keep an event the call emitted; ``False`` once closed (it goes the usual way then)."""
+        with self.lock:
+            if self.open:
+                self.records.append(record)
+            return self.open
+
+    def close(self) -> list[Record]:
+        """What the call emitted; nothing is kept from now on."""
+        with self.lock:
+            self.open = False
+            return self.records
 
 
 class _Retry:
@@ -440,7 +460,9 @@ class Runner:
             # A finished call whose emitted events never reached the log stays in it, leased:
             # run again later, it emits them again (at least once beats lost).
             if job.durable:
-                if (job.done or job.sync_done) and not unrecorded:
+                # (and its own calls must be in the log: a job of a late call's events may be
+                # cut off before it recorded them, with that call in `done` already)
+                if (job.done or job.sync_done) and not unrecorded and job.recorded:
                     self._complete(job)
                 if job.record_waiters:  # it ended before its record step (cut off): stop waiting
                     _wake(job.record_waiters)
@@ -771,12 +793,13 @@ class Runner:
         assert self.loop is not None
         # the watchdog put it there before it took the call over; this thread may serve a hop next
         left = job.sync_left_behind.pop(get_ident(), None) if job.sync_left_behind else None
-        records = [] if left is None else left.records
+        records = [] if left is None else left.close()
         try:
             # after the events it emitted before it was left behind (scheduled the same way)
             self.loop.call_soon_threadsafe(self._left_behind_ended, job, call, succeeded, records)
-        except RuntimeError:  # the loop has closed: nobody waits for this call any more
-            pass
+        except RuntimeError:  # the loop has closed: nobody waits for this call any more...
+            if records:  # ...nor handles what it emitted: each is logged as dropped
+                self.bus.adopt(Job(self.bus, records))
 
     def _leave_behind(self, job: Job, sync_call: SyncCall) -> None:
         """Go on without a sync call past its timeout: its thread keeps it, a new hop the rest.
@@ -799,7 +822,7 @@ class Runner:
         job.sync_left_behind[thread] = left
         if not running.pop(index, False):  # it has just returned: its thread goes on
             del job.sync_left_behind[thread]
-            for record in left.records:  # emitted as it returned: the job's, behind what came before
+            for record in left.close():  # emitted as it returned: the job's, behind what came before
                 self.loop.call_soon(self.bus.append_to, job, record)  # type: ignore[union-attr]
             return
         job.sync_current = None
@@ -937,7 +960,7 @@ class Runner:
             for item in job.unfinished(resolve)
         ]
         for job in self.jobs:  # finished, not yet completed in the log (it waits for its siblings)
-            for calls in (job.done, job.sync_done):
+            for calls in (job.done, job.sync_done, job.late_done):
                 if calls:
                     pairs.extend((event.id, name) for event, name in deliveries_of(list(calls)))
         for event in self.released.values():  # committed by the outbox, waiting for a response
