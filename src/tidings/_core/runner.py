@@ -108,7 +108,7 @@ def _wake(waiters: list[asyncio.Future[None]]) -> None:
 class _LeftBehind:
     """A sync call past its timeout that its job went on without, and what it emitted since.
 
-    Its thread appends to ``records`` (:meth:`take`) while it is ``open``; whoever closes it takes
+    Its thread appends to ``records`` (:meth:`keep`) while it is ``open``; whoever closes it takes
     them. The lock keeps an event from landing in a list already taken.
     """
 
@@ -131,7 +131,8 @@ class _LeftBehind:
         """What the call emitted; nothing is kept from now on."""
         with self.lock:
             self.open = False
-            return self.records
+            records, self.records = self.records, []
+            return records
 
 
 class _Retry:
@@ -232,7 +233,8 @@ class Runner:
         # exist; their leases need renewing meanwhile), by id
         self.released: dict[str, Event] = {}
         # sync calls past their timeout, still running in a thread their job no longer waits for
-        self.left_behind: dict[tuple[Job, Call], None] = {}  # a dict: reported in the order left
+        # (a dict: reported in the order left behind)
+        self.left_behind: dict[tuple[Job, Call], _LeftBehind] = {}
         self.closed = False  # shut down: nothing is scheduled any more
         self.loop: asyncio.AbstractEventLoop | None = None
         self._executor: DaemonThreadPool | None = None
@@ -422,15 +424,15 @@ class Runner:
                         raise
                     job.sync_calls = ()
                     job.sync_running = False
+                    job.sync_context = None  # no more hops this round (and no cycle through it)
                 records = job.buffer  # events the handlers emitted: same job, right after
-                late = None
-                if job.durable:
-                    # calls left behind that returned: their events are in `records` (or before)
-                    late, job.late_done = job.late_done, None
+                # calls left behind that returned by now: their events are in `records` (or
+                # before); they stay in `late_done`, leased, until those are in the log
+                late = len(job.late_done) if job.durable and job.late_done else 0
                 if not records:
                     if job.durable:
                         if late:
-                            job.done.extend(late)  # type: ignore[union-attr]  # durable jobs have it
+                            self._take_late(job, late)
                         if job.done or job.sync_done:
                             self._complete(job)
                     break
@@ -444,7 +446,7 @@ class Runner:
                     await self._record(job)
                 if job.durable:
                     if late:
-                        job.done.extend(late)  # type: ignore[union-attr]  # durable jobs have it
+                        self._take_late(job, late)
                     if job.done or job.sync_done:
                         self._complete(job)
         except asyncio.CancelledError:
@@ -474,6 +476,14 @@ class Runner:
             self.jobs.discard(job)
             if self._idle_waiters:
                 self._wake_idle_waiters()
+
+    @staticmethod
+    def _take_late(job: Job, count: int) -> None:
+        """Move the first ``count`` calls of ``job.late_done`` to ``job.done``, to be completed."""
+        assert job.late_done is not None
+        assert job.done is not None
+        job.done.extend(job.late_done[:count])
+        del job.late_done[:count]
 
     async def wait_recorded(self) -> list[StoreError]:
         """Wait until every durable job tracked now has tried to write its first calls to the log.
@@ -826,7 +836,7 @@ class Runner:
                 self.loop.call_soon(self.bus.append_to, job, record)  # type: ignore[union-attr]
             return
         job.sync_current = None
-        self.left_behind[job, left.call] = None
+        self.left_behind[job, left.call] = left
         rest = index + 1
         if rest < len(job.sync_calls):
             self._start_sync(job, rest)
@@ -1019,8 +1029,13 @@ class Runner:
             self.jobs.discard(job)
             if job.task is not None:
                 job.task.cancel()
-        for _, (spec, arg) in self.left_behind:  # past their timeouts, in threads that run on
+        resolve = self.registry.resolve
+        for (_, (spec, arg)), left in self.left_behind.items():  # past their timeouts, running on
             pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
+            # and what they emitted meanwhile; from now on what they emit goes the usual way
+            for record in left.close():
+                event = make_event(record)
+                pending.extend(PendingDelivery(event, handler.name) for handler in resolve(event.name))
         self.left_behind.clear()
         return pending
 
