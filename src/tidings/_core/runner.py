@@ -301,7 +301,9 @@ class Runner:
             job.sync_done = []
         self.jobs.add(job)
         if self._watch_handle is None and self.loop is not None:
-            self._watch_handle = self.loop.call_later(self._tick, self._watch)
+            # in a context of its own: armed in a job's, it would keep that job (and its request's
+            # context variables) alive for as long as it runs
+            self._watch_handle = self.loop.call_later(self._tick, self._watch, context=contextvars.Context())
 
     def spawn(self, job: Job) -> None:
         """Run a started job in a task of its own, in a clean context whose scope is the job."""
