@@ -109,6 +109,40 @@ def test_a_request_on_another_loop_is_refused_while_the_bus_loop_is_open(recorde
         second.close()
 
 
+def test_jobs_of_a_loop_that_closed_are_reported_when_the_bus_starts_on_the_next() -> None:
+    # e.g. a test client without lifespan: its loop closed before a job started there could run
+    failures: list[HandlerError] = []
+    bus = EventBus(on_failure=failures.append)
+    seen: list[int] = []
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        seen.append(event.payload)
+
+    async def first() -> None:
+        await bus.start()
+        bus.emit("x", 1)  # its job gets a task, which never runs: the loop stops first
+
+    async def second() -> None:
+        await bus.start()
+        assert [(type(f), f.event.payload) for f in failures] == [(HandlerCancelledError, 1)]
+        assert "its event loop closed before it finished" in str(failures[0])
+        assert bus._runner.jobs == set()  # so drain has no job it could never see finish
+        bus.emit("x", 2)
+        await bus.aclose()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(first())
+    finally:
+        loop.close()
+    (dead,) = bus._runner.jobs
+    assert dead.task is not None
+    dead.task.get_coro().close()  # never started; closed here, not with a warning at collection
+    asyncio.run(second())
+    assert seen == [2]
+
+
 @pytest.mark.anyio
 async def test_a_job_that_outlives_a_restart_gives_back_no_slot_of_the_new_count() -> None:
     bus = EventBus(handler_timeout=None, drain_timeout=0.05, limits=Limits(max_concurrency=1))

@@ -252,6 +252,15 @@ class Runner:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Jobs of an event loop that closed under the bus (a test client's, without a lifespan
+        # shutdown) can never finish: report them now rather than have drain wait out its bound.
+        dead = [job for job in self.jobs if job.task is not None and job.task.get_loop().is_closed()]
+        for job in dead:
+            self.jobs.discard(job)
+            where = "it stays in the event log" if job.durable else "it is lost"
+            self.report_unfinished(
+                job.unfinished(self.registry.resolve), f"its event loop closed before it finished; {where}"
+            )
         self.loop = loop
         self.closed = False
         self._running = 0
