@@ -143,6 +143,38 @@ def test_jobs_of_a_loop_that_closed_are_reported_when_the_bus_starts_on_the_next
     assert seen == [2]
 
 
+def test_outside_events_accepted_as_a_loop_stopped_are_handled_on_the_next(recorder: Recorder) -> None:
+    # The loop stops in the tick that accepted the first event, so the callback that would spawn
+    # its job never runs. Before the fix, its flag kept this and every later outside event waiting
+    # until a drain.
+    bus = EventBus()
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    loop = asyncio.new_event_loop()
+
+    def emit_as_the_loop_stops() -> None:
+        bus.emit("x", 1)
+        loop.stop()
+
+    try:
+        loop.run_until_complete(bus.start())
+        loop.call_soon(emit_as_the_loop_stops)
+        loop.run_forever()
+    finally:
+        loop.close()
+
+    async def second() -> None:
+        await bus.start()
+        bus.emit("x", 2)
+        assert await recorder.wait_count(2) == [1, 2]
+        await bus.aclose()
+
+    asyncio.run(second())
+
+
 @pytest.mark.anyio
 async def test_a_job_that_outlives_a_restart_gives_back_no_slot_of_the_new_count() -> None:
     bus = EventBus(handler_timeout=None, drain_timeout=0.05, limits=Limits(max_concurrency=1))

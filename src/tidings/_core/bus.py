@@ -947,8 +947,11 @@ class EventBus:
             self._state = BusState.RUNNING
             self._drain_deadline = None
             register_running(self)
-            if self._outside and not self._outside_scheduled:
-                self._outside_scheduled = True
+            # A callback scheduled on a loop that stopped before running it never runs: the flag
+            # would keep every later outside event waiting for it. (On the same loop, a second
+            # callback finds nothing left to spawn.)
+            self._outside_scheduled = bool(self._outside)
+            if self._outside:
                 loop.call_soon(self._spawn_outside_job)
         self._opening = loop.create_task(self._open_store(), name=f"tidings {self.name}: open the store")
         self._opening.add_done_callback(_consume_error)  # a lazy start has nobody awaiting it
