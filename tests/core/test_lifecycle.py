@@ -165,6 +165,7 @@ def test_outside_events_accepted_as_a_loop_stopped_are_handled_on_the_next(recor
         loop.run_forever()
     finally:
         loop.close()
+    assert bus.loop is loop and not bus.loop_is_open()
 
     async def second() -> None:
         await bus.start()

@@ -480,6 +480,34 @@ def test_dependencies_see_the_state_the_lifespan_yielded(recorder: Recorder) -> 
     assert bus.lifespan_state is None  # the ended lifespan's state is not kept for later runs
 
 
+def test_after_its_lifespan_the_bus_uses_the_overrides_of_the_app_it_serves_next(recorder: Recorder) -> None:
+    bus = EventBus(name="next-app")
+
+    def source() -> str:
+        return "real"
+
+    @bus.on("user.created")
+    async def handler(user_id: int, origin: Annotated[str, Depends(source)]) -> None:
+        recorder.add(origin)
+
+    def make(origin: str) -> FastAPI:
+        app = FastAPI()
+        app.add_middleware(TidingsMiddleware, bus=bus)
+        app.dependency_overrides[source] = lambda: origin
+
+        @app.post("/emit")
+        async def emit_endpoint() -> None:
+            emit("user.created", {"user_id": 1})
+
+        return app
+
+    with TestClient(make("first")) as http:
+        assert http.post("/emit").status_code == 200
+    # no lifespan this time: the first request names its app
+    assert TestClient(make("second")).post("/emit").status_code == 200
+    assert recorder.items == ["first", "second"]
+
+
 # -- failures ----------------------------------------------------------------------------------------
 
 

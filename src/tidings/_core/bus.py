@@ -217,7 +217,8 @@ class EventBus:
         self._taps: list[Callable[[Event], object]] = []
         self._inspects_emits = False
         self.app: Any = None
-        """The ASGI app the bus serves (set by the middleware; FastAPI dependencies use its overrides)."""
+        """The ASGI app the bus serves (set by the middleware, for its lifespan or else by the first
+        request; FastAPI dependencies in handlers use its overrides)."""
         self.lifespan_state: dict[str, Any] | None = None
         """The state the running app's lifespan yielded, ``None`` once it ended (``request.state``
         of handlers' FastAPI dependencies)."""
@@ -565,6 +566,11 @@ class EventBus:
     def registry(self) -> Registry:
         """The handler registry (read it to list handlers; register through :meth:`on`)."""
         return self._registry
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the bus serves, or last served (``None`` before its first start)."""
+        return self._loop
 
     def loop_is_open(self) -> bool:
         """Whether the bus is bound to an event loop that has not been closed."""

@@ -143,6 +143,7 @@ class TidingsMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         bus = self.bus
+        app_before = bus.app  # the app named when wrapped by hand, if it was
         bus.app = scope.get("app", bus.app)  # FastAPI dependencies in handlers use its overrides
         # ...and its lifespan state: the server's dict, which Starlette fills with what the lifespan yields
         bus.lifespan_state = scope.get("state")
@@ -175,6 +176,8 @@ class TidingsMiddleware:
             # the ended lifespan's resources (closed pools, often) are not for a later use of the bus
             if bus.lifespan_state is scope.get("state"):
                 bus.lifespan_state = None
+            if bus.app is scope.get("app", app_before):  # a later app's requests name their own
+                bus.app = app_before
 
 
 def _tracking(events: Job, send: Send) -> Send:

@@ -279,7 +279,7 @@ def await_result(result: object) -> None:
     loop = _handler_loop.get()
     if loop is None:
         scope = current_scope()  # the handler job's: handlers run with their job as scope
-        loop = scope.bus._loop if scope is not None else None
+        loop = scope.bus.loop if scope is not None else None
     if loop is None or loop.is_closed():
         _refuse(result, "no event loop is there to await it")
     if asyncio._get_running_loop() is not None:
