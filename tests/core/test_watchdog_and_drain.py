@@ -194,6 +194,78 @@ async def test_events_emitted_while_a_job_is_cut_off_are_reported(failures: list
     assert reported == [("audit", "order.charge_aborted"), ("charge", "order.charge")]
 
 
+async def test_chained_events_waiting_in_a_cut_off_job_are_reported_once(
+    failures: list[HandlerError],
+) -> None:
+    from tidings import emit
+
+    bus = EventBus(handler_timeout=None, on_failure=failures.append)
+    started = asyncio.Event()
+
+    @bus.on("order.placed")
+    async def place(event: Event) -> None:
+        emit("order.audit")  # waits in the job's buffer until this handler returns
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            emit("order.aborted")  # emitted while the cut-off cancels it: reported on its own
+            raise
+
+    @bus.on("order.audit", "order.aborted")
+    async def audit(event: Event) -> None: ...
+
+    async with bus:
+        bus.emit("order.placed")
+        await started.wait()
+        (job,) = bus._runner.jobs
+        with pytest.raises(DrainTimeoutError) as caught:
+            await bus.drain(timeout=0.01)
+        assert job.task is not None
+        await asyncio.wait({job.task})
+    reported = [(f.event.name, f.event.id) for f in failures]
+    assert sorted(name for name, _ in reported) == ["order.aborted", "order.audit", "order.placed"]
+    # the drain's own list and the hook name the same events, each once
+    assert {(p.event.name, p.event.id) for p in caught.value.pending} <= set(reported)
+
+
+async def test_events_accepted_as_the_drain_cuts_off_are_reported_not_run_after_close(
+    failures: list[HandlerError],
+) -> None:
+    from tidings import BusState
+
+    bus = EventBus(drain_timeout=0.05, on_failure=failures.append)
+    handled: list[int] = []
+    handled_closed: list[int] = []
+
+    @bus.on("slow")
+    async def slow(event: Event) -> None:
+        await asyncio.Event().wait()  # holds the drain until its bound runs out
+
+    @bus.on("tick")
+    async def tick(event: Event) -> None:
+        handled.append(event.payload)
+        if bus.state is BusState.CLOSED:
+            handled_closed.append(event.payload)
+
+    async def ticker() -> list[int]:  # a lifespan task, emitting every loop iteration
+        emitted: list[int] = []
+        while bus.state is not BusState.CLOSED:
+            bus.emit("tick", len(emitted))
+            emitted.append(len(emitted))
+            await asyncio.sleep(0)
+        return emitted
+
+    await bus.start()
+    bus.emit("slow")
+    ticking = asyncio.create_task(ticker())
+    await bus.aclose()  # cut off; the ticker's emit in the cut-off's own tick is the case
+    emitted = await ticking
+    reported = [f.event.payload for f in failures if f.event.name == "tick"]
+    assert handled_closed == []
+    assert sorted(handled + reported) == emitted  # each one handled or reported, once
+
+
 async def test_a_handler_swallowing_the_cut_off_does_not_run_the_rest(
     recorder: Recorder, failures: list[HandlerError]
 ) -> None:

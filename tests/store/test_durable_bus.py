@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tidings import Event, EventBus, HandlerError, RetryPolicy, StoreError
+from tidings import Event, EventBus, HandlerError, Limits, RetryPolicy, StoreError
 from tidings.store import SQLiteStore
 from tidings.store.postgres import PostgresStore
 
@@ -81,6 +82,48 @@ async def test_a_delivery_is_recorded_before_its_handler_runs_and_completed_afte
         assert await store.pending_count() == 0
     if kind == "async":
         assert seen_pending == [1]
+
+
+async def test_flush_waits_for_what_a_thread_emitted_before_it(log: Log) -> None:
+    bus = make_bus(log, drain_timeout=0.05)
+    release = asyncio.Event()
+
+    @bus.on("report.requested")
+    async def build(event: Event) -> None:
+        await release.wait()
+
+    async with bus:
+        emitter = threading.Thread(target=bus.emit, args=("report.requested",))
+        emitter.start()
+        emitter.join()  # its emit() returned before flush() was called
+        await bus.flush()
+        assert await store_of(bus).pending_count() == 1
+        release.set()
+
+
+async def test_jobs_waiting_for_a_slot_are_in_the_log_so_flush_in_a_handler_returns(
+    log: Log, recorder: Recorder
+) -> None:
+    bus = make_bus(log, limits=Limits(max_concurrency=1), handler_timeout=None)
+    started, audit_emitted = asyncio.Event(), asyncio.Event()
+
+    @bus.on("order.placed")
+    async def place(event: Event) -> None:
+        started.set()
+        await audit_emitted.wait()
+        await asyncio.wait_for(bus.flush(), 3)  # it holds the slot the audit's job waits for
+        recorder.add(await store_of(bus).pending_count())
+
+    @bus.on("audit")
+    async def audit(event: Event) -> None:
+        recorder.add("audit")
+
+    async with bus:
+        bus.emit("order.placed")
+        await started.wait()
+        bus.emit("audit")  # a job of its own, queued behind the only slot
+        audit_emitted.set()
+        assert await recorder.wait_count(2) == [2, "audit"]  # both deliveries were in the log
 
 
 async def test_chained_events_are_recorded_too(log: Log, recorder: Recorder) -> None:

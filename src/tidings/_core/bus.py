@@ -812,6 +812,8 @@ class EventBus:
 
     def _spawn_outside_job(self) -> None:
         self._outside_scheduled = False
+        if self._runner.closed:  # scheduled as the bus closed: aclose() reported what was here
+            return
         records, self._outside = self._outside, []
         if not records or self._loop is None:
             return
@@ -1066,6 +1068,7 @@ class EventBus:
         """
         if self._state not in (BusState.RUNNING, BusState.DRAINING) or not self.store.durable:
             return
+        await asyncio.sleep(0)  # emits other threads made before this call are queued on the loop
         if self._outside:
             self._spawn_outside_job()
         errors = await self._runner.wait_recorded()
@@ -1102,12 +1105,7 @@ class EventBus:
 
     async def _cut_off(self) -> None:
         runner = self._runner
-        resolve = self._registry.resolve
-        pending: list[PendingDelivery] = []
-        for record in self._outside:
-            event = make_event(record)
-            pending.extend(PendingDelivery(event, spec.name) for spec in resolve(event.name))
-        self._outside = []
+        pending = self._take_outside()
         pending.extend(runner.cut_off())
         await asyncio.sleep(0)  # deliver the cancellations; the bound is spent, so wait no more
         runner.report_unfinished(pending, "the drain bound ran out")
@@ -1117,6 +1115,16 @@ class EventBus:
         )
         logger.error(message)
         raise DrainTimeoutError(message, pending=pending)
+
+    def _take_outside(self) -> list[PendingDelivery]:
+        """Take the outside events no job has yet: the calls they would have made."""
+        resolve = self._registry.resolve
+        pending: list[PendingDelivery] = []
+        for record in self._outside:
+            event = make_event(record)
+            pending.extend(PendingDelivery(event, spec.name) for spec in resolve(event.name))
+        self._outside = []
+        return pending
 
     async def aclose(self) -> None:
         """Drain within ``drain_timeout``, then stop. Idempotent; never raises for a cut-off drain.
@@ -1144,6 +1152,10 @@ class EventBus:
             with self._lock:
                 self._state = BusState.CLOSED
                 unregister_running(self)
+            # accepted after a cut-off took what was there (in the tick its cancellations took)
+            leftovers = self._take_outside()
+            if leftovers:
+                self._runner.report_unfinished(leftovers, "the bus closed after its drain bound ran out")
             self._runner.shutdown()
             await self._close_store()
 

@@ -159,6 +159,7 @@ class Job(Scope):
     task: asyncio.Task[Any] | None = None
     response_started = False  # set by the middleware when request_errors="drop" tracks it
     cut_off = False  # drain took this job's unfinished calls over (reported them, cancelled it)
+    reported_buffer = 0  # how many of `buffer`'s events that report named already
     # async calls: async_calls[async_index] is next or in progress; `current` is the one awaited
     async_calls: Sequence[Call] = ()
     async_index = 0
@@ -388,6 +389,13 @@ class Runner:
             self._track(job)
         slot = 0  # the generation of the slot the job holds (bind() makes them 1, 2, ...), if any
         try:
+            # In the log before it waits for a slot: a crash while it waits must not lose it, and
+            # flush() in a handler (which holds a slot) must not wait for a slot it holds itself.
+            if job.durable and not job.recorded:
+                await self._record(job)
+                job.recorded = True
+                if job.record_waiters:
+                    _wake(job.record_waiters)
             if job.unbounded:
                 pass
             elif self._running < self.limits.max_concurrency:
@@ -396,11 +404,6 @@ class Runner:
             else:
                 await self._wait_for_slot()
                 slot = self._slot_generation
-            if job.durable and not job.recorded:
-                await self._record(job)
-                job.recorded = True
-                if job.record_waiters:
-                    _wake(job.record_waiters)
             while True:
                 sync_future = self._start_sync(job, 0) if job.sync_calls else None
                 for index, call in enumerate(job.async_calls):
@@ -463,8 +466,9 @@ class Runner:
         except asyncio.CancelledError:
             if not job.cut_off:
                 self._cancelled(job)
-            elif job.buffer:  # drain reported the rest; these were emitted while it cancelled us
-                leftovers = Job(job.bus, job.buffer).unfinished(self.registry.resolve)
+            elif job.buffer and len(job.buffer) > job.reported_buffer:
+                # drain reported the rest; these were emitted while it cancelled us
+                leftovers = Job(job.bus, job.buffer[job.reported_buffer :]).unfinished(self.registry.resolve)
                 self.report_unfinished(leftovers, "the drain bound ran out")
             raise
         finally:
@@ -1036,6 +1040,7 @@ class Runner:
                 continue
             pending.extend(job.unfinished(self.registry.resolve))
             job.cut_off = True
+            job.reported_buffer = len(job.buffer or ())
             job.sync_stop = True  # its worker thread stops before its next call
             self.jobs.discard(job)
             if job.task is not None:
