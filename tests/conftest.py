@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import tempfile
 import threading
@@ -74,6 +75,37 @@ class Recorder:
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
+
+
+class Records(logging.Handler):
+    """Hands every record of the ``tidings`` logger to a recorder, so a test can wait for one."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        super().__init__(logging.DEBUG)
+        self.recorder = recorder
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.recorder.add(record)
+
+    async def wait_for(self, text: str) -> logging.LogRecord:
+        def found(items: list[Any]) -> bool:
+            return any(text in record.getMessage() for record in items)
+
+        items = await self.recorder.wait_for(found)
+        record: logging.LogRecord = next(r for r in items if text in r.getMessage())
+        return record
+
+
+@pytest.fixture
+def records() -> Iterator[Records]:
+    handler = Records(Recorder())
+    logger = logging.getLogger("tidings")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import logging
 import threading
 from typing import Any
 
+import anyio
 import pytest
 
 import tidings
@@ -24,7 +25,7 @@ from tidings import (
     emit,
 )
 
-from ..conftest import Recorder
+from ..conftest import Recorder, Records
 
 pytestmark = pytest.mark.anyio
 
@@ -103,6 +104,72 @@ async def test_a_hook_that_raises_is_logged_and_does_not_stop_delivery(
     assert any("on_failure hook raised" in r.getMessage() for r in caplog.records)
 
 
+class _StopsEverything(BaseException):
+    """Not an Exception, not what stops the process: fastapi-events' errors are of this kind."""
+
+
+async def test_a_failure_hook_raising_a_base_exception_is_logged_and_contained(
+    recorder: Recorder, records: Records
+) -> None:
+    def hook(error: HandlerError) -> None:
+        raise _StopsEverything("hook broke")
+
+    bus = EventBus(on_failure=hook)
+
+    @bus.on("a")
+    async def broken(event: Event) -> None:
+        raise RuntimeError("x")
+
+    @bus.on("a")
+    async def fine(event: Event) -> None:
+        recorder.add(event.name)
+
+    @bus.on("slow", timeout=0.02)
+    async def hangs(event: Event) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            recorder.add("cancelled")  # the watchdog survived the hook's first raise
+            raise
+
+    async with bus:
+        assert [type(e) for e in await bus.emit_now("a")] == [HandlerError]
+        assert recorder.items == ["a"]  # the sibling still ran
+        await bus.emit_now("slow")
+        assert recorder.items == ["a", "cancelled"]
+    logged = await records.wait_for("the on_failure hook raised")
+    assert logged.exc_info is not None and logged.exc_info[0] is _StopsEverything
+
+
+async def test_an_async_failure_hook_runs_and_drain_waits_for_it(
+    recorder: Recorder, records: Records
+) -> None:
+    release = asyncio.Event()
+
+    async def hook(error: HandlerError) -> None:
+        await release.wait()  # say, posting to a chat channel
+        recorder.add(error.handler.rsplit(".", 1)[-1])
+        if error.event.payload == "hook fails":
+            raise RuntimeError("the chat is down")
+
+    bus = EventBus(on_failure=hook)
+
+    @bus.on("a")
+    async def broken(event: Event) -> None:
+        raise RuntimeError("x")
+
+    async with bus:
+        bus.emit("a")
+        bus.emit("a", "hook fails")
+        draining = asyncio.create_task(bus.drain())
+        await anyio.wait_all_tasks_blocked()
+        assert not draining.done()  # the hook's calls are work the drain waits for
+        release.set()
+        await draining
+        assert recorder.items == ["broken", "broken"]
+    await records.wait_for("the on_failure hook raised")
+
+
 async def test_an_async_handler_past_its_timeout_is_cancelled_and_reported(
     bus: EventBus, recorder: Recorder, failures: list[HandlerError]
 ) -> None:
@@ -125,6 +192,8 @@ async def test_an_async_handler_past_its_timeout_is_cancelled_and_reported(
     assert isinstance(failures[0], HandlerTimeoutError)
     assert isinstance(failures[0], TimeoutError)
     assert failures[0].handler.endswith("hangs")
+    # the cancellation that stopped it, whose traceback shows where it was waiting
+    assert isinstance(failures[0].__cause__, asyncio.CancelledError)
 
 
 async def test_a_handler_that_swallows_the_timeout_cancellation_is_still_reported(

@@ -5,21 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import anyio
 import pytest
 
 from tidings import (
     BusStateError,
     ConfigurationError,
+    DrainTimeoutError,
     Event,
     EventBus,
     HandlerCancelledError,
     HandlerError,
     HandlerTimeoutError,
+    Limits,
     RetryPolicy,
 )
 from tidings.store import MemoryStore
 
-from ..conftest import Recorder
+from ..conftest import Recorder, Records
 
 pytestmark = pytest.mark.anyio
 
@@ -413,3 +416,163 @@ def test_backoff_grows_is_capped_and_jittered() -> None:
     assert policy.delay(2, rand=0.0) == 1.0
     assert 1.0 <= policy.delay(2) <= 2.0
     assert RetryPolicy(multiplier=1e300, max_backoff=7).delay(5, rand=1.0) == 7  # no overflow
+
+
+async def test_a_timed_out_handler_whose_clean_up_raises_is_one_failure_retried_once(
+    failures: list[HandlerError],
+) -> None:
+    bus = EventBus(on_failure=failures.append)
+    runs: list[int] = []
+
+    @bus.on("x", timeout=0.05, retry=RetryPolicy(max_attempts=2, backoff=0.001, jitter=0))
+    async def hangs_once(event: Event) -> None:
+        runs.append(len(runs) + 1)
+        if len(runs) == 1:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                raise RuntimeError("clean-up failed while cancelled")
+
+    async with bus:
+        errors = await bus.emit_now("x")
+        await bus.drain()
+    assert [type(e) for e in errors] == [HandlerTimeoutError]
+    assert [(type(f), f.attempt) for f in failures] == [(HandlerTimeoutError, 1)]
+    assert isinstance(failures[0].__cause__, RuntimeError)  # what ended it, with its traceback
+    assert runs == [1, 2]  # one retry, as the policy says
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_call_the_drain_reported_unfinished_is_not_retried_when_it_fails_after(
+    failures: list[HandlerError], records: Records, kind: str
+) -> None:
+    import threading
+
+    bus = EventBus(handler_timeout=None, on_failure=failures.append)
+    runs: list[int] = []
+    started, release = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+    retry = RetryPolicy(max_attempts=3, backoff=0.001, jitter=0)
+
+    if kind == "async":
+
+        @bus.on("x", retry=retry)
+        async def handler(event: Event) -> None:
+            runs.append(1)
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            finally:
+                raise RuntimeError("clean-up failed while cut off")
+
+    else:
+
+        @bus.on("x", retry=retry)
+        def sync_handler(event: Event) -> None:
+            runs.append(1)
+            loop.call_soon_threadsafe(started.set)
+            release.wait(5)
+            raise RuntimeError("failed after the drain bound")
+
+    async with bus:
+        bus.emit("x")
+        await started.wait()
+        with pytest.raises(DrainTimeoutError) as caught:
+            await bus.drain(0.01)
+        release.set()
+        # what it raised is logged, with its traceback, and not reported or retried again
+        logged = await records.wait_for("after it was reported as unfinished")
+        assert logged.exc_info is not None
+        assert not bus._runner.retries
+    assert [p.event.name for p in caught.value.pending] == ["x"]
+    assert [type(f) for f in failures] == [HandlerCancelledError]  # reported once, as unfinished
+    assert runs == [1]
+
+
+async def test_a_handler_may_replay_dead_letters_with_every_slot_taken(recorder: Recorder) -> None:
+    bus = EventBus(limits=Limits(max_concurrency=1), handler_timeout=None)
+    broken = True
+
+    @bus.on("work")
+    async def work(event: Event) -> None:
+        if broken:
+            raise ValueError("down")
+        recorder.add("worked")
+
+    @bus.on("admin.replay")
+    async def replay_all(event: Event) -> None:  # holds the only slot
+        result = await asyncio.wait_for(bus.dead_letters.replay(all=True), 5)
+        recorder.add(len(result.succeeded))
+
+    async with bus:
+        bus.emit("work")
+        await bus.drain()
+        broken = False
+        bus.emit("admin.replay")
+        assert await recorder.wait_count(2) == ["worked", 1]
+
+
+async def test_a_replayed_call_that_does_not_succeed_in_time_counts_as_failed(
+    failures: list[HandlerError],
+) -> None:
+    import threading
+
+    bus = EventBus(on_failure=failures.append, handler_timeout=None)
+    release = threading.Event()
+    broken = True
+
+    @bus.on("sync.work", timeout=0.05)
+    def sync_work(event: Event) -> None:
+        if broken:
+            raise ValueError("down")
+        release.wait(5)  # runs past its timeout in the replay
+
+    @bus.on("async.work")
+    async def async_work(event: Event) -> None:
+        if broken:
+            raise ValueError("down")
+        await asyncio.Event().wait()  # until the drain bound cuts it off
+
+    async with bus:
+        bus.emit("sync.work")
+        bus.emit("async.work")
+        await bus.drain()
+        broken = False
+        timed_out = await bus.dead_letters.replay(event="sync.work")
+        release.set()
+        assert (len(timed_out.succeeded), len(timed_out.failed)) == (0, 1)
+        replay = asyncio.create_task(bus.dead_letters.replay(event="async.work"))
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(DrainTimeoutError):
+            await bus.drain(0.01)
+        cut_off = await replay
+        assert (len(cut_off.succeeded), len(cut_off.failed)) == (0, 1)
+
+
+async def test_a_sync_call_of_a_cancelled_job_failing_after_is_not_reported_or_retried_again(
+    failures: list[HandlerError], records: Records
+) -> None:
+    import threading
+
+    bus = EventBus(handler_timeout=None, on_failure=failures.append)
+    started, release = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+
+    @bus.on("x", retry=RetryPolicy(max_attempts=3, backoff=0.001, jitter=0))
+    def sync_handler(event: Event) -> None:
+        loop.call_soon_threadsafe(started.set)
+        release.wait(5)
+        raise RuntimeError("failed after its job was cancelled")
+
+    async with bus:
+        bus.emit("x")
+        await started.wait()
+        (job,) = bus._runner.jobs
+        assert job.task is not None
+        job.task.cancel()  # from outside: a server cancelling a request's task, say
+        await asyncio.wait({job.task})
+        assert [type(f) for f in failures] == [HandlerCancelledError]  # "its job was cancelled"
+        release.set()
+        await records.wait_for("after it was reported as unfinished")
+        assert not bus._runner.retries
+    assert len(failures) == 1

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+import anyio
 import pytest
 
 from tidings import (
@@ -321,3 +322,70 @@ async def test_a_timed_out_call_cut_off_in_the_same_tick_is_reported_once(
     assert [(type(f).__name__, f.handler.rsplit(".", 1)[-1]) for f in failures] == [
         ("HandlerCancelledError", "hangs")
     ]
+
+
+async def test_a_handler_registered_while_jobs_run_gets_the_shorter_tick_at_once() -> None:
+    bus = EventBus(handler_timeout=None)
+    release = asyncio.Event()
+
+    @bus.on("background")
+    async def long_running(event: Event) -> None:
+        await release.wait()
+
+    async with bus:
+        bus.emit("background")
+        await anyio.wait_all_tasks_blocked()  # its job is tracked: the watchdog runs, slowly
+        runner, loop = bus._runner, asyncio.get_running_loop()
+        assert runner._watch_handle is not None
+
+        @bus.on("quick", timeout=0.04)
+        async def quick(event: Event) -> None: ...
+
+        await anyio.wait_all_tasks_blocked()  # the re-arm is scheduled thread-safely
+        # the next tick is due within the new tick (a quarter of 0.04 s), not the old 0.5 s
+        # (with room for uvloop's clock, which counts in milliseconds)
+        assert runner._watch_handle is not None
+        assert runner._watch_handle.when() < loop.time() + 0.1
+        release.set()
+
+
+async def test_a_job_cancelled_from_outside_runs_none_of_the_sync_calls_it_reported(
+    recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    import threading
+
+    # one worker thread: a later hop runs only once the cancelled job's hop has ended
+    bus = EventBus(handler_timeout=None, on_failure=failures.append, limits=Limits(max_threads=1))
+    started, gate = asyncio.Event(), threading.Event()
+    loop = asyncio.get_running_loop()
+
+    @bus.on("x")
+    def first(event: Event) -> None:
+        loop.call_soon_threadsafe(started.set)
+        gate.wait(5)
+        recorder.add("first")
+
+    @bus.on("x")
+    def second(event: Event) -> None:  # pragma: no cover - reported as unfinished, so never run
+        recorder.add("second")
+
+    @bus.on("x")
+    async def waits(event: Event) -> None:
+        await asyncio.Event().wait()
+
+    @bus.on("probe")
+    def probe(event: Event) -> None:
+        recorder.add("probe")
+
+    async with bus:
+        bus.emit("x")
+        await started.wait()
+        (job,) = bus._runner.jobs
+        assert job.task is not None
+        job.task.cancel()  # from outside: a server cancelling a request's task, say
+        await asyncio.wait({job.task})
+        gate.set()
+        bus.emit("probe")
+        assert await recorder.wait_count(2) == ["first", "probe"]
+    reported = sorted(f.handler.rsplit(".", 1)[-1] for f in failures)
+    assert reported == ["first", "second", "waits"]  # "first" was running when its job was cancelled

@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import httpx
 import pytest
@@ -23,40 +23,9 @@ from tidings import Event, EventBus, HandlerError, RetryPolicy, TidingsMiddlewar
 from tidings.observability import LOG_FIELDS, EventContextFilter
 from tidings.store import DeadLetter, MemoryStore, SQLiteStore
 
-from ..conftest import Recorder
+from ..conftest import Recorder, Records
 
 pytestmark = pytest.mark.anyio
-
-
-class Records(logging.Handler):
-    """Hands every record of the ``tidings`` logger to a recorder, so a test can wait for one."""
-
-    def __init__(self, recorder: Recorder) -> None:
-        super().__init__(logging.DEBUG)
-        self.recorder = recorder
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.recorder.add(record)
-
-    async def wait_for(self, text: str) -> logging.LogRecord:
-        def found(items: list[Any]) -> bool:
-            return any(text in record.getMessage() for record in items)
-
-        items = await self.recorder.wait_for(found)
-        record: logging.LogRecord = next(r for r in items if text in r.getMessage())
-        return record
-
-
-@pytest.fixture
-def records() -> Iterator[Records]:
-    handler = Records(Recorder())
-    logger = logging.getLogger("tidings")
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def fields(record: logging.LogRecord) -> tuple[object, object, object]:

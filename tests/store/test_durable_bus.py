@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -124,6 +125,27 @@ async def test_jobs_waiting_for_a_slot_are_in_the_log_so_flush_in_a_handler_retu
         bus.emit("audit")  # a job of its own, queued behind the only slot
         audit_emitted.set()
         assert await recorder.wait_count(2) == [2, "audit"]  # both deliveries were in the log
+
+
+async def test_a_timed_out_call_that_swallows_the_cancel_stays_in_the_log_for_its_retry(
+    log: Log, recorder: Recorder
+) -> None:
+    bus = make_bus(log)
+    runs: list[int] = []
+
+    @bus.on("x", timeout=0.05, retry=RetryPolicy(max_attempts=2, backoff=0.001, jitter=0))
+    async def stubborn(event: Event) -> None:
+        runs.append(len(runs) + 1)
+        if len(runs) == 1:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+            return  # after its timeout: it counts as timed out, so it is retried, not done
+        await store_of(bus).flush()
+        recorder.add(await store_of(bus).pending_count())
+
+    async with bus:
+        bus.emit("x")
+        assert await recorder.wait_count(1) == [1]  # the retry's delivery is still in the log
 
 
 async def test_chained_events_are_recorded_too(log: Log, recorder: Recorder) -> None:

@@ -126,6 +126,8 @@ class EventBus:
         on_failure: called with a :class:`~tidings.HandlerError` for every failed attempt of a
             handler call (raised, timed out, cancelled) and for every call drain had to cut off;
             one that made dead letters carries them in ``.dead_letters``. They are logged either way.
+            It may be ``async def``: each call then runs as a task of the bus, and drain waits for it.
+            What the hook raises is logged, never passed on.
         retry: the default :class:`~tidings.RetryPolicy` of handlers registered without one; by
             default a failed call is not retried and becomes a dead letter at once.
         store: where dead letters (and, if the store is durable, every delivery) are kept: a

@@ -106,8 +106,11 @@ class DeadLetters:
         """Run the selected dead letters' handlers again now, and wait for their first attempt.
 
         Each runs as a fresh delivery under its handler's retry policy (attempts start again at
-        one). With a durable store it is a pending delivery again before it runs, so a crash
-        during the replay loses nothing.
+        one; a policy's ``deadline`` still counts from when the event was emitted, so a letter
+        older than that gets this one attempt). With a durable store it is a pending delivery
+        again before it runs, so a crash during the replay loses nothing. It takes no concurrency
+        slot, so a handler may replay. A call that does not succeed in this attempt (it fails,
+        runs past its timeout, or is cut off by a drain) counts as failed.
 
         Raises:
             ConfigurationError: no filter and not ``all``.
@@ -141,12 +144,19 @@ class DeadLetters:
         calls = [call_for(spec, letter.event) for letter, spec in chosen]
         job = self._runner.run_calls(calls, attempt=1, recorded=self._runner.durable)
         job.failed = []
+        # no concurrency slot (its task has not started): a replay from a handler, which holds
+        # one, must not wait for another
+        job.unbounded = True
         assert job.task is not None
         await asyncio.wait([job.task])  # a cancelled replay leaves the job running
         # by argument: the job may run the calls with other handler objects (traced ones)
         failed_calls = {id(arg) for _, arg in job.failed}
+        unfinished: set[tuple[str, str]] = set()
+        if job.task.cancelled() or job.cut_off:  # drain or shutdown cut it off
+            unfinished = {(p.event.id, p.handler) for p in job.unfinished(registry.resolve)}
         outcomes = [
-            (letter, id(call[1]) in failed_calls) for (letter, _), call in zip(chosen, calls, strict=True)
+            (letter, id(call[1]) in failed_calls or (letter.event.id, letter.handler) in unfinished)
+            for (letter, _), call in zip(chosen, calls, strict=True)
         ]
         return ReplayResult(
             succeeded=tuple(letter for letter, failed in outcomes if not failed),

@@ -77,7 +77,7 @@ class RetryPolicy:
 
     - ``n == max_attempts``;
     - the exception is an instance of a ``fail_on`` class, or of no ``retry_on`` class;
-    - the retry would start more than ``deadline`` seconds after the first attempt started.
+    - the retry would start more than ``deadline`` seconds after the event was emitted.
 
     Retries run in a job of their own; they never hold up the request or the other handlers.
 
@@ -88,7 +88,7 @@ class RetryPolicy:
         max_backoff: the longest delay between two attempts.
         jitter: the fraction (0 to 1) of each delay that is random: ``0.5`` waits between half the
             delay and all of it; ``1`` is "full jitter".
-        deadline: seconds from the start of the first attempt after which no retry starts
+        deadline: seconds from the event's emit time after which no retry starts
             (``None``: no limit beyond ``max_attempts``).
         attempt_timeout: seconds one attempt may take, for handlers registered without their own
             ``timeout=`` (``None``: the bus's ``handler_timeout``).

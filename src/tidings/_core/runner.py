@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import threading
 import traceback
 from asyncio import current_task
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from threading import get_ident
 from time import monotonic, time
 from typing import TYPE_CHECKING, Any, Final
@@ -65,7 +66,9 @@ __all__ = ["Call", "FailureHook", "Job", "Runner", "call_for", "deliveries_of", 
 logger = logging.getLogger("tidings")
 
 FailureHook = Callable[[HandlerError], object]
-"""Called on the event loop with every failed handler call; its return value is ignored."""
+"""Called on the event loop with every failed handler call. What it raises is logged. An ``async
+def`` hook's call runs as a task of the bus, which drain waits for; a plain one's return value is
+ignored."""
 
 Call = tuple[HandlerSpec, Any]  # (handler, Event) or (batch handler, tuple[Event, ...])
 SyncCall = tuple[HandlerSpec, Any, float, int]  # a sync call in progress: its monotonic start, index
@@ -158,13 +161,14 @@ class Job(Scope):
 
     task: asyncio.Task[Any] | None = None
     response_started = False  # set by the middleware when request_errors="drop" tracks it
-    cut_off = False  # drain took this job's unfinished calls over (reported them, cancelled it)
+    cut_off = False  # its unfinished calls were reported: drain cut it off, or it was cancelled
     reported_buffer = 0  # how many of `buffer`'s events that report named already
     # async calls: async_calls[async_index] is next or in progress; `current` is the one awaited
     async_calls: Sequence[Call] = ()
     async_index = 0
     current: Call | None = None
     timed_out = False
+    ended_by: BaseException | None = None  # what a timed-out or cut-off call ended with, if not done
     seen: Call | None = None  # the watchdog's note of `current`, and the time it first saw it
     seen_at = 0.0
     # sync calls, run in one thread hop; `sync_current` is published by the worker thread
@@ -236,6 +240,9 @@ class Runner:
         # sync calls past their timeout, still running in a thread their job no longer waits for
         # (a dict: reported in the order left behind)
         self.left_behind: dict[tuple[Job, Call], _LeftBehind] = {}
+        # calls of an async def on_failure hook; not cancelled at shutdown (the drain's own report
+        # of what it cut off is among them): they run on while the loop does
+        self.hook_tasks: set[asyncio.Task[None]] = set()
         self.closed = False  # shut down: nothing is scheduled any more
         self.loop: asyncio.AbstractEventLoop | None = None
         self._executor: DaemonThreadPool | None = None
@@ -287,7 +294,19 @@ class Runner:
 
     def timeouts_changed(self, timeouts: Iterable[float | None]) -> None:
         smallest = min((t for t in timeouts if t is not None), default=None)
-        self._tick = _MAX_TICK if smallest is None else max(_MIN_TICK, min(_MAX_TICK, smallest / 4))
+        tick = _MAX_TICK if smallest is None else max(_MIN_TICK, min(_MAX_TICK, smallest / 4))
+        shorter, self._tick = tick < self._tick, tick
+        loop = self.loop
+        if shorter and self._watch_handle is not None and loop is not None and not loop.is_closed():
+            # a handler registered while jobs run: its timeout must not wait out the longer tick
+            loop.call_soon_threadsafe(self._rearm_watch)
+
+    def _rearm_watch(self) -> None:
+        if self._watch_handle is not None:
+            self._watch_handle.cancel()
+            self._watch_handle = self.loop.call_later(  # type: ignore[union-attr]  # bound
+                self._tick, self._watch, context=contextvars.Context()
+            )
 
     # -- running jobs ------------------------------------------------------------------------------
     def start_job(self, job: Job, task: asyncio.Task[Any] | None) -> bool:
@@ -413,21 +432,29 @@ class Runner:
                     try:
                         await spec.call(arg)
                     except asyncio.CancelledError as exc:
-                        if not job.timed_out:
+                        if job.timed_out:
+                            job.ended_by = exc  # where it hung: the timeout's traceback
+                        else:
                             if job.task is not None and job.task.cancelling():
                                 raise  # cancelled from outside (drain bound, server): not ours
                             self._handler_cancelled(job, spec, arg, exc)
                     except _FATAL:
                         raise
                     except BaseException as exc:  # a handler's BaseException is its own failure
-                        self._handler_failed(job, spec, arg, exc)
+                        if job.timed_out or job.cut_off:
+                            # raised on its way out of the cancellation (a clean-up that failed):
+                            # part of the timeout or cut-off, reported once, as that
+                            job.ended_by = exc
+                        else:
+                            self._handler_failed(job, spec, arg, exc)
                     else:
-                        if job.durable:
+                        if job.durable and not job.timed_out:  # a timed-out call is retried, not done
                             job.done.append(call)  # type: ignore[union-attr]  # durable jobs have it
                     job.current = None
                     if job.timed_out:
                         self._handler_timed_out(job, spec, arg)
                     if job.cut_off:  # drain took the job over while a handler swallowed the cancel
+                        self._cut_off_call_ended(job, spec)
                         raise asyncio.CancelledError
                 job.async_calls = ()
                 if sync_future is not None:
@@ -636,13 +663,16 @@ class Runner:
         with the attempt its hop ran: a call left behind may fail after its job went on).
         """
         spec, arg = call
+        if job.cut_off:  # in progress when its job was cut off or cancelled, which reported it
+            self._cut_off_call_ended(job, spec, cause)
+            return
         policy = spec.retry
         if attempt is None:
             attempt = job.attempt
         error.attempt = attempt
         delay: float | None = None
-        # A timeout or a cancellation is judged as the HandlerError it became (an Exception).
-        subject = cause if isinstance(cause, Exception) else error
+        # A timeout or a cancellation is judged as the HandlerError it became, whatever ended it.
+        subject = cause if isinstance(cause, Exception) and type(error) is HandlerError else error
         if attempt < policy.max_attempts and policy.retries(subject):
             delay = policy.delay(attempt)
             deadline = policy.deadline
@@ -676,6 +706,20 @@ class Runner:
             self._retry_later(call, attempt, delay, job.durable)
         else:
             self.store.bury(error.dead_letters)
+
+    @staticmethod
+    def _cut_off_call_ended(job: Job, spec: HandlerSpec, cause: BaseException | None = None) -> None:
+        """A call reported as unfinished (its job cut off or cancelled) ended after all: log how."""
+        if cause is None:
+            cause, job.ended_by = job.ended_by, None
+        if cause is not None:  # it is reported already (not finished, no retry): only logged here
+            logger.warning(
+                "handler %s raised %s after it was reported as unfinished (its job was cut off)",
+                spec.name,
+                type(cause).__name__,
+                exc_info=cause,
+                extra=fields(None, None, spec.name),
+            )
 
     def _retry_later(self, call: Call, attempt: int, delay: float, durable: bool) -> None:
         assert self.loop is not None
@@ -717,10 +761,11 @@ class Runner:
         assert task is not None
         job.timed_out = False
         task.uncancel()
+        cause, job.ended_by = job.ended_by, None
         if not job.cut_off:  # a cut-off job's unfinished calls, this one included, are reported
             message = f"handler {spec.name} timed out after {spec.timeout}s and was cancelled"
             error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
-            self.failed(job, (spec, arg), error, None)
+            self.failed(job, (spec, arg), error, cause)
         if task.cancelling():  # someone else cancelled it too: that one stands
             job.async_index += 1  # this call is reported already: not among the unfinished
             raise asyncio.CancelledError
@@ -787,12 +832,12 @@ class Runner:
             # one attribute, so the watchdog never pairs one call's handler with another's event
             running[index] = True  # before the watchdog can see it
             job.sync_current = (spec, arg, monotonic(), index)
-            succeeded = False
+            failure: tuple[HandlerError, BaseException] | None = None
             try:
                 spec.call(arg)
             except _FATAL:
                 if not running.pop(index, False):
-                    self._hand_back(job, call, succeeded=False)
+                    self._hand_back(job, call, False, None, attempt)
                 raise
             except BaseException as exc:  # a handler's BaseException is its own failure
                 error = HandlerError(
@@ -800,29 +845,43 @@ class Runner:
                     events=_events_of(spec, arg),
                     handler=spec.name,
                 )
-                loop.call_soon_threadsafe(self.failed, job, call, error, exc, attempt)
-            else:
-                succeeded = True
+                failure = (error, exc)
             if not running.pop(index, False):
                 # The watchdog left this call behind: the job went on without it (this thread
                 # no longer touches the job's state), so its end is passed on by itself.
-                self._hand_back(job, call, succeeded=succeeded)
+                self._hand_back(job, call, failure is None, failure, attempt)
                 return
+            if failure is not None:
+                loop.call_soon_threadsafe(self.failed, job, call, *failure, attempt)
             job.sync_current = None
-            if succeeded and job.sync_done is not None:
+            if failure is None and job.sync_done is not None:
                 job.sync_done.append(call)  # read by the loop once this hop is over
         job.sync_index = len(calls)
 
-    def _hand_back(self, job: Job, call: Call, *, succeeded: bool) -> None:
-        """Runs in the thread of a call left behind, once it has returned (or raised)."""
+    def _hand_back(
+        self,
+        job: Job,
+        call: Call,
+        succeeded: bool,
+        failure: tuple[HandlerError, BaseException] | None,
+        attempt: int,
+    ) -> None:
+        """Runs in the thread of a call left behind, once it has returned or raised.
+
+        ``failure`` is the call's failure; what stops the process is none (nor a success).
+        """
         assert self.loop is not None
         # the watchdog put it there before it took the call over; this thread may serve a hop next
         left = job.sync_left_behind.pop(get_ident(), None) if job.sync_left_behind else None
         records = [] if left is None else left.close()
         try:
             # after the events it emitted before it was left behind (scheduled the same way)
-            self.loop.call_soon_threadsafe(self._left_behind_ended, job, call, succeeded, records)
+            self.loop.call_soon_threadsafe(
+                self._left_behind_ended, job, call, succeeded, failure, attempt, records
+            )
         except RuntimeError:  # the loop has closed: nobody waits for this call any more...
+            if failure is not None:
+                self._cut_off_call_ended(job, call[0], failure[1])
             if records:  # ...nor handles what it emitted: each is logged as dropped
                 self.bus.adopt(Job(self.bus, records))
 
@@ -860,18 +919,30 @@ class Runner:
             if job.sync_waiter is not None and not job.sync_waiter.done():
                 job.sync_waiter.set_result(None)
 
-    def _left_behind_ended(self, job: Job, call: Call, succeeded: bool, records: list[Record]) -> None:
-        """A call left behind past its timeout has returned (its failure is reported already).
+    def _left_behind_ended(
+        self,
+        job: Job,
+        call: Call,
+        succeeded: bool,
+        failure: tuple[HandlerError, BaseException] | None,
+        attempt: int,
+        records: list[Record],
+    ) -> None:
+        """A call left behind past its timeout has returned, or raised (a failure of its own).
 
         The events it emitted since are handled, and it is completed in the log only once they
         are recorded (a crash in between must not lose them): by its job if that still runs, else
         by a job of their own.
         """
         if (job, call) not in self.left_behind:  # the drain bound reported it; it stays in the log
+            if failure is not None:
+                self._cut_off_call_ended(job, call[0], failure[1])
             if records:
                 self.bus.adopt(Job(self.bus, records))  # handled, or logged as dropped when closed
             return
         del self.left_behind[job, call]
+        if failure is not None:
+            self.failed(job, call, *failure, attempt)
         completing = succeeded and job.durable
         if job in self.jobs and job.buffer is not None:
             job.buffer.extend(records)
@@ -894,6 +965,13 @@ class Runner:
     # -- timeouts ----------------------------------------------------------------------------------
     def _watch(self) -> None:
         self._watch_handle = None
+        try:
+            self._check_timeouts()
+        finally:  # whatever happened to one job, the others' timeouts are still watched
+            if self.jobs and self.loop is not None and not self.loop.is_closed():
+                self._watch_handle = self.loop.call_later(self._tick, self._watch)
+
+    def _check_timeouts(self) -> None:
         now = monotonic()
         for job in tuple(self.jobs):
             call = job.current
@@ -920,9 +998,9 @@ class Runner:
                     self.report(error, None)
                     if job.errors is not None:  # emit_now's caller hears of it too
                         job.errors.append(error)
+                    if job.failed is not None:  # a replay's caller: it did not succeed in time
+                        job.failed.append((spec, arg))
                     self._leave_behind(job, sync_call)
-        if self.jobs and self.loop is not None and not self.loop.is_closed():
-            self._watch_handle = self.loop.call_later(self._tick, self._watch)
 
     # -- reporting ---------------------------------------------------------------------------------
     def report(self, error: HandlerError, cause: BaseException | None) -> None:
@@ -948,17 +1026,59 @@ class Runner:
         hook = self.on_failure
         if hook is not None:
             try:
-                hook(error)
-            except Exception:
-                logger.exception(
-                    "the on_failure hook raised while reporting %s (event %r, id %s)",
-                    error,
-                    event.name,
-                    event.id,
-                    extra=fields(event.name, event.id, error.handler),
-                )
+                result = hook(error)
+                if inspect.isawaitable(result):
+                    self._await_hook(result, error)
+            except _FATAL:
+                raise
+            except BaseException as exc:  # like a handler's: never into the job, the watchdog, the server
+                self._hook_failed(exc, error)
+
+    def _hook_failed(self, exc: BaseException, error: HandlerError) -> None:
+        event = error.event
+        logger.error(
+            "the on_failure hook raised while reporting %s (event %r, id %s)",
+            error,
+            event.name,
+            event.id,
+            exc_info=exc,
+            extra=fields(event.name, event.id, error.handler),
+        )
+
+    def _await_hook(self, result: Awaitable[object], error: HandlerError) -> None:
+        """Run an ``async def`` failure hook's call as a task of the bus (drain waits for it)."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            if inspect.iscoroutine(result):
+                result.close()  # never to run: no "never awaited" warning on top of this error
+            logger.error("the on_failure hook for %s could not run: the event loop has closed", error)
+            return
+        if get_ident() != self.bus.loop_thread:  # a report made by a worker thread
+            loop.call_soon_threadsafe(self._await_hook, result, error)
+            return
+
+        async def run() -> None:
+            try:
+                await result
+            except _FATAL:
+                raise
+            except asyncio.CancelledError:
+                logger.error("the on_failure hook was cancelled while reporting %s", error)
+            except BaseException as exc:
+                self._hook_failed(exc, error)
+
+        task = loop.create_task(run(), context=contextvars.Context())
+        self.hook_tasks.add(task)
+        task.add_done_callback(self._hook_ended)
+
+    def _hook_ended(self, task: asyncio.Task[None]) -> None:
+        self.hook_tasks.discard(task)
+        if self._idle_waiters:
+            self._wake_idle_waiters()
 
     def _cancelled(self, job: Job) -> None:
+        job.cut_off = True  # what is reported here is not reported (or retried) again as it ends
+        job.sync_stop = True  # nor run after all: its worker thread stops before its next call
         pending = job.unfinished(self.registry.resolve)
         if not pending:
             return
@@ -1001,12 +1121,13 @@ class Runner:
     # -- drain -------------------------------------------------------------------------------------
     def idle(self, until: float = 0.0) -> bool:
         """Whether no job runs other than the caller's own, no call left behind past its timeout
-        runs on, and no retry is due by ``until``."""
+        runs on, no retry is due by ``until`` and no call of an async failure hook runs."""
         current = asyncio.current_task()
         return (
             all(job.task is current for job in self.jobs)
             and not self.left_behind
             and all(r.due > until for r in self.retries)
+            and not (self.hook_tasks and current not in self.hook_tasks)
         )
 
     async def wait_idle(self, until: float) -> bool:
