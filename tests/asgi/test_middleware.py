@@ -174,9 +174,17 @@ async def test_background_tasks_and_spawned_tasks_do_not_lose_events(
 
 
 def failing_app(
-    bus: EventBus, *, after_response: bool = False, request_errors: RequestErrorPolicy | None = None
-) -> Starlette:
-    """An app whose endpoint emits two events and raises, before or after its response started."""
+    bus: EventBus,
+    *,
+    after_response: bool = False,
+    request_errors: RequestErrorPolicy | None = None,
+    by_hand: bool = False,
+) -> Any:
+    """An app whose endpoint emits two events and raises, before or after its response started.
+
+    ``by_hand``: the middleware wraps the app (``TidingsMiddleware(app, bus=bus)``), outside
+    Starlette's ``ServerErrorMiddleware``, which sends its 500 response and then re-raises.
+    """
 
     async def endpoint(request: Request) -> Response:
         emit("user.created")
@@ -189,11 +197,15 @@ def failing_app(
 
         return PlainTextResponse("ok", background=BackgroundTask(fail))
 
+    if by_hand:
+        return TidingsMiddleware(
+            Starlette(routes=[Route("/", endpoint)]), bus=bus, request_errors=request_errors
+        )
     middleware = Middleware(TidingsMiddleware, bus=bus, request_errors=request_errors)
     return Starlette(routes=[Route("/", endpoint)], middleware=[middleware])
 
 
-async def get_ignoring_app_errors(bus: EventBus, app: Starlette) -> int:
+async def get_ignoring_app_errors(bus: EventBus, app: Any) -> int:
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with bus, httpx.AsyncClient(transport=transport, base_url="http://t") as http:
         status = (await http.get("/")).status_code
@@ -209,14 +221,16 @@ async def test_a_request_that_raises_delivers_its_events_by_default(recorder: Re
     assert recorder.items == ["user.created", "user.welcomed"]
 
 
+@pytest.mark.parametrize("by_hand", [False, True], ids=["add_middleware", "wrapped_by_hand"])
 @pytest.mark.parametrize("where", ["bus", "middleware"])
 async def test_the_drop_policy_discards_a_failed_requests_events_with_a_warning(
-    where: str, recorder: Recorder, caplog: pytest.LogCaptureFixture
+    where: str, by_hand: bool, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     bus = EventBus(request_errors="drop" if where == "bus" else "deliver")
     bus.on("*")(lambda event: recorder.add(event.name))
     policy: RequestErrorPolicy | None = "drop" if where == "middleware" else None
-    assert await get_ignoring_app_errors(bus, failing_app(bus, request_errors=policy)) == 500
+    app = failing_app(bus, request_errors=policy, by_hand=by_hand)
+    assert await get_ignoring_app_errors(bus, app) == 500
     assert recorder.items == []
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert [r.getMessage().split(" of a request")[0] for r in warnings] == [
@@ -227,10 +241,13 @@ async def test_the_drop_policy_discards_a_failed_requests_events_with_a_warning(
     assert [r.__dict__["tidings_event"] for r in warnings] == ["user.created", "user.welcomed"]
 
 
-async def test_the_drop_policy_delivers_once_the_response_has_started(recorder: Recorder) -> None:
+@pytest.mark.parametrize("by_hand", [False, True], ids=["add_middleware", "wrapped_by_hand"])
+async def test_the_drop_policy_delivers_once_the_response_has_started(
+    by_hand: bool, recorder: Recorder
+) -> None:
     bus = EventBus(request_errors="drop")
     bus.on("*")(lambda event: recorder.add(event.name))
-    app = failing_app(bus, after_response=True)  # a background task raises after the 200
+    app = failing_app(bus, after_response=True, by_hand=by_hand)  # a background task raises after the 200
     assert await get_ignoring_app_errors(bus, app) == 200
     assert recorder.items == ["user.created", "user.welcomed"]
 

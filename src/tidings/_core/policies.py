@@ -18,11 +18,14 @@ RequestErrorPolicy = Literal["deliver", "drop"]
 bus, since the error response has yet to be sent and must not wait for them). Nothing the code
 announced is lost, which is what users of fastapi-events get too. To make an event depend on a
 database commit, emit it after the commit.
-``"drop"``: if the app raised before the response started (the request failed, and whatever it
-announced most likely rolled back), the events are discarded and a warning names each one. Once the
-response has started, the request's work is done and its events are delivered even if something
-fails later (a background task, a client that went away). Knowing when the response started costs
-about 0.4 µs per request (bench/README.md), which is why this is not the default.
+``"drop"``: if the exception reached the middleware before a response started, or after a response
+with a status of 500 or more started (the failure's own error response: Starlette's
+``ServerErrorMiddleware`` sends its 500, then re-raises, and it runs inside the middleware when that
+wraps the app by hand), the request failed and whatever it announced most likely rolled back: the
+events are discarded and a warning names each one. Once a response below 500 has started, the
+request's work is done and its events are delivered even if something fails later (a background
+task, a client that went away). Knowing the response's status costs about 0.4 µs per request
+(bench/README.md), which is why this is not the default.
 """
 
 RequestHandlerMode = Literal["inline", "task"]

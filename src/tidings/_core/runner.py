@@ -160,7 +160,7 @@ class Job(Scope):
     """
 
     task: asyncio.Task[Any] | None = None
-    response_started = False  # set by the middleware when request_errors="drop" tracks it
+    response_status = 0  # the status of the response started, 0 before; set when request_errors="drop"
     cut_off = False  # its unfinished calls were reported: drain cut it off, or it was cancelled
     reported_buffer = 0  # how many of `buffer`'s events that report named already
     # async calls: async_calls[async_index] is next or in progress; `current` is the one awaited

@@ -71,7 +71,7 @@ class TidingsMiddleware:
             bus.app = app
         self.bus = bus
         self.request_errors: RequestErrorPolicy = request_errors or bus.request_errors
-        # "drop" needs to know whether the response had started when the app raised
+        # "drop" needs the status of the response started (if one did) when the app raised
         self.track_response = self.request_errors == "drop"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -112,9 +112,14 @@ class TidingsMiddleware:
         bus = self.bus
         if isinstance(exc, asyncio.CancelledError):
             bus.adopt(events)  # this task cannot run handlers any more; the bus's own tasks can
-        elif self.request_errors == "drop" and not events.response_started:
+        elif self.request_errors == "drop" and not 0 < events.response_status < 500:
+            # A 5xx already sent is the failure's own error response, not finished work: Starlette's
+            # ServerErrorMiddleware, inside the app when this middleware wraps it by hand, sends its
+            # 500 and then re-raises.
+            status = events.response_status
+            when = f"after its {status} error response" if status else "before responding"
             bus.discard_request_events(
-                events, f"the app raised {type(exc).__name__} before responding (request_errors='drop')"
+                events, f"the app raised {type(exc).__name__} {when} (request_errors='drop')"
             )
         elif not events.buffer:
             events.buffer = None
@@ -183,7 +188,7 @@ class TidingsMiddleware:
 def _tracking(events: Job, send: Send) -> Send:
     async def tracking_send(message: Message) -> None:
         if message["type"] == "http.response.start":
-            events.response_started = True
+            events.response_status = message["status"]
         await send(message)
 
     return tracking_send

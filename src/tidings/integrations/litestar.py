@@ -326,7 +326,7 @@ class TidingsPlugin(InitPluginProtocol):
         events = current_scope()
         if not isinstance(events, Job) or events.bus is not self.bus or events.buffer is None:
             return
-        if events.response_started or (isinstance(exc, HTTPException) and exc.status_code < 500):
+        if events.response_status or (isinstance(exc, HTTPException) and exc.status_code < 500):
             return
         self.bus.discard_request_events(
             events, f"the app raised {type(exc).__name__} before responding (request_errors='drop')"
