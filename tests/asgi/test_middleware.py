@@ -274,6 +274,50 @@ async def test_http_exceptions_are_responses_so_events_are_delivered(
     assert recorder.items == ["login.failed"]
 
 
+class OutOfStock(Exception):
+    pass
+
+
+@pytest.mark.parametrize("catch_all", [Exception, 500], ids=["Exception", "500"])
+async def test_under_drop_a_catch_all_exception_handler_counts_its_requests_as_failed(
+    catch_all: type[Exception] | int, recorder: Recorder
+) -> None:
+    """Starlette runs a handler for ``Exception`` or 500 in ServerErrorMiddleware, outside user middleware.
+
+    The exception passes the middleware before that handler responds, so the README tells users to
+    register a handler for a specific class when they want the events kept.
+    """
+    bus = EventBus(request_errors="drop")
+    bus.on("*")(lambda event: recorder.add(event.name))
+    app = FastAPI()
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.exception_handler(OutOfStock)
+    async def out_of_stock(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": "out of stock"}, status_code=409)
+
+    @app.exception_handler(catch_all)
+    async def anything(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": "handled"}, status_code=400)
+
+    @app.post("/specific")
+    async def specific() -> None:
+        emit("kept.specific.handler")
+        raise OutOfStock
+
+    @app.post("/catch-all")
+    async def unexpected() -> None:
+        emit("dropped.catch_all.handler")
+        raise KeyError("sku")
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # ServerErrorMiddleware re-raises
+    async with bus, httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        assert (await http.post("/specific")).status_code == 409
+        assert (await http.post("/catch-all")).status_code == 400
+        await bus.drain()
+    assert recorder.items == ["kept.specific.handler"]
+
+
 async def test_a_cancelled_request_hands_its_events_to_the_bus(bus: EventBus, recorder: Recorder) -> None:
     entered = asyncio.Event()
 

@@ -26,6 +26,15 @@ events are discarded and a warning names each one. Once a response below 500 has
 request's work is done and its events are delivered even if something fails later (a background
 task, a client that went away). Knowing the response's status costs about 0.4 µs per request
 (bench/README.md), which is why this is not the default.
+
+Exceptions turned into responses inside the middleware (``HTTPException``, an exception handler
+registered for a specific exception class) never reach it, so their events are delivered under either
+policy. A handler registered for ``Exception`` or for status 500 is different: Starlette runs it
+in ``ServerErrorMiddleware``, outside the middleware added with ``app.add_middleware``, so the
+exception reaches the middleware before that handler responds, and under ``"drop"`` the request's
+events are dropped whatever its response (wrapped around the app by hand, the middleware sees that
+response, and one below 500 keeps them). Register the handler for a specific exception class to keep
+them.
 """
 
 RequestHandlerMode = Literal["inline", "task"]
