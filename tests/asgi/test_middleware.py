@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from fastapi import BackgroundTasks, FastAPI
@@ -197,12 +200,11 @@ def failing_app(
 
         return PlainTextResponse("ok", background=BackgroundTask(fail))
 
+    routes = [Route("/", endpoint)]
     if by_hand:
-        return TidingsMiddleware(
-            Starlette(routes=[Route("/", endpoint)]), bus=bus, request_errors=request_errors
-        )
+        return TidingsMiddleware(Starlette(routes=routes), bus=bus, request_errors=request_errors)
     middleware = Middleware(TidingsMiddleware, bus=bus, request_errors=request_errors)
-    return Starlette(routes=[Route("/", endpoint)], middleware=[middleware])
+    return Starlette(routes=routes, middleware=[middleware])
 
 
 async def get_ignoring_app_errors(bus: EventBus, app: Any) -> int:
@@ -550,6 +552,86 @@ async def test_two_apps_in_one_process_do_not_see_each_others_events(recorder: R
         ("shop", "shop.event"),
         ("shop", "shop.event"),
     ]
+
+
+def two_middlewares_app(outer_bus: EventBus, inner_bus: EventBus, endpoint: Callable[..., Any]) -> Starlette:
+    """An app whose requests pass through two tidings middlewares, ``outer_bus``'s first."""
+    middleware = [Middleware(TidingsMiddleware, bus=outer_bus), Middleware(TidingsMiddleware, bus=inner_bus)]
+    return Starlette(routes=[Route("/", endpoint)], middleware=middleware)
+
+
+@pytest.mark.parametrize("endpoint_kind", ["async", "sync"])
+async def test_with_two_middlewares_events_of_both_buses_wait_for_the_response(endpoint_kind: str) -> None:
+    """The inner middleware's request must not hide the outer one's from the outer bus.
+
+    The endpoint waits until the outer bus has handled a probe emitted outside any request after
+    its event: an event handed to that bus at once would have been handled by then, before the
+    response. The sync endpoint emits from the threadpool, whose events reach the loop in order.
+    """
+    outer_bus, inner_bus = EventBus(name="outer"), EventBus(name="inner")
+    log: Log = []
+    probe_handled, probe_handled_in_thread = asyncio.Event(), threading.Event()
+
+    @outer_bus.on("audit.logged")
+    async def outer_handler(event: Event) -> None:
+        log.append(f"outer:{event.name}")
+
+    @outer_bus.on("probe")
+    async def probe(event: Event) -> None:
+        probe_handled.set()
+        probe_handled_in_thread.set()
+
+    @inner_bus.on("*")
+    async def inner_handler(event: Event) -> None:
+        log.append(f"inner:{event.name}")
+
+    def emit_both() -> None:
+        emit("user.created")  # the innermost middleware's bus
+        outer_bus.emit("audit.logged")
+        contextvars.Context().run(outer_bus.emit, "probe")  # outside any request
+
+    async def async_endpoint(request: Request) -> Response:
+        emit_both()
+        with anyio.fail_after(5):
+            await probe_handled.wait()
+        return PlainTextResponse("ok")
+
+    def sync_endpoint(request: Request) -> Response:
+        emit_both()
+        assert probe_handled_in_thread.wait(5)
+        return PlainTextResponse("ok")
+
+    app = two_middlewares_app(
+        outer_bus, inner_bus, async_endpoint if endpoint_kind == "async" else sync_endpoint
+    )
+    async with outer_bus, inner_bus:
+        await call_asgi(app, "/", log)
+    assert log == ["http.response.start", "body", "inner:user.created", "outer:audit.logged"]
+
+
+async def test_with_two_middlewares_a_task_left_running_still_reaches_the_outer_bus(
+    recorder: Recorder,
+) -> None:
+    outer_bus, inner_bus = EventBus(name="outer"), EventBus(name="inner")
+    outer_bus.on("*")(lambda event: recorder.add(event.name))
+    release = asyncio.Event()
+    spawned: list[asyncio.Task[None]] = []
+
+    async def later() -> None:
+        await release.wait()
+        outer_bus.emit("task.after.response")  # both requests are over: straight to the bus
+
+    async def endpoint(request: Request) -> Response:
+        spawned.append(asyncio.create_task(later()))
+        return PlainTextResponse("ok")
+
+    app = two_middlewares_app(outer_bus, inner_bus, endpoint)
+    async with outer_bus, inner_bus, client(app) as http:
+        assert (await http.get("/")).status_code == 200
+        release.set()
+        await spawned[0]
+        await recorder.wait_count(1)
+    assert recorder.items == ["task.after.response"]
 
 
 @pytest.mark.parametrize("switch", ["option", "environment"])

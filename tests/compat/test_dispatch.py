@@ -31,6 +31,7 @@ from tidings.compat.fastapi_events.errors import (
     MultiplePayloadsDetectedDuringDispatch,
 )
 from tidings.compat.fastapi_events.handlers.local import LocalHandler
+from tidings.compat.fastapi_events.middleware import EventHandlerASGIMiddleware
 from tidings.compat.fastapi_events.registry.payload_schema import EventPayloadSchemaRegistry, registry
 from tidings.compat.fastapi_events.typing import Event
 from tidings.testing import capture
@@ -427,6 +428,47 @@ async def test_middleware_id_picks_one_of_several_apps(recorder: Recorder) -> No
         await second.wait_count(1)
     assert first.items == [("to.a", 2)]
     assert second.items == [("to.b", 1)]
+
+
+async def test_middleware_id_of_the_outer_of_two_middlewares_waits_for_the_response() -> None:
+    """A request that passes through both middlewares is one of the outer one's requests too.
+
+    The endpoint waits until the outer bus has handled a probe dispatched outside any request after
+    its event: an event handed to that bus at once would have been handled by then.
+    """
+    log: list[Any] = []
+    probe_handled = asyncio.Event()
+
+    def logging_handler(label: str) -> LocalHandler:
+        handler = LocalHandler()
+
+        @handler.register(event_name="*")
+        async def record(event: Event) -> None:
+            if event[0] == "probe":
+                probe_handled.set()
+            else:
+                log.append(f"{label}:{event[0]}")
+
+        return handler
+
+    async def endpoint(request: Request) -> Response:
+        dispatch("to.inner", middleware_id=9_000_102)
+        dispatch("to.outer", middleware_id=9_000_101)
+        contextvars.Context().run(dispatch, "probe", None, middleware_id=9_000_101)
+        with anyio.fail_after(5):
+            await probe_handled.wait()
+        return PlainTextResponse("ok")
+
+    outer = Middleware(
+        EventHandlerASGIMiddleware, handlers=[logging_handler("outer")], middleware_id=9_000_101
+    )
+    inner = Middleware(
+        EventHandlerASGIMiddleware, handlers=[logging_handler("inner")], middleware_id=9_000_102
+    )
+    app = Starlette(routes=[Route("/", endpoint)], middleware=[outer, inner])
+    async with lifespan(app):
+        await call_asgi(app, "/", log)
+    assert log == ["start", "body", "inner:to.inner", "outer:to.outer"]
 
 
 async def test_an_unknown_middleware_id_is_warned_about_and_ignored(

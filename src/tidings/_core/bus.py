@@ -753,7 +753,12 @@ class EventBus:
                     record = (*record[:3], self.tracing.inject(record[3]))
                 if left.keep(record):
                     return
-        if scope is not None and scope.bus is self and scope.buffer is not None:
+        # The scope may be the request of another bus's middleware, nested in one of this bus's (two
+        # middlewares on one app): the outer request holds this bus's events until its response.
+        # Other scopes (handler jobs, direct scopes) link to nothing: their events go on at once.
+        while scope is not None and scope.bus is not self:
+            scope = scope.parent if type(scope) is Job else None
+        if scope is not None and scope.buffer is not None:
             if threading.get_ident() == self.loop_thread:
                 scope.buffer.append(record)  # its trace context is added with its job's (runner)
                 return

@@ -161,6 +161,9 @@ class Job(Scope):
 
     task: asyncio.Task[Any] | None = None
     response_status = 0  # the status of the response started, 0 before; set when request_errors="drop"
+    # A request's: the scope it was opened in, e.g. the request of an outer middleware serving
+    # another bus, whose events must still wait for that request's response (EventBus._route).
+    parent: Scope | None = None
     cut_off = False  # its unfinished calls were reported: drain cut it off, or it was cancelled
     reported_buffer = 0  # how many of `buffer`'s events that report named already
     # async calls: async_calls[async_index] is next or in progress; `current` is the one awaited

@@ -7,7 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .._core.bus import EventBus
-from .._core.dispatcher import reset_scope, set_scope
+from .._core.dispatcher import current_scope, reset_scope, set_scope
 from ..exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -32,7 +32,9 @@ class TidingsMiddleware:
       it) or ``"drop"``. A request that finishes after the bus closed has its events logged and
       dropped, as any event emitted to a closed bus.
       Tasks the request started that emit after it finished hand their events to the bus
-      directly: nothing is lost.
+      directly: nothing is lost. With several tidings middlewares on one app (a bus each), each
+      bus's events wait for its own middleware's request: ``emit()`` goes to the innermost
+      middleware's bus, ``other_bus.emit()`` waits for the response as well.
     * **websocket**: a connection can last for hours, so its events are not held until it closes:
       each is handed to the bus when emitted.
     * **lifespan**: the bus starts before the app's startup code runs (so startup code can emit),
@@ -87,6 +89,9 @@ class TidingsMiddleware:
             bus.app = scope.get("app")
         bus.ensure_running()
         events = bus.open_request()
+        outer = current_scope()
+        if outer is not None:  # e.g. an outer tidings middleware's request: its bus's events still wait
+            events.parent = outer
         if self.track_response:
             send = _tracking(events, send)
         token = set_scope(events)

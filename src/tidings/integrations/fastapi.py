@@ -342,8 +342,9 @@ def emitter_for(bus: EventBus) -> Callable[[], Coroutine[Any, Any, EventEmitter]
     """A FastAPI dependency giving an emitter for ``bus``, whichever bus serves the request.
 
     For an app with several buses, or an endpoint that emits on another app's bus. Events emitted
-    on a bus that does not serve the current request are handed to it at once, not after the
-    response. An ``async def``, like :func:`current_emitter`: no thread hop.
+    on a bus that serves the current request (its middleware is on the app, inner or outer) wait
+    for the response; on a bus that does not, they are handed to it at once. An ``async def``,
+    like :func:`current_emitter`: no thread hop.
 
     Example:
         >>> from typing import Annotated
