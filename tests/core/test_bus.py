@@ -170,6 +170,75 @@ async def test_an_async_failure_hook_runs_and_drain_waits_for_it(
     await records.wait_for("the on_failure hook raised")
 
 
+async def test_an_async_failure_hook_gets_what_closing_reports_within_the_drain_bound(
+    recorder: Recorder,
+) -> None:
+    async def post_to_chat(error: HandlerError) -> None:
+        await asyncio.sleep(0)  # network I/O, say
+        recorder.add(str(error).split(": ", 1)[-1])
+
+    bus = EventBus(on_failure=post_to_chat, retry=tidings.RetryPolicy(max_attempts=2, backoff=60, jitter=0))
+
+    @bus.on("job")
+    async def flaky(event: Event) -> None:
+        raise ConnectionError("down")
+
+    async with bus:
+        bus.emit("job")
+        await recorder.wait_count(1)
+    # the retry, due after the bound, is reported as the bus closes, and that report is delivered too
+    assert recorder.items == ["down", "its retry was due after the bus closed; it is lost"]
+    assert not bus._runner.hook_tasks
+
+
+async def test_a_hook_still_running_is_named_once_and_is_no_handler_cut_off(records: Records) -> None:
+    release = asyncio.Event()
+
+    async def hook(error: HandlerError) -> None:
+        await release.wait()
+
+    bus = EventBus(on_failure=hook, drain_timeout=0.05)
+
+    @bus.on("job")
+    async def broken(event: Event) -> None:
+        raise RuntimeError("x")
+
+    await bus.start()
+    await bus.emit_now("job")
+    await bus.drain(0.01)  # no DrainTimeoutError: no handler call is unfinished
+    await bus.aclose()
+    logged = [r for r in records.recorder.items if "call(s) of the on_failure hook" in r.getMessage()]
+    assert len(logged) == 1
+    assert not any("drain bound ran out with" in r.getMessage() for r in records.recorder.items)
+    release.set()
+
+
+async def test_a_hook_and_a_handler_may_both_drain(recorder: Recorder) -> None:
+    async def hook(error: HandlerError) -> None:
+        await bus.drain(5)
+        recorder.add("hook")
+
+    bus = EventBus(on_failure=hook)
+    hook_started = asyncio.Event()
+
+    @bus.on("boom")
+    async def boom(event: Event) -> None:
+        raise RuntimeError("x")
+
+    @bus.on("settle")
+    async def settle(event: Event) -> None:
+        await hook_started.wait()
+        await bus.drain(5)
+        recorder.add("handler")
+
+    async with bus:
+        bus.emit("settle")
+        await bus.emit_now("boom")
+        hook_started.set()
+        drained = await recorder.wait_count(2, timeout=4)  # neither waits for the other's bound
+    assert sorted(drained) == ["handler", "hook"]
+
+
 async def test_an_async_handler_past_its_timeout_is_cancelled_and_reported(
     bus: EventBus, recorder: Recorder, failures: list[HandlerError]
 ) -> None:

@@ -502,3 +502,75 @@ async def test_a_request_job_with_sync_calls_is_freed_without_the_garbage_collec
             assert [job() is None for job in jobs] == [True, True, True, True]
         finally:
             gc.enable()
+
+
+async def test_a_call_left_behind_in_a_job_then_cancelled_reports_its_own_failure() -> None:
+    # The cancel reports the job's unfinished calls; the call left behind is not among them (it
+    # was reported as past its timeout and goes on): what it raises later is its own failure.
+    release = threading.Event()
+    failures = Recorder()
+    bus = EventBus(on_failure=failures.add)
+
+    @bus.on("job", timeout=0.05, name="hangs")
+    def hangs(event: Event) -> None:
+        release.wait(10)
+        raise RuntimeError("failed for real")
+
+    @bus.on("job", name="waits")
+    async def waits(event: Event) -> None:
+        await asyncio.Event().wait()
+
+    async with bus:
+        bus.emit("job")
+        await failures.wait_count(1)  # left behind
+        (job,) = bus._runner.jobs
+        assert job.task is not None
+        job.task.cancel()  # from outside: a server cancelling a request's task, say
+        await asyncio.wait({job.task})
+        release.set()
+        reported = await failures.wait_count(3)
+        letters = await bus.dead_letters.list()
+    assert [(type(f).__name__, f.handler) for f in reported] == [
+        ("HandlerTimeoutError", "hangs"),
+        ("HandlerCancelledError", "waits"),
+        ("HandlerError", "hangs"),
+    ]
+    assert [letter.handler for letter in letters] == ["hangs"]
+
+
+async def test_a_failure_on_its_way_from_the_thread_as_the_drain_cuts_off_is_reported() -> None:
+    # The thread has moved on to the next call when the cut-off lists the job's unfinished calls:
+    # the first call's failure (queued for the loop) is not among them, and is reported as usual.
+    go, next_started, release = threading.Event(), threading.Event(), threading.Event()
+    failures = Recorder()
+    bus = EventBus(on_failure=failures.add)
+    loop = asyncio.get_running_loop()
+    first_running = asyncio.Event()
+
+    @bus.on("job", name="raises")
+    def raises(event: Event) -> None:
+        loop.call_soon_threadsafe(first_running.set)
+        go.wait(5)
+        raise RuntimeError("down")
+
+    @bus.on("job", name="hangs")
+    def hangs(event: Event) -> None:
+        next_started.set()
+        release.wait(5)
+
+    async with bus:
+        bus.emit("job")
+        await first_running.wait()
+        go.set()
+        next_started.wait(5)  # blocking: the loop must not run the queued failure first
+        with pytest.raises(DrainTimeoutError) as caught:
+            await bus.drain(0)
+        release.set()
+        reported = await failures.wait_count(2)
+        letters = await bus.dead_letters.list()
+    assert [p.handler for p in caught.value.pending] == ["hangs"]
+    assert sorted((type(f).__name__, f.handler) for f in reported) == [
+        ("HandlerCancelledError", "hangs"),
+        ("HandlerError", "raises"),
+    ]
+    assert [letter.handler for letter in letters] == ["raises"]

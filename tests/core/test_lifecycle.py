@@ -143,6 +143,37 @@ def test_jobs_of_a_loop_that_closed_are_reported_when_the_bus_starts_on_the_next
     assert seen == [2]
 
 
+def test_an_async_failure_hook_hears_of_the_jobs_of_a_loop_that_closed() -> None:
+    heard: list[str] = []
+
+    async def hook(error: HandlerError) -> None:
+        heard.append(str(error).split(": ", 1)[-1])
+
+    bus = EventBus(on_failure=hook)
+
+    @bus.on("x")
+    async def handler(event: Event) -> None: ...
+
+    async def first() -> None:
+        await bus.start()
+        bus.emit("x")  # its job gets a task, which never runs: the loop stops first
+
+    async def second() -> None:
+        await bus.start()  # reports the dead job; the hook runs on this loop
+        await bus.aclose()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(first())
+    finally:
+        loop.close()
+    (dead,) = bus._runner.jobs
+    assert dead.task is not None
+    dead.task.get_coro().close()  # never started; closed here, not with a warning at collection
+    asyncio.run(second())
+    assert heard == ["its event loop closed before it finished; it is lost"]
+
+
 def test_outside_events_accepted_as_a_loop_stopped_are_handled_on_the_next(recorder: Recorder) -> None:
     # The loop stops in the tick that accepted the first event, so the callback that would spawn
     # its job never runs. Before the fix, its flag kept this and every later outside event waiting

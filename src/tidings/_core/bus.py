@@ -1107,7 +1107,12 @@ class EventBus:
                 break
             await asyncio.sleep(0)  # let emits scheduled by the last handlers (threads) land
             if not self._outside and runner.idle(until):
-                return
+                # an async failure hook's calls (reports of the last failures) end within the bound
+                hooks_ended = await runner.wait_hooks(until)
+                if not self._outside and runner.idle(until):  # nothing they emitted waits
+                    return
+                if not hooks_ended:
+                    break
         await self._cut_off()
 
     async def _cut_off(self) -> None:
@@ -1150,21 +1155,32 @@ class EventBus:
         self._state = BusState.DRAINING
         deadline = self._drain_deadline
         timeout = self.drain_timeout if deadline is None else max(0.0, deadline - monotonic())
+        until = monotonic() + timeout
         try:
-            await self._stop_relay()
-            await self.drain(timeout)
-        except DrainTimeoutError:
-            pass  # already logged with every unfinished call
+            try:
+                await self._stop_relay()
+                await self.drain(timeout)
+            except DrainTimeoutError:
+                pass  # already logged with every unfinished call
+            self._close_runner()
+            # what closing reported (and a cut-off) reaches an async failure hook within the bound
+            await self._runner.wait_hooks(until)
         finally:
-            with self._lock:
-                self._state = BusState.CLOSED
-                unregister_running(self)
-            # accepted after a cut-off took what was there (in the tick its cancellations took)
-            leftovers = self._take_outside()
-            if leftovers:
-                self._runner.report_unfinished(leftovers, "the bus closed after its drain bound ran out")
+            if self._state is not BusState.CLOSED:  # aclose() itself was cancelled, or failed
+                self._close_runner()
             self._runner.shutdown()
             await self._close_store()
+
+    def _close_runner(self) -> None:
+        """Close the bus to new events; report what it accepted and will not handle now."""
+        with self._lock:
+            self._state = BusState.CLOSED
+            unregister_running(self)
+        # accepted after a cut-off took what was there (in the tick its cancellations took)
+        leftovers = self._take_outside()
+        if leftovers:
+            self._runner.report_unfinished(leftovers, "the bus closed after its drain bound ran out")
+        self._runner.abandon_retries()
 
     async def _close_store(self) -> None:
         opening, self._opening = self._opening, None

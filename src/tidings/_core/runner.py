@@ -181,6 +181,7 @@ class Job(Scope):
     sync_thread = 0  # the worker thread of its latest thread hop
     sync_reported: SyncCall | None = None
     sync_stop = False
+    sync_reported_from = 0  # the first sync call a take-over reported (those before it finished)
     # A call past its timeout is left behind in its thread; the rest go on in a new hop. Who
     # settles a call, its thread (it returned) or the watchdog (it left it behind), is decided by
     # who pops it from the hop's `sync_running_calls` first: dict.pop is atomic, and cheaper than
@@ -204,15 +205,32 @@ class Job(Scope):
     errors: list[HandlerError] | None = None  # their errors, kept when someone asked (emit_now)
     unbounded = False  # runs without a concurrency slot (emit_now: its caller may hold one)
 
-    def unfinished(self, resolve: Callable[[str], tuple[HandlerSpec, ...]]) -> list[PendingDelivery]:
+    def unfinished(
+        self, resolve: Callable[[str], tuple[HandlerSpec, ...]], sync_from: int | None = None
+    ) -> list[PendingDelivery]:
         """Every (event, handler) call this job has not finished, in the order it was due."""
         pending: list[PendingDelivery] = []
-        for calls, start in ((self.async_calls, self.async_index), (self.sync_calls, self.sync_index)):
+        sync_index = self.sync_index if sync_from is None else sync_from
+        for calls, start in ((self.async_calls, self.async_index), (self.sync_calls, sync_index)):
             for spec, arg in calls[start:]:
                 pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
         for record in self.buffer or ():
             event = make_event(record)
             pending.extend(PendingDelivery(event, spec.name) for spec in resolve(event.name))
+        return pending
+
+    def take_over(self, resolve: Callable[[str], tuple[HandlerSpec, ...]]) -> list[PendingDelivery]:
+        """The unfinished calls, for the caller to report: the job runs none of them any more.
+
+        What a call among them does after this (fails, emits) is not reported again; a call
+        that finished before it (its failure may still be on its way from its thread) is not
+        among them, and is reported as usual.
+        """
+        self.sync_reported_from = self.sync_index  # read once: its thread may move on meanwhile
+        pending = self.unfinished(resolve, self.sync_reported_from)
+        self.cut_off = True
+        self.sync_stop = True  # its worker thread stops before its next call
+        self.reported_buffer = len(self.buffer or ())
         return pending
 
 
@@ -243,9 +261,10 @@ class Runner:
         # sync calls past their timeout, still running in a thread their job no longer waits for
         # (a dict: reported in the order left behind)
         self.left_behind: dict[tuple[Job, Call], _LeftBehind] = {}
-        # calls of an async def on_failure hook; not cancelled at shutdown (the drain's own report
-        # of what it cut off is among them): they run on while the loop does
+        # calls of an async def on_failure hook; drain waits for them within its bound, and they
+        # are not cancelled at shutdown (the report of what the bound cut off is among them)
         self.hook_tasks: set[asyncio.Task[None]] = set()
+        self._hooks_overdue: set[asyncio.Task[None]] = set()  # those a drain named as still running
         self.closed = False  # shut down: nothing is scheduled any more
         self.loop: asyncio.AbstractEventLoop | None = None
         self._executor: DaemonThreadPool | None = None
@@ -265,14 +284,16 @@ class Runner:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         # Jobs of an event loop that closed under the bus (a test client's, without a lifespan
         # shutdown) can never finish: report them now rather than have drain wait out its bound.
+        self.loop = loop  # first: an async failure hook's reports of them run here
         dead = [job for job in self.jobs if job.task is not None and job.task.get_loop().is_closed()]
         for job in dead:
             self.jobs.discard(job)
             where = "it stays in the event log" if job.durable else "it is lost"
             self.report_unfinished(
-                job.unfinished(self.registry.resolve), f"its event loop closed before it finished; {where}"
+                job.take_over(self.registry.resolve), f"its event loop closed before it finished; {where}"
             )
-        self.loop = loop
+        self.hook_tasks = {task for task in self.hook_tasks if not task.get_loop().is_closed()}
+        self._hooks_overdue &= self.hook_tasks
         self.closed = False
         self._running = 0
         self._slot_generation += 1
@@ -666,9 +687,6 @@ class Runner:
         with the attempt its hop ran: a call left behind may fail after its job went on).
         """
         spec, arg = call
-        if job.cut_off:  # in progress when its job was cut off or cancelled, which reported it
-            self._cut_off_call_ended(job, spec, cause)
-            return
         policy = spec.retry
         if attempt is None:
             attempt = job.attempt
@@ -709,6 +727,14 @@ class Runner:
             self._retry_later(call, attempt, delay, job.durable)
         else:
             self.store.bury(error.dead_letters)
+
+    def _sync_call_failed(
+        self, job: Job, call: Call, index: int, error: HandlerError, cause: BaseException, attempt: int
+    ) -> None:
+        if job.cut_off and index >= job.sync_reported_from:  # reported as unfinished already
+            self._cut_off_call_ended(job, call[0], cause)
+        else:
+            self.failed(job, call, error, cause, attempt)
 
     @staticmethod
     def _cut_off_call_ended(job: Job, spec: HandlerSpec, cause: BaseException | None = None) -> None:
@@ -855,7 +881,7 @@ class Runner:
                 self._hand_back(job, call, failure is None, failure, attempt)
                 return
             if failure is not None:
-                loop.call_soon_threadsafe(self.failed, job, call, *failure, attempt)
+                loop.call_soon_threadsafe(self._sync_call_failed, job, call, index, *failure, attempt)
             job.sync_current = None
             if failure is None and job.sync_done is not None:
                 job.sync_done.append(call)  # read by the loop once this hop is over
@@ -1076,13 +1102,10 @@ class Runner:
 
     def _hook_ended(self, task: asyncio.Task[None]) -> None:
         self.hook_tasks.discard(task)
-        if self._idle_waiters:
-            self._wake_idle_waiters()
+        self._hooks_overdue.discard(task)
 
     def _cancelled(self, job: Job) -> None:
-        job.cut_off = True  # what is reported here is not reported (or retried) again as it ends
-        job.sync_stop = True  # nor run after all: its worker thread stops before its next call
-        pending = job.unfinished(self.registry.resolve)
+        pending = job.take_over(self.registry.resolve)
         if not pending:
             return
         logger.error(
@@ -1124,14 +1147,37 @@ class Runner:
     # -- drain -------------------------------------------------------------------------------------
     def idle(self, until: float = 0.0) -> bool:
         """Whether no job runs other than the caller's own, no call left behind past its timeout
-        runs on, no retry is due by ``until`` and no call of an async failure hook runs."""
+        runs on, and no retry is due by ``until``."""
         current = asyncio.current_task()
         return (
             all(job.task is current for job in self.jobs)
             and not self.left_behind
             and all(r.due > until for r in self.retries)
-            and not (self.hook_tasks and current not in self.hook_tasks)
         )
+
+    async def wait_hooks(self, until: float) -> bool:
+        """Wait until the calls of an async failure hook running now have ended, or ``until``.
+
+        Not from a job or a hook call itself: a hook may wait for the job (a drain of its own),
+        and would wait for itself.
+        """
+        current = asyncio.current_task()
+        if current in self.hook_tasks or any(job.task is current for job in self.jobs):
+            return True
+        tasks = set(self.hook_tasks)
+        if not tasks:
+            return True
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, until - monotonic()))
+        overdue = pending - self._hooks_overdue  # each named once, though drains follow each other
+        self._hooks_overdue |= overdue
+        if overdue:
+            logger.error(
+                "bus %r: %d call(s) of the on_failure hook still running when the drain bound ran "
+                "out; they go on while the event loop runs",
+                self.bus.name,
+                len(overdue),
+            )
+        return not pending
 
     async def wait_idle(self, until: float) -> bool:
         """Wait until :meth:`idle` (retries due by ``until`` included) or ``until`` (monotonic)."""
@@ -1162,10 +1208,7 @@ class Runner:
         for job in tuple(self.jobs):
             if job.task is current:
                 continue
-            pending.extend(job.unfinished(self.registry.resolve))
-            job.cut_off = True
-            job.reported_buffer = len(job.buffer or ())
-            job.sync_stop = True  # its worker thread stops before its next call
+            pending.extend(job.take_over(self.registry.resolve))
             self.jobs.discard(job)
             if job.task is not None:
                 job.task.cancel()
