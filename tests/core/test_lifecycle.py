@@ -109,6 +109,23 @@ def test_a_request_on_another_loop_is_refused_while_the_bus_loop_is_open(recorde
         second.close()
 
 
+def _leave_a_job_on_a_closed_loop(bus: EventBus, payload: int) -> None:
+    """Start ``bus`` on a loop that closes before the job of an event emitted there can run."""
+
+    async def first() -> None:
+        await bus.start()
+        bus.emit("x", payload)  # its job gets a task, which never runs: the loop stops first
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(first())
+    finally:
+        loop.close()
+    (dead,) = bus._runner.jobs
+    assert dead.task is not None
+    dead.task.get_coro().close()  # never started; closed here, not with a warning at collection
+
+
 def test_jobs_of_a_loop_that_closed_are_reported_when_the_bus_starts_on_the_next() -> None:
     # e.g. a test client without lifespan: its loop closed before a job started there could run
     failures: list[HandlerError] = []
@@ -119,10 +136,6 @@ def test_jobs_of_a_loop_that_closed_are_reported_when_the_bus_starts_on_the_next
     async def handler(event: Event) -> None:
         seen.append(event.payload)
 
-    async def first() -> None:
-        await bus.start()
-        bus.emit("x", 1)  # its job gets a task, which never runs: the loop stops first
-
     async def second() -> None:
         await bus.start()
         assert [(type(f), f.event.payload) for f in failures] == [(HandlerCancelledError, 1)]
@@ -131,14 +144,7 @@ def test_jobs_of_a_loop_that_closed_are_reported_when_the_bus_starts_on_the_next
         bus.emit("x", 2)
         await bus.aclose()
 
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(first())
-    finally:
-        loop.close()
-    (dead,) = bus._runner.jobs
-    assert dead.task is not None
-    dead.task.get_coro().close()  # never started; closed here, not with a warning at collection
+    _leave_a_job_on_a_closed_loop(bus, 1)
     asyncio.run(second())
     assert seen == [2]
 
@@ -154,22 +160,11 @@ def test_an_async_failure_hook_hears_of_the_jobs_of_a_loop_that_closed() -> None
     @bus.on("x")
     async def handler(event: Event) -> None: ...
 
-    async def first() -> None:
-        await bus.start()
-        bus.emit("x")  # its job gets a task, which never runs: the loop stops first
-
     async def second() -> None:
         await bus.start()  # reports the dead job; the hook runs on this loop
         await bus.aclose()
 
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(first())
-    finally:
-        loop.close()
-    (dead,) = bus._runner.jobs
-    assert dead.task is not None
-    dead.task.get_coro().close()  # never started; closed here, not with a warning at collection
+    _leave_a_job_on_a_closed_loop(bus, 1)
     asyncio.run(second())
     assert heard == ["its event loop closed before it finished; it is lost"]
 
