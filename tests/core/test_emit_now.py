@@ -10,12 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 import tidings
-from tidings import Arguments, BusStateError, Event, EventBus, RetryPolicy
+from tidings import Arguments, BusStateError, DrainTimeoutError, Event, EventBus, RetryPolicy
 from tidings._core.default import reset_default_bus
 from tidings.store import SQLiteStore
 from tidings.store.codec import decode_event, encode_payload
 
-from ..conftest import Recorder
+from ..conftest import Recorder, Records
 
 pytestmark = pytest.mark.anyio
 
@@ -186,3 +186,43 @@ async def test_arguments_handlers_run_again_from_the_log(recorder: Recorder) -> 
         result = await second.dead_letters.replay(all=True)
     assert len(result.succeeded) == 1
     assert recorder.items == [("p-1", 9.5)]
+
+
+async def test_a_sync_call_cut_off_then_failing_is_among_emit_now_errors(records: Records) -> None:
+    import threading
+
+    bus = EventBus(handler_timeout=None)
+    sync_started, async_started, thread_done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+
+    @bus.on("x", name="sync_part")
+    def sync_part(event: Event) -> None:
+        loop.call_soon_threadsafe(sync_started.set)
+        release.wait(5)
+        raise RuntimeError("failed after the cut-off")
+
+    @bus.on("x", name="async_part")
+    async def async_part(event: Event) -> None:
+        async_started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await thread_done.wait()  # the job ends only once the sync call has finished
+            raise
+
+    async with bus:
+        emitting = asyncio.create_task(bus.emit_now("x"))
+        await sync_started.wait()
+        await async_started.wait()
+        with pytest.raises(DrainTimeoutError):
+            await bus.drain(0.01)
+        release.set()
+        await records.wait_for("after it was reported as unfinished")
+        thread_done.set()
+        errors = await emitting
+    # both were cut off, as the drain reported: neither counts as done for emit_now's caller
+    assert sorted((type(e).__name__, e.handler) for e in errors) == [
+        ("HandlerCancelledError", "async_part"),
+        ("HandlerCancelledError", "sync_part"),
+    ]

@@ -20,6 +20,7 @@ from tidings import (
     HandlerError,
     Limits,
     PendingDelivery,
+    RetryPolicy,
     TidingsMiddleware,
     emit,
 )
@@ -366,3 +367,38 @@ async def test_on_failure_hears_of_a_call_the_drain_bound_cut_off() -> None:
     assert [(type(f), f.handler.rsplit(".", 1)[-1], f.event.name) for f in failures] == [
         (HandlerCancelledError, "hang_forever", "stuck")
     ]
+
+
+@pytest.mark.anyio
+async def test_a_start_while_aclose_winds_down_waits_for_it(recorder: Recorder) -> None:
+    release = asyncio.Event()
+
+    async def hook(error: HandlerError) -> None:
+        if "after the bus closed" in str(error):
+            await release.wait()  # aclose() waits for it (within its bound), the bus closed already
+
+    bus = EventBus(on_failure=hook)
+
+    @bus.on("x", retry=RetryPolicy(max_attempts=2, backoff=60, jitter=0))  # abandoned by aclose()
+    async def handler(event: Event) -> None:
+        if event.payload == 1:
+            raise RuntimeError("reported to the hook")
+        recorder.add(event.payload)
+
+    await bus.start()
+    await bus.emit_now("x", 1)
+    closing = asyncio.create_task(bus.aclose())
+    await anyio.wait_all_tasks_blocked()
+    assert bus.state.value == "closed"
+    with pytest.raises(BusStateError, match="is closing"):
+        bus.ensure_running()  # a request without lifespan: refused, not a run closed under it
+    starting = asyncio.create_task(bus.start())
+    await anyio.wait_all_tasks_blocked()
+    assert not starting.done()  # the new run waits for the old one to be closed
+    release.set()
+    await closing
+    await starting
+    assert bus.state.value == "running"
+    bus.emit("x", 2)
+    assert await recorder.wait_count(1) == [2]
+    await bus.aclose()

@@ -389,3 +389,30 @@ async def test_a_job_cancelled_from_outside_runs_none_of_the_sync_calls_it_repor
         assert await recorder.wait_count(2) == ["first", "probe"]
     reported = sorted(f.handler.rsplit(".", 1)[-1] for f in failures)
     assert reported == ["first", "second", "waits"]  # "first" was running when its job was cancelled
+
+
+async def test_a_request_job_cut_off_before_its_task_ran_lets_later_emits_through(recorder: Recorder) -> None:
+    from tidings import emit
+    from tidings._core.dispatcher import reset_scope, set_scope
+
+    bus = EventBus(request_handlers="task")
+
+    @bus.on("req", "late")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    async with bus:
+        events = bus.open_request()  # what the middleware does for a request
+        token = set_scope(events)
+        try:
+            emit("req")
+            bus.spawn_request_job(events)  # the response is sent; its job's task has not run yet
+            with pytest.raises(DrainTimeoutError) as caught:
+                await bus.drain(0)  # the bound runs out in that same tick
+            assert events.task is not None
+            await asyncio.wait({events.task})
+            emit("late")  # a task the request started, after it finished: not lost
+        finally:
+            reset_scope(token)
+        assert await recorder.wait_count(1) == ["late"]
+    assert [p.event.name for p in caught.value.pending] == ["req"]

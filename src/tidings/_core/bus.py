@@ -242,6 +242,7 @@ class EventBus:
         self._outside: list[Record] = []
         self._outside_scheduled = False
         self._drain_deadline: float | None = None
+        self._closing: asyncio.Future[None] | None = None  # done when the aclose() under way returns
         # The scope of contexts where events skip buffering: lifespan, websockets, disabled bus.
         self.direct_scope = Scope(self, None)
         # The middleware's per-request call, bound once (an extra call layer costs per request):
@@ -722,13 +723,16 @@ class EventBus:
         assert job.task is not None
         await asyncio.wait([job.task])  # the caller's cancellation leaves the handlers running
         if job.task.cancelled() or job.cut_off:  # drain or shutdown cut it off: those calls did not run
+            unfinished = job.taken_over
+            if unfinished is None:  # its task was cancelled before it ran
+                unfinished = job.unfinished(self._registry.resolve)
             errors.extend(
                 HandlerCancelledError(
                     f"handler {pending.handler} did not finish: its job was cut off",
                     events=[pending.event],
                     handler=pending.handler,
                 )
-                for pending in job.unfinished(self._registry.resolve)
+                for pending in unfinished
             )
         return tuple(errors)
 
@@ -854,7 +858,8 @@ class EventBus:
         lifespan makes one per request) is replaced.
 
         Raises:
-            BusStateError: the bus runs on another, still open event loop.
+            BusStateError: the bus runs on another, still open event loop, or it is closed and
+                its ``aclose()`` has not returned yet.
         """
         loop = self._serving_loop
         if loop is not None and loop.is_running() and threading.get_ident() == self.loop_thread:
@@ -865,6 +870,8 @@ class EventBus:
         loop = asyncio.get_running_loop()
         if self._loop is loop and self._state is not BusState.CLOSED:
             return
+        if self._closing is not None:  # closed, but aclose() still winds the last run down
+            raise BusStateError(f"bus {self.name!r} is closing: start it again once aclose() has returned")
         if (
             self._loop is not None
             and not self._loop.is_closed()
@@ -1040,11 +1047,15 @@ class EventBus:
                 replay``: they should not take over the app's backlog. (The leases of the bus's
                 own deliveries are renewed either way.)
 
+        If an ``aclose()`` is still under way, the start waits for it to return.
+
         Raises:
             BusStateError: the bus is already running on another event loop.
             StoreError: the bus's store could not be opened.
         """
         self._resubmit = resubmit
+        while self._closing is not None:  # a run still being closed: this one starts after it
+            await asyncio.shield(self._closing)
         self._ensure_running_slow()
         opening = self._opening
         if opening is not None:
@@ -1143,6 +1154,9 @@ class EventBus:
 
         What the drain bound cut off is logged (and was reported to ``on_failure``).
         """
+        if self._closing is not None:  # another aclose() is under way: this one returns with it
+            await asyncio.shield(self._closing)
+            return
         if self._state is BusState.CLOSED:
             return
         if self._state is BusState.CREATED:  # never started: what waited for the start is lost
@@ -1156,6 +1170,8 @@ class EventBus:
         deadline = self._drain_deadline
         timeout = self.drain_timeout if deadline is None else max(0.0, deadline - monotonic())
         until = monotonic() + timeout
+        assert self._loop is not None
+        self._closing = closing = self._loop.create_future()
         try:
             try:
                 await self._stop_relay()
@@ -1166,10 +1182,14 @@ class EventBus:
             # what closing reported (and a cut-off) reaches an async failure hook within the bound
             await self._runner.wait_hooks(until)
         finally:
-            if self._state is not BusState.CLOSED:  # aclose() itself was cancelled, or failed
-                self._close_runner()
-            self._runner.shutdown()
-            await self._close_store()
+            try:
+                if self._state is not BusState.CLOSED:  # aclose() itself was cancelled, or failed
+                    self._close_runner()
+                self._runner.shutdown()
+                await self._close_store()
+            finally:
+                self._closing = None
+                closing.set_result(None)
 
     def _close_runner(self) -> None:
         """Close the bus to new events; report what it accepted and will not handle now."""

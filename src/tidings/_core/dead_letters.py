@@ -153,7 +153,8 @@ class DeadLetters:
         failed_calls = {id(arg) for _, arg in job.failed}
         unfinished: set[tuple[str, str]] = set()
         if job.task.cancelled() or job.cut_off:  # drain or shutdown cut it off
-            unfinished = {(p.event.id, p.handler) for p in job.unfinished(registry.resolve)}
+            reported = job.taken_over if job.taken_over is not None else job.unfinished(registry.resolve)
+            unfinished = {(p.event.id, p.handler) for p in reported}
         outcomes = [
             (letter, id(call[1]) in failed_calls or (letter.event.id, letter.handler) in unfinished)
             for (letter, _), call in zip(chosen, calls, strict=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import logging
 import threading
@@ -182,6 +183,7 @@ class Job(Scope):
     sync_reported: SyncCall | None = None
     sync_stop = False
     sync_reported_from = 0  # the first sync call a take-over reported (those before it finished)
+    taken_over: list[PendingDelivery] | None = None  # what the take-over reported as unfinished
     # A call past its timeout is left behind in its thread; the rest go on in a new hop. Who
     # settles a call, its thread (it returned) or the watchdog (it left it behind), is decided by
     # who pops it from the hop's `sync_running_calls` first: dict.pop is atomic, and cheaper than
@@ -228,6 +230,7 @@ class Job(Scope):
         """
         self.sync_reported_from = self.sync_index  # read once: its thread may move on meanwhile
         pending = self.unfinished(resolve, self.sync_reported_from)
+        self.taken_over = pending
         self.cut_off = True
         self.sync_stop = True  # its worker thread stops before its next call
         self.reported_buffer = len(self.buffer or ())
@@ -885,6 +888,7 @@ class Runner:
             job.sync_current = None
             if failure is None and job.sync_done is not None:
                 job.sync_done.append(call)  # read by the loop once this hop is over
+            job.sync_index = index + 1  # finished: a take-over from now on does not report it
         job.sync_index = len(calls)
 
     def _hand_back(
@@ -1212,6 +1216,7 @@ class Runner:
             self.jobs.discard(job)
             if job.task is not None:
                 job.task.cancel()
+                job.task.add_done_callback(functools.partial(self._taken_over_task_ended, job))
         resolve = self.registry.resolve
         for (_, (spec, arg)), left in self.left_behind.items():  # past their timeouts, running on
             pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
@@ -1221,6 +1226,18 @@ class Runner:
                 pending.extend(PendingDelivery(event, handler.name) for handler in resolve(event.name))
         self.left_behind.clear()
         return pending
+
+    def _taken_over_task_ended(self, job: Job, task: asyncio.Task[Any]) -> None:
+        """Do what ``run_job``'s end does, for a job whose task was cancelled before it ran."""
+        if job.buffer is None:  # run_job's end did it
+            return
+        leftovers, job.buffer = job.buffer[job.reported_buffer :], None  # later emits go on by themselves
+        if leftovers:
+            self.report_unfinished(
+                Job(job.bus, leftovers).unfinished(self.registry.resolve), "the drain bound ran out"
+            )
+        if job.record_waiters:
+            _wake(job.record_waiters)
 
     def _wake_idle_waiters(self) -> None:
         _wake(self._idle_waiters)
