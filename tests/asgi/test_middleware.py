@@ -560,15 +560,19 @@ def two_middlewares_app(outer_bus: EventBus, inner_bus: EventBus, endpoint: Call
     return Starlette(routes=[Route("/", endpoint)], middleware=middleware)
 
 
+@pytest.mark.parametrize("inner_enabled", [True, False])
 @pytest.mark.parametrize("endpoint_kind", ["async", "sync"])
-async def test_with_two_middlewares_events_of_both_buses_wait_for_the_response(endpoint_kind: str) -> None:
+async def test_with_two_middlewares_events_of_both_buses_wait_for_the_response(
+    endpoint_kind: str, inner_enabled: bool
+) -> None:
     """The inner middleware's request must not hide the outer one's from the outer bus.
 
     The endpoint waits until the outer bus has handled a probe emitted outside any request after
     its event: an event handed to that bus at once would have been handled by then, before the
     response. The sync endpoint emits from the threadpool, whose events reach the loop in order.
+    A disabled inner bus drops its own events and hides nothing either.
     """
-    outer_bus, inner_bus = EventBus(name="outer"), EventBus(name="inner")
+    outer_bus, inner_bus = EventBus(name="outer"), EventBus(name="inner", enabled=inner_enabled)
     log: Log = []
     probe_handled, probe_handled_in_thread = asyncio.Event(), threading.Event()
 
@@ -606,7 +610,8 @@ async def test_with_two_middlewares_events_of_both_buses_wait_for_the_response(e
     )
     async with outer_bus, inner_bus:
         await call_asgi(app, "/", log)
-    assert log == ["http.response.start", "body", "inner:user.created", "outer:audit.logged"]
+    inner = ["inner:user.created"] if inner_enabled else []
+    assert log == ["http.response.start", "body", *inner, "outer:audit.logged"]
 
 
 async def test_with_two_middlewares_a_task_left_running_still_reaches_the_outer_bus(

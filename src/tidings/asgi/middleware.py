@@ -7,12 +7,13 @@ import logging
 from typing import TYPE_CHECKING
 
 from .._core.bus import EventBus
+from .._core.dispatcher import Scope as EventScope
 from .._core.dispatcher import current_scope, reset_scope, set_scope
+from .._core.runner import Job
 from ..exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from .._core.policies import RequestErrorPolicy
-    from .._core.runner import Job
     from ..types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["TidingsMiddleware"]
@@ -145,7 +146,12 @@ class TidingsMiddleware:
         # websocket (or anything newer), or a disabled bus: events go straight to the bus
         if self.bus.enabled:
             self.bus.ensure_running()  # no lifespan ran (a test client not entered, --lifespan off)
-        token = set_scope(self.bus.direct_scope)
+        direct: EventScope = self.bus.direct_scope
+        outer = current_scope()
+        if outer is not None:  # an outer tidings middleware's request: its bus's events still wait
+            direct = Job(self.bus, None)
+            direct.parent = outer
+        token = set_scope(direct)
         try:
             await self.app(scope, receive, send)
         finally:
