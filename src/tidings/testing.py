@@ -584,11 +584,27 @@ def _running_loop_of(bus: EventBus) -> asyncio.AbstractEventLoop | None:
     return loop
 
 
+_HOP: Final = 1.0  # beyond a settle's timeout: the hop to a test client's loop and back
+
+
 def _settle_error(bus: EventBus, timeout: float, pending: list[str]) -> TimeoutError:
     shown = "\n".join(f"  {item}" for item in pending[:_LISTED])
     more = f"\n  ... and {len(pending) - _LISTED} more" if len(pending) > _LISTED else ""
     return TimeoutError(
         f"bus {bus.name!r} still had handler work after {timeout}s ({len(pending)} call(s)):\n{shown}{more}"
+    )
+
+
+def _unanswered(bus: EventBus, timeout: float) -> TimeoutError:
+    """The bus's loop (another thread's) did not answer in time: most likely something blocks it."""
+    try:
+        pending = _pending(bus)
+    except RuntimeError:  # read from this thread while that loop changed it: no list, then
+        pending = []
+    error = _settle_error(bus, timeout, pending)
+    return TimeoutError(
+        f"{error}\n  (its event loop, in another thread, did not answer in time: a handler or other "
+        "code may be blocking it)"
     )
 
 
@@ -639,7 +655,13 @@ async def settle(*buses: EventBus, timeout: float = 5.0) -> None:
             pending = await _settle_here(bus, deadline)
         elif loop.is_running():  # a test client's loop, in its own thread
             future = asyncio.run_coroutine_threadsafe(_settle_here(bus, deadline), loop)
-            pending = await asyncio.wrap_future(future)
+            try:  # bounded here too: that loop may be too blocked to keep the deadline itself
+                pending = await asyncio.wait_for(
+                    asyncio.wrap_future(future), max(0.0, deadline - monotonic()) + _HOP
+                )
+            except TimeoutError:
+                future.cancel()
+                raise _unanswered(bus, timeout) from None
         elif _is_busy(bus):
             raise _stuck(bus)
         else:
@@ -670,8 +692,11 @@ def settle_sync(*buses: EventBus, timeout: float = 5.0) -> None:
                 raise _stuck(bus)
             continue
         future = asyncio.run_coroutine_threadsafe(_settle_here(bus, deadline), loop)
-        # the coroutine keeps the deadline itself; the extra second covers the hop to its thread
-        pending = future.result(max(0.0, deadline - monotonic()) + 1.0)
+        try:  # the coroutine keeps the deadline itself, unless something blocks its loop
+            pending = future.result(max(0.0, deadline - monotonic()) + _HOP)
+        except TimeoutError:
+            future.cancel()
+            raise _unanswered(bus, timeout) from None
         if pending is not None:
             raise _settle_error(bus, timeout, pending)
 

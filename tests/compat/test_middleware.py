@@ -515,3 +515,48 @@ async def test_tidings_handlers_and_emit_work_beside_the_fastapi_events_api() ->
         ("new", "user.activated", {"id": 1}),
         ("old", ("user.activated", {"id": 1})),
     ]
+
+
+async def test_a_local_handler_subclass_that_overrides_handle_is_called_as_fastapi_events_calls_it() -> None:
+    log: list[str] = []
+
+    class MeteredLocalHandler(LocalHandler):
+        async def handle(self, event: Event) -> None:
+            log.append(f"metrics: {event[0]}")
+            await super().handle(event)
+
+    metered = MeteredLocalHandler()
+
+    @metered.register(event_name="user.*")
+    async def on_user(event: Event) -> None:
+        log.append(f"function: {event[0]}")
+
+    app = starlette_app([metered], [dispatching(("user.created", 1))])
+    async with lifespan(app):
+        await call_asgi(app)
+    assert log == ["metrics: user.created", "function: user.created"]
+
+
+async def test_handler_objects_appended_to_the_list_later_run_from_the_next_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[tuple[str, Event]] = []
+
+    class Audit(BaseEventHandler):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def handle(self, event: Event) -> None:
+            seen.append((self.name, event))
+
+    first, late = Audit("first"), Audit("late")
+    handlers: list[object] = [first]
+    app = starlette_app(handlers, [dispatching(("x", 1))])
+    async with lifespan(app):
+        await call_asgi(app)
+        handlers.append(late)  # fastapi-events reads the list at each request
+        await call_asgi(app)
+        handlers.remove(first)  # tidings cannot unregister it: it keeps running, with a warning
+        await call_asgi(app)
+    assert [name for name, _ in seen] == ["first", "first", "late", "first", "late"]
+    assert "they keep running" in caplog.text

@@ -524,3 +524,37 @@ def test_settle_sync_times_out_naming_the_unfinished_calls(bus: EventBus) -> Non
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.close()
+
+
+@pytest.mark.parametrize("how", ["settle", "settle_sync"])
+def test_settling_a_bus_whose_loop_is_blocked_times_out_saying_so(bus: EventBus, how: str) -> None:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    gate, blocking = threading.Event(), threading.Event()
+
+    @bus.on("blocks")
+    async def blocks_the_loop(event: Event) -> None:
+        blocking.set()
+        gate.wait(10)  # a handler that blocks its event loop (a sync call in an async def)
+
+    try:
+        asyncio.run_coroutine_threadsafe(bus.start(), loop).result(5)
+        bus.emit("blocks")
+        assert blocking.wait(5)
+
+        def settle_it() -> None:
+            if how == "settle":
+                asyncio.run(settle(bus, timeout=0.05))
+            else:
+                settle_sync(bus, timeout=0.05)
+
+        with pytest.raises(TimeoutError, match="did not answer in time") as caught:
+            settle_it()
+        assert "still had handler work after 0.05s" in str(caught.value)
+    finally:
+        gate.set()
+        asyncio.run_coroutine_threadsafe(bus.aclose(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()

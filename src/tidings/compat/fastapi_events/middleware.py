@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
     from ..._core.envelope import Event as Envelope
     from ...types import ASGIApp, Receive, Scope, Send
+
+logger = logging.getLogger("tidings")
 
 __all__ = ["EventHandlerASGIMiddleware"]
 
@@ -77,7 +80,7 @@ class EventHandlerASGIMiddleware:
         >>> app.add_middleware(EventHandlerASGIMiddleware, handlers=[local_handler])
     """
 
-    __slots__ = ("_tidings", "app", "bus", "handlers", "middleware_id")
+    __slots__ = ("_given", "_tidings", "app", "bus", "handlers", "middleware_id")
 
     def __init__(
         self,
@@ -88,6 +91,8 @@ class EventHandlerASGIMiddleware:
         bus: EventBus | None = None,
     ) -> None:
         self.app = app
+        # fastapi-events reads the caller's list at each request: objects appended later run too
+        self._given = handlers if isinstance(handlers, list) else None
         self.handlers = list(handlers)
         self.middleware_id = middleware_id
         if bus is None:
@@ -101,6 +106,8 @@ class EventHandlerASGIMiddleware:
             register_bus(middleware_id, bus)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._given is not None and len(self._given) != len(self.handlers):
+            self._attach_given()
         if scope["type"] != "http":
             await self._tidings(scope, receive, send)
             return
@@ -113,10 +120,35 @@ class EventHandlerASGIMiddleware:
         finally:
             reset_dispatch_off(token)
 
+    def _attach_given(self) -> None:
+        """Attach the handler objects appended to the caller's ``handlers`` list since the last look."""
+        given = list(self._given or ())
+        attached = {id(handler) for handler in self.handlers}
+        kept = given[: len(self.handlers)]
+        if len(kept) < len(self.handlers) or any(
+            a is not b for a, b in zip(kept, self.handlers, strict=True)
+        ):
+            logger.warning(
+                "handlers were removed from or replaced in the handlers list of %r after it was built: "
+                "they keep running (tidings registers a handler for good); new ones are added",
+                self,
+            )
+        for handler in given:
+            if id(handler) not in attached:
+                _attach(handler, self.bus)
+        self.handlers = given
+
 
 def _attach(handler: object, bus: EventBus) -> None:
     """Register ``handler`` on ``bus`` the way fastapi-events would call it."""
-    if isinstance(handler, LocalHandler):
+    cls = type(handler)
+    if (
+        isinstance(handler, LocalHandler)
+        and getattr(cls, "handle", None) is LocalHandler.handle
+        and getattr(cls, "handle_many", None) is LocalHandler.handle_many
+    ):
+        # Each function a handler of its own. A subclass that overrides handle() or handle_many()
+        # (metrics, auditing) is called as fastapi-events calls it, below, so its code runs.
         handler.attach(bus)
         return
     if isinstance(handler, NullHandler):
@@ -125,7 +157,6 @@ def _attach(handler: object, bus: EventBus) -> None:
         target = subscription.handler.target
         if isinstance(target, _Adapter) and target.handler is handler:
             return  # attached already (the same bus given to two middlewares)
-    cls = type(handler)
     base_name = f"{cls.__module__}.{cls.__qualname__}"
     handle_many = getattr(handler, "handle_many", None)
     handle = getattr(handler, "handle", None)
