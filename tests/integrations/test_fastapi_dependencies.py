@@ -11,6 +11,7 @@ and newest supported FastAPI are tested with them.
 import asyncio
 import contextlib
 import inspect
+import re
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -764,3 +765,58 @@ def test_positional_only_parameters_after_a_dependency_fail_at_registration() ->
 
         @bus.on("x")
         async def handler(db: Annotated[str, Depends(get_db)], amount: float, /) -> None: ...
+
+
+async def _never_opened() -> str:  # pragma: no cover - a registration that names it is refused
+    return "db"
+
+
+class _HandleWithDependency:
+    async def handle(self, event: Event, db: str = Depends(_never_opened)) -> None: ...
+
+
+class _HandleManyWithDependency:
+    async def handle_many(self, events: list[Event], db: Annotated[str, Depends(_never_opened)]) -> None: ...
+
+
+async def _batch_with_dependency(events: list[Event], db: Annotated[str, Depends(_never_opened)]) -> None: ...
+
+
+async def _batch_with_unresolvable_dependency(
+    events: list[Event],
+    db: "Annotated[Session, Depends(get_db)]",  # type: ignore[name-defined]  # noqa: F821
+) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("handler", "batch", "what"),
+    [
+        pytest.param(_batch_with_dependency, True, "a batch handler declares", id="batch"),
+        pytest.param(_batch_with_unresolvable_dependency, True, "a batch handler declares", id="batch-text"),
+        pytest.param(_HandleWithDependency(), False, "its handle() declares", id="handle"),
+        pytest.param(_HandleManyWithDependency(), False, "its handle_many() declares", id="handle_many"),
+    ],
+)
+def test_dependencies_where_none_are_solved_fail_at_registration(
+    handler: object, batch: bool, what: str
+) -> None:
+    # Only handler functions taking one event get their dependencies solved: these were accepted, then
+    # called with the Depends marker itself, or without the argument at every event.
+    bus = EventBus()
+    message = f"handler bad: {what} FastAPI dependencies ('db')"
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        bus.subscribe(handler, "x", batch=batch, name="bad")
+    assert len(bus.registry) == 0
+
+
+def test_handler_objects_and_batch_handlers_without_dependencies_register() -> None:
+    bus = EventBus()
+
+    class Forwarder:
+        async def handle_many(self, events: list[Event], limit: int = 10) -> None: ...
+
+    async def batch(events: list[Event]) -> None: ...
+
+    bus.subscribe(Forwarder(), "x")
+    bus.on("x", batch=True)(batch)
+    assert len(bus.registry) == 2

@@ -34,7 +34,7 @@ from ..exceptions import ConfigurationError, EventValidationError
 from .envelope import Arguments, Event, TypedDump
 from .schemas import Schema, class_key, field_names, is_event_class
 
-__all__ = ["BindingStyle", "Plan", "plan_handler"]
+__all__ = ["BindingStyle", "Plan", "dependency_parameters", "plan_handler"]
 
 BindingStyle = Literal["auto", "arguments"]
 """``"auto"``: the rules above; ``"arguments"``: every parameter not annotated ``Event`` is a data
@@ -62,6 +62,31 @@ def _dependency_marker(annotation: object, default: object) -> bool:
     if typing.get_origin(annotation) is typing.Annotated:
         return any(_is_dependency(meta) for meta in typing.get_args(annotation)[1:])
     return False
+
+
+def _unresolved_dependency(annotation: object) -> bool:
+    """An annotation left as text that still reads as a FastAPI dependency (its names did not resolve)."""
+    return isinstance(annotation, str) and ("Depends(" in annotation or "Security(" in annotation)
+
+
+def dependency_parameters(fn: Callable[..., Any]) -> list[str]:
+    """The names of ``fn``'s parameters that declare a FastAPI dependency, resolved or not.
+
+    For callables that are not planned (batch handlers, handler objects' ``handle``/``handle_many``):
+    nothing solves their dependencies, so registering them must fail rather than call them with the
+    marker, or without the argument. A signature that cannot be read declares none.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    hints = _hints(fn, [])
+    names = []
+    for parameter in signature.parameters.values():
+        annotation = hints.get(parameter.name, parameter.annotation)
+        if _dependency_marker(annotation, parameter.default) or _unresolved_dependency(annotation):
+            names.append(parameter.name)
+    return names
 
 
 def _strip_annotated(annotation: object) -> object:
@@ -307,7 +332,7 @@ def plan_handler(
             params.append(Param(parameter, annotation, _DATA))
         elif _dependency_marker(annotation, parameter.default):
             params.append(Param(parameter, annotation, _DEPENDENCY))
-        elif isinstance(annotation, str) and ("Depends(" in annotation or "Security(" in annotation):
+        elif _unresolved_dependency(annotation):
             raise ConfigurationError(
                 f"handler {name}: the annotation of {parameter.name!r} ({annotation}) cannot be "
                 "resolved, so its FastAPI dependency cannot be read; define the names it uses at "

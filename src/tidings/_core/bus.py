@@ -290,7 +290,8 @@ class EventBus:
                 registers its schema too).
             timeout: seconds one call (one attempt) may take; defaults to the retry policy's
                 ``attempt_timeout`` if it has one, else the bus's ``handler_timeout``.
-            batch: the handler takes a list of every matching event of one job at once.
+            batch: the handler takes a list of every matching event of one job at once (and
+                may not declare FastAPI dependencies: they are solved for one event at a time).
             retry: when a failed call is tried again; defaults to the bus's ``retry``.
             name: the name logs, the event log and dead letters use for the handler; defaults
                 to its module and qualified name. Give one to keep dead letters and logged
@@ -349,7 +350,8 @@ class EventBus:
 
         Raises:
             ConfigurationError: no pattern given, an invalid pattern, timeout or retry policy, a
-                handler that cannot be called, or a name another handler has.
+                handler that cannot be called, a name another handler has, or FastAPI
+                dependencies on an object's ``handle``/``handle_many`` (nothing solves those).
         """
         if not patterns:
             raise ConfigurationError("a handler needs at least one event name or pattern")

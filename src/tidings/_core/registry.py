@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..exceptions import ConfigurationError
-from .binding import BindingStyle, Plan, plan_handler
+from .binding import BindingStyle, Plan, dependency_parameters, plan_handler
 from .policies import NO_RETRY, RetryPolicy
 
 if TYPE_CHECKING:
@@ -50,6 +50,22 @@ def _batch_call(handle_many: Callable[[list[Any]], Any]) -> Callable[[tuple[Any,
         return handle_many(list(events))
 
     return call
+
+
+def _refuse_dependencies(call: Callable[..., Any], label: str, what: str) -> None:
+    """Fail at registration for dependencies nobody would solve: only planned handlers get them.
+
+    A batch call takes a list and an object's method is its own entry point, so neither goes
+    through the plan that solves dependencies for each event.
+    """
+    names = dependency_parameters(call)
+    if names:
+        raise ConfigurationError(
+            f"handler {label}: {what} declares FastAPI dependencies ({', '.join(map(repr, names))}), "
+            "but tidings solves dependencies only for handler functions that take one event per "
+            "call, so nothing would fill them; register a function (without batch=True) for the "
+            "work that needs them, or open those resources in the handler itself"
+        )
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -98,7 +114,9 @@ class HandlerSpec:
 
         Raises:
             ConfigurationError: ``target`` is not callable and has no ``handle_many``/``handle``,
-                a signature its events cannot satisfy, or a bad timeout, retry policy or name.
+                a signature its events cannot satisfy, FastAPI dependencies on a batch call or an
+                object's method (only a function called with one event gets them solved), or a
+                bad timeout, retry policy or name.
         """
         if not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
@@ -132,6 +150,15 @@ class HandlerSpec:
                 call, is_async = dependencies(plan), True
             else:
                 call = plan.build()
+        else:
+            what = (
+                "a batch handler"
+                if call is target
+                else "its handle_many()"
+                if call is handle_many
+                else "its handle()"
+            )
+            _refuse_dependencies(call, label, what)
         if batch:
             call = _batch_call(call)  # type: ignore[arg-type]  # a batch call takes the list
         return cls(
