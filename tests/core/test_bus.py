@@ -531,6 +531,36 @@ async def test_events_emitted_before_start_run_at_start(bus: EventBus, recorder:
         assert await recorder.wait_count(1) == [1]
 
 
+async def test_events_emitted_on_a_running_loop_to_a_bus_nobody_started_are_told_once(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An app is running (this loop), but nothing started this bus: its events would wait in silence.
+    bus = EventBus(name="audit")
+
+    @bus.on("user.*")
+    async def handler(event: Event) -> None:
+        recorder.add(event.name)
+
+    off_loop = threading.Thread(target=bus.emit, args=("user.from_a_thread",))  # no loop there: no word
+    off_loop.start()
+    off_loop.join()
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="tidings"):
+        bus.emit("user.logged_in")
+        bus.emit("user.logged_out")
+    assert bus.state is BusState.CREATED
+    [record] = caplog.records  # once per bus, not once per event
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "event 'user.logged_in' was emitted on bus 'audit', which has not been started" in message
+    assert "TidingsMiddleware" in message and "async with bus:" in message and "await bus.start()" in message
+    async with bus:  # they waited, as documented: they run once it starts
+        assert await recorder.wait_count(3) == ["user.from_a_thread", "user.logged_in", "user.logged_out"]
+        bus.emit("user.after_start")
+        await recorder.wait_count(4)
+    assert len(caplog.records) == 1
+
+
 async def test_events_emitted_after_close_are_logged_not_lost_silently(
     bus: EventBus, caplog: pytest.LogCaptureFixture
 ) -> None:

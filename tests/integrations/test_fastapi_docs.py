@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import types
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from tidings import EventBus
 
@@ -72,3 +74,14 @@ async def test_the_emitter_example_does_what_it_says(capsys: pytest.CaptureFixtu
         response = await http.get("/")
     assert response.json() == {"message": "Email sent!"}
     assert capsys.readouterr().out == "Sending email to: email@example.com\n"
+
+
+def test_the_emitter_for_example_starts_its_bus(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    namespace = run_example(*example_with("emitter_for(audit_bus)"))
+    with caplog.at_level(logging.WARNING, logger="tidings"), TestClient(namespace["app"]) as client:
+        assert client.post("/login").json() == {"id": 1}
+    # the lifespan started the audit bus, and drained it at shutdown: its handler ran, nothing waited
+    assert capsys.readouterr().out == "audit: {'id': 1}\n"
+    assert not [r for r in caplog.records if r.name == "tidings"]

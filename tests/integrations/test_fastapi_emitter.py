@@ -1,5 +1,6 @@
 """The emitter endpoints get with Depends: after-response delivery, the right bus, no thread hop."""
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -236,6 +237,31 @@ async def test_the_emitter_is_bound_to_the_bus_serving_the_request(recorder: Rec
     assert [e.bus for e in emitters] == [shop_bus, audit_bus]
     assert sorted(items) == [("audit", "check.done"), ("audit", "order.audited"), ("shop", "order.placed")]
     assert repr(emitters[0]) == "EventEmitter(bus='shop')"
+
+
+def test_an_emitter_for_a_bus_nobody_started_says_so_once(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # emitter_for's docstring example once left its bus unstarted: events waited forever, unlogged.
+    audit_bus = EventBus(name="audit")
+
+    @audit_bus.on("user.logged_in")
+    async def audit(event: Event) -> None:
+        recorder.add(event.payload)
+
+    app = app_for(EventBus())
+
+    @app.post("/login")
+    async def login(audit: Annotated[EventEmitter, Depends(emitter_for(audit_bus))]) -> None:
+        audit.emit("user.logged_in", {"id": 1})
+
+    with caplog.at_level(logging.WARNING, logger="tidings"), TestClient(app) as http:
+        for _ in range(3):
+            assert http.post("/login").status_code == 200
+    told = [r.getMessage() for r in caplog.records if r.name == "tidings"]
+    assert len(told) == 1, told
+    assert "event 'user.logged_in' was emitted on bus 'audit', which has not been started" in told[0]
+    assert recorder.items == []  # they wait for a start, as documented
 
 
 async def test_without_the_middleware_the_endpoint_fails_loudly() -> None:

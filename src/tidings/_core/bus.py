@@ -92,6 +92,15 @@ def _configured_tracer_provider() -> TracerProvider | None:
     return provider
 
 
+def _on_event_loop() -> bool:
+    """Whether this thread is running an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _consume_error(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()  # logged where it was raised
@@ -241,6 +250,7 @@ class EventBus:
         self._lock = threading.Lock()
         self._outside: list[Record] = []
         self._outside_scheduled = False
+        self._told_not_started = False  # the warning that events wait for a start nobody made, given
         self._drain_deadline: float | None = None
         self._closing: asyncio.Future[None] | None = None  # done when the aclose() under way returns
         # The scope of contexts where events skip buffering: lifespan, websockets, disabled bus.
@@ -595,7 +605,9 @@ class EventBus:
 
         Inside a request served by this bus the event is buffered until the response is sent, as
         with :func:`tidings.emit`; elsewhere it is handed to the bus's runner. Before the bus starts,
-        events wait and run when it starts; after it has closed they are logged and dropped.
+        events wait and run when it starts (the first one emitted on a running event loop logs a
+        warning: an app is up, and this bus may have nothing to start it); after it has closed they
+        are logged and dropped.
 
         Args:
             event: the event name (a ``str``, or an ``Enum`` with ``str`` values), or a typed
@@ -804,10 +816,27 @@ class EventBus:
             except RuntimeError:  # the loop has closed under us
                 self._drop(record, "its event loop has closed")
             return
+        tell = False
         with self._lock:
-            if self._state is BusState.CREATED:
+            waiting = self._state is BusState.CREATED
+            if waiting:
                 self._outside.append(record)
-                return
+                # Emitted on a running event loop, so an app is up, but nothing started this bus:
+                # unless its start is just late, these events wait forever, in silence but for this.
+                tell = not self._told_not_started and _on_event_loop()
+                self._told_not_started |= tell
+        if waiting:
+            if tell:
+                logger.warning(
+                    "event %r was emitted on bus %r, which has not been started: its events wait, "
+                    "and run only once it starts. A bus is started by its own TidingsMiddleware (with "
+                    "the app's lifespan), or by `async with bus:` or `await bus.start()` (in the app's "
+                    "lifespan, say); without one of them they never run. (Said once per bus.)",
+                    record[0],
+                    self.name,
+                    extra=fields(record[0]),
+                )
+            return
         if self._state is BusState.CLOSED:
             self._drop(record, "the bus is closed")
         else:  # it started while we took the lock

@@ -346,14 +346,23 @@ def emitter_for(bus: EventBus) -> Callable[[], Coroutine[Any, Any, EventEmitter]
     for the response; on a bus that does not, they are handed to it at once. An ``async def``,
     like :func:`current_emitter`: no thread hop.
 
+    Nothing starts a bus that has no middleware of its own on the app: start it in the app's
+    lifespan, as below. Until it starts its events wait, and the first one logs a warning naming
+    the bus.
+
     Example:
+        >>> from contextlib import asynccontextmanager
         >>> from typing import Annotated
         >>> from fastapi import Depends, FastAPI
         >>> from tidings import EventBus
         >>> from tidings.integrations.fastapi import EventEmitter, emitter_for
         >>> audit_bus = EventBus(name="audit")
         >>> AuditEmitter = Annotated[EventEmitter, Depends(emitter_for(audit_bus))]
-        >>> app = FastAPI()
+        >>> @asynccontextmanager
+        ... async def lifespan(app):
+        ...     async with audit_bus:  # no middleware of its own starts it
+        ...         yield
+        >>> app = FastAPI(lifespan=lifespan)
         >>> @app.post("/login")
         ... async def login(audit: AuditEmitter) -> None:
         ...     audit.emit("user.logged_in", {"id": 1})
