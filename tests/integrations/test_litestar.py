@@ -17,8 +17,11 @@ from types import TracebackType
 from typing import Annotated, Any
 
 import anyio
+import httpx
 import pytest
-from litestar import Litestar, Request, WebSocket, get, post, websocket
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import JSONResponse
+from litestar import Litestar, Request, Response, WebSocket, get, post, websocket
 from litestar.config.app import AppConfig
 from litestar.events import EventListener, SimpleEventEmitter, listener
 from litestar.exceptions import NotFoundException
@@ -26,10 +29,20 @@ from litestar.params import Body
 from litestar.plugins import InitPluginProtocol
 from litestar.stores.memory import MemoryStore
 from litestar.testing import AsyncTestClient, TestClient
+from starlette.requests import Request as StarletteRequest
 
 import tidings
 from tests.asgi_calls import http_scope
-from tidings import Arguments, BusState, ConfigurationError, Event, EventBus, HandlerError
+from tidings import (
+    Arguments,
+    BusState,
+    ConfigurationError,
+    Event,
+    EventBus,
+    HandlerError,
+    RequestErrorPolicy,
+    TidingsMiddleware,
+)
 from tidings.integrations.litestar import TidingsEventEmitter, TidingsPlugin, listener_function
 from tidings.store import SQLiteStore
 from tidings.types import Message, Scope
@@ -782,7 +795,135 @@ async def test_request_errors_drop_drops_the_events_of_a_request_that_failed(
         # each request's events were handled in its own task before its call returned
         assert await recorder.wait_count(2) == ["missing", "ok"]
     assert "'attempted'" in caplog.text
-    assert "RuntimeError before responding" in caplog.text
+    assert "the app raised RuntimeError, which Litestar answered with a 500" in caplog.text
+
+
+class OutOfStock(Exception):
+    pass
+
+
+class PaymentDown(Exception):
+    pass
+
+
+class Unanswerable(Exception):
+    pass
+
+
+def answer_out_of_stock(request: Request[Any, Any, Any], exc: OutOfStock) -> Response[Any]:
+    return Response({"detail": "out of stock"}, status_code=409)
+
+
+def raising_route(name: str, error: Exception | type[Exception]) -> Any:
+    """``GET /<name>``: emits ``attempted`` with its name, then raises ``error``."""
+
+    @get(f"/{name}", name=name)
+    async def failing(request: Request[Any, Any, Any]) -> None:
+        request.app.emit("attempted", name)
+        raise error
+
+    return failing
+
+
+def answering_app(plugin: TidingsPlugin, recorder: Recorder) -> Litestar:
+    """Routes whose exceptions exception handlers of the app answer: with a 409, a 503, or not at all."""
+
+    @listener("attempted")
+    async def attempted(what: str) -> None:
+        recorder.add(what)
+
+    def payment_down(request: Request[Any, Any, Any], exc: PaymentDown) -> Response[Any]:
+        request.app.emit("attempted", "reported payment-down")
+        return Response({"detail": "try later"}, status_code=503)
+
+    def unanswerable(request: Request[Any, Any, Any], exc: Unanswerable) -> Response[Any]:
+        raise RuntimeError("the exception handler failed")
+
+    routes = [
+        raising_route("out-of-stock", OutOfStock),
+        raising_route("payment-down", PaymentDown),
+        raising_route("broken", Unanswerable),
+    ]
+    handlers = {OutOfStock: answer_out_of_stock, PaymentDown: payment_down, Unanswerable: unanswerable}
+    return make_app(plugin, routes, [attempted], exception_handlers=handlers)
+
+
+@pytest.mark.parametrize("policy", ["drop", "deliver"])
+async def test_the_response_an_exception_handler_makes_decides_under_drop(
+    policy: RequestErrorPolicy, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Under "drop" the plugin used to judge the exception alone, before the app's handler answered
+    # it: OutOfStock, answered with a 409, lost its events.
+    app = answering_app(TidingsPlugin(request_errors=policy), recorder)
+    async with Lifespan(app):
+        with caplog.at_level(logging.WARNING, logger="tidings"):
+            assert (await call(app, "GET", "/out-of-stock"))[0] == 409
+            assert (await call(app, "GET", "/payment-down"))[0] == 503
+            assert (await call(app, "GET", "/broken"))[0] == 500  # answered by Litestar's own handler
+    dropped = [r.getMessage() for r in caplog.records if "was dropped" in r.getMessage()]
+    if policy == "deliver":
+        assert recorder.items == ["out-of-stock", "payment-down", "reported payment-down", "broken"]
+        assert dropped == []
+        return
+    # the handler's own event reports the failure: it is kept, the route's work is not
+    assert recorder.items == ["out-of-stock", "reported payment-down"]
+    assert dropped == [
+        "event 'attempted' of a request was dropped because the app raised PaymentDown, which Litestar "
+        "answered with a 503 (request_errors='drop')",
+        # the answer itself failed, so the exception reached the middleware before any response
+        "event 'attempted' of a request was dropped because the app raised RuntimeError before "
+        "responding (request_errors='drop')",
+    ]
+
+
+def fastapi_shop(recorder: Recorder) -> tuple[Any, EventBus]:
+    bus = EventBus(request_errors="drop")
+    bus.on("attempted")(lambda event: recorder.add(event.payload))
+    app = FastAPI()
+    app.add_middleware(TidingsMiddleware, bus=bus)
+
+    @app.exception_handler(OutOfStock)
+    async def out_of_stock(request: StarletteRequest, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "out of stock"}, status_code=409)
+
+    failures: dict[str, Exception] = {
+        "crash": RuntimeError("boom"),
+        "missing": HTTPException(404),
+        "out-of-stock": OutOfStock(),
+    }
+
+    @app.get("/{name}")
+    async def failing(name: str) -> None:
+        tidings.emit("attempted", name)
+        raise failures[name]
+
+    return app, bus
+
+
+def litestar_shop(recorder: Recorder) -> tuple[Any, EventBus]:
+    bus = EventBus(request_errors="drop")
+    bus.on("attempted")(lambda event: recorder.add(event.payload))
+    routes = [
+        raising_route("crash", RuntimeError("boom")),
+        raising_route("missing", NotFoundException()),
+        raising_route("out-of-stock", OutOfStock),
+    ]
+    return make_app(TidingsPlugin(bus), routes, exception_handlers={OutOfStock: answer_out_of_stock}), bus
+
+
+@pytest.mark.parametrize("shop", [fastapi_shop, litestar_shop], ids=["fastapi", "litestar"])
+async def test_fastapi_and_litestar_drop_the_same_failed_requests(
+    shop: Callable[[Recorder], tuple[Any, EventBus]], recorder: Recorder
+) -> None:
+    app, bus = shop(recorder)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # Starlette re-raises its 500
+    async with bus, httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        statuses = [(await http.get(f"/{name}")).status_code for name in ("crash", "missing", "out-of-stock")]
+        await bus.drain()
+    assert statuses == [500, 404, 409]
+    # an unexpected error fails the request; a client error, or an error a handler of its class
+    # answers below 500, is a response like any other
+    assert recorder.items == ["missing", "out-of-stock"]
 
 
 # -- stores, test clients ---------------------------------------------------------------------------------

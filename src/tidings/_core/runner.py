@@ -162,6 +162,10 @@ class Job(Scope):
 
     task: asyncio.Task[Any] | None = None
     response_status = 0  # the status of the response started, 0 before; set when request_errors="drop"
+    # An exception the app answered with an error response of its own, so that the middleware never
+    # sees it raised (Litestar's exception handling): its class name, and how many events the
+    # request had emitted before it. Set under request_errors="drop", for the response to judge.
+    answered_error: tuple[str, int] | None = None
     # A request's: the scope it was opened in, e.g. the request of an outer middleware serving
     # another bus, whose events must still wait for that request's response (EventBus._route).
     parent: Scope | None = None

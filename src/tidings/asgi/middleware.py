@@ -13,6 +13,8 @@ from .._core.runner import Job
 from ..exceptions import ConfigurationError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .._core.policies import RequestErrorPolicy
     from ..types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,8 +76,11 @@ class TidingsMiddleware:
             bus.app = app
         self.bus = bus
         self.request_errors: RequestErrorPolicy = request_errors or bus.request_errors
-        # "drop" needs the status of the response started (if one did) when the app raised
-        self.track_response = self.request_errors == "drop"
+        # "drop" needs the status of the response started (if one did) when the app raised; this
+        # wraps send to record it (the Litestar plugin's wrapper also judges the errors it answers)
+        self.track_response: Callable[[Job, Send], Send] | None = (
+            _tracking if self.request_errors == "drop" else None
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # HTTP is inlined here rather than in a method: one coroutine layer less per request.
@@ -93,8 +98,8 @@ class TidingsMiddleware:
         outer = current_scope()
         if outer is not None:  # e.g. an outer tidings middleware's request: its bus's events still wait
             events.parent = outer
-        if self.track_response:
-            send = _tracking(events, send)
+        if self.track_response is not None:
+            send = self.track_response(events, send)
         token = set_scope(events)
         try:
             try:

@@ -46,7 +46,9 @@ Example:
 
 Litestar's event API (``BaseEventEmitterBackend``, ``EventListener``, ``InitPluginProtocol``,
 ``AppConfig.lifespan``/``on_shutdown``/``after_exception``) is public and unchanged across
-Litestar 2.12 to 2.25; unwrapping a listener to its original function reads how
+Litestar 2.12 to 2.25, and so is what ``request_errors="drop"`` relies on: ``after_exception``
+hooks run before Litestar answers the exception, with a response sent through the route's
+middleware (the plugin's included), from inside it. Unwrapping a listener to its original function reads how
 ``EventListener`` wraps it, which is not, and falls back to Litestar's wrapper if that changes.
 """
 
@@ -66,7 +68,6 @@ from ..exceptions import ConfigurationError
 
 try:
     from litestar.events import BaseEventEmitterBackend, EventListener, SimpleEventEmitter
-    from litestar.exceptions import HTTPException
     from litestar.middleware import DefineMiddleware
     from litestar.plugins import InitPluginProtocol
     from litestar.utils.sync import AsyncCallable
@@ -85,6 +86,8 @@ if TYPE_CHECKING:
 
     from .._core.dispatcher import Scope as EventScope
     from .._core.policies import RequestErrorPolicy
+    from ..types import ASGIApp as TidingsASGIApp
+    from ..types import Message, Send
 
 __all__ = ["TidingsEventEmitter", "TidingsPlugin", "listener_function"]
 
@@ -198,8 +201,10 @@ class TidingsPlugin(InitPluginProtocol):
         bus: the bus to run the events on (register tidings handlers on it with ``bus.on``,
             give it a store, limits, retries); a new :class:`~tidings.EventBus` by default.
         request_errors: overrides the bus's policy for a request whose handler raised. With
-            ``"drop"``, the events of a request that failed with a server error (an exception
-            that is not an ``HTTPException`` below 500) before its response started are dropped.
+            ``"drop"``, the events it emitted before the exception are dropped when Litestar
+            answers the exception with a server error (status 500 or more), or the answer fails;
+            an exception answered below 500 (a ``NotFoundException``, or what an exception handler
+            of the app turns into a 409) leaves them delivered.
 
     Raises:
         ConfigurationError: ``bus`` is not an :class:`~tidings.EventBus`, or ``request_errors``
@@ -263,7 +268,7 @@ class TidingsPlugin(InitPluginProtocol):
         app_config.event_emitter_backend = _Emitter
         # Outermost, so that events emitted by the app's other middleware are the request's too.
         # Litestar types ASGI apps with its own TypedDicts; TidingsMiddleware takes any mapping.
-        middleware = cast("Callable[..., ASGIApp]", TidingsMiddleware)
+        middleware = cast("Callable[..., ASGIApp]", _PluginMiddleware)
         app_config.middleware.insert(
             0, DefineMiddleware(middleware, bus=self.bus, request_errors=self.request_errors)
         )
@@ -321,17 +326,58 @@ class TidingsPlugin(InitPluginProtocol):
                 emitter._reset_scope()
 
     async def _after_exception(self, exc: Exception, scope: LitestarScope) -> None:
-        # Litestar turns a handler's exception into its error response inside the route's
-        # middleware, so TidingsMiddleware sees a request that returned: apply "drop" here.
+        # Litestar answers a route's exception with an error response inside the route's middleware,
+        # so TidingsMiddleware sees the request return. Which response that is (an exception handler
+        # of the app's may make a 409 of it) is known only when it starts: note the exception for
+        # _judging_answers. An answer that itself fails raises through the middleware, which judges it.
         events = current_scope()
-        if not isinstance(events, Job) or events.bus is not self.bus or events.buffer is None:
-            return
-        if events.response_status or (isinstance(exc, HTTPException) and exc.status_code < 500):
-            return
-        self.bus.discard_request_events(
-            events, f"the app raised {type(exc).__name__} before responding (request_errors='drop')"
-        )
-        events.buffer = []  # what the error handling emits still waits for the error response
+        if (
+            isinstance(events, Job)
+            and events.bus is self.bus
+            and events.buffer is not None
+            and not events.response_status  # a response under way: what follows is the middleware's
+            and events.answered_error is None  # the first exception is the one the request failed with
+        ):
+            events.answered_error = (type(exc).__name__, len(events.buffer))
+
+
+class _PluginMiddleware(TidingsMiddleware):
+    """:class:`~tidings.TidingsMiddleware`, whose ``"drop"`` also judges the exceptions Litestar answers.
+
+    Its response tracking drops the events of a request whose exception (noted by the plugin's
+    ``after_exception`` hook) was answered with a server error, as the middleware drops those of a
+    request it sees raise before a response below 500.
+    """
+
+    __slots__ = ()
+
+    def __init__(
+        self, app: TidingsASGIApp, *, bus: EventBus, request_errors: RequestErrorPolicy | None = None
+    ) -> None:
+        super().__init__(app, bus=bus, request_errors=request_errors)
+        if self.track_response is not None:
+            self.track_response = _judging_answers
+
+
+def _judging_answers(events: Job, send: Send) -> Send:
+    async def tracking_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status = events.response_status = message["status"]
+            if status >= 500 and events.answered_error is not None and events.buffer is not None:
+                error, emitted = events.answered_error
+                later = events.buffer[emitted:]
+                del events.buffer[emitted:]
+                events.bus.discard_request_events(
+                    events,
+                    f"the app raised {error}, which Litestar answered with a {status} "
+                    "(request_errors='drop')",
+                )
+                # What the error handling emitted (an exception handler's events) reports the
+                # failure rather than work the failure undid: it is kept, for after the response.
+                events.buffer = later
+        await send(message)
+
+    return tracking_send
 
 
 def _move_to_end(items: list[Any], item: object) -> None:
