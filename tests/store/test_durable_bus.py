@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -146,6 +146,39 @@ async def test_a_timed_out_call_that_swallows_the_cancel_stays_in_the_log_for_it
     async with bus:
         bus.emit("x")
         assert await recorder.wait_count(1) == [1]  # the retry's delivery is still in the log
+
+
+@pytest.mark.parametrize("shutdown", ["aclose", "begin_shutdown"])
+async def test_leases_are_renewed_while_the_bus_drains(
+    log: Log, monkeypatch: pytest.MonkeyPatch, shutdown: str
+) -> None:
+    # Another instance on the same log takes over a delivery whose lease ran out: one the drain
+    # still waits for must keep its lease, whatever resubmit_after is next to drain_timeout.
+    bus = make_bus(log, resubmit_after=0.2, drain_timeout=5)
+    store = store_of(bus)
+    started, release, renewed_while_draining = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    renew = store.renew
+
+    def watched_renew(deliveries: Sequence[tuple[str, str]], *, lease: float) -> None:
+        if bus.state.value == "draining" and deliveries:
+            renewed_while_draining.set()
+        renew(deliveries, lease=lease)
+
+    monkeypatch.setattr(store, "renew", watched_renew)
+
+    @bus.on("x")
+    async def slow(event: Event) -> None:
+        started.set()
+        await release.wait()
+
+    await bus.start()
+    bus.emit("x")
+    await started.wait()
+    closing = asyncio.create_task(getattr(bus, shutdown)())
+    await asyncio.wait_for(renewed_while_draining.wait(), 5)
+    release.set()
+    await closing
+    await bus.aclose()
 
 
 async def test_chained_events_are_recorded_too(log: Log, recorder: Recorder) -> None:

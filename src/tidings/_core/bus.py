@@ -1027,7 +1027,7 @@ class EventBus:
         a slow handler is never taken over; then, if the deliveries it took last time are done, it
         takes the next batch whose lease has run out (one batch at a time: a backlog of a million
         deliveries is worked through, not loaded into memory). With ``claim=False`` (see
-        :meth:`start`) it only renews.
+        :meth:`start`), and while the bus drains, it only renews.
         """
         interval = min(5.0, self.resubmit_after / 4)
         store = self.store
@@ -1039,7 +1039,8 @@ class EventBus:
                 in_flight = runner.in_flight()
                 if in_flight:
                     store.renew(in_flight, lease=self.resubmit_after)
-                if claim and not taken:
+                # draining: no new work, but the leases of what the drain waits for are still renewed
+                if claim and not taken and self._state is BusState.RUNNING:
                     deliveries = await store.claim(limit=_CLAIM_BATCH, lease=self.resubmit_after)
                     # a lease that ran out under a loop too busy to renew it: still ours, running
                     running = set(in_flight)
@@ -1205,10 +1206,10 @@ class EventBus:
         self._closing = closing = self._loop.create_future()
         try:
             try:
-                await self._stop_relay()
                 await self.drain(timeout)
             except DrainTimeoutError:
                 pass  # already logged with every unfinished call
+            await self._stop_relay()  # it renewed the leases of what the drain waited for
             self._close_runner()
             # what closing reported (and a cut-off) reaches an async failure hook within the bound
             await self._runner.wait_hooks(until)
@@ -1216,6 +1217,9 @@ class EventBus:
             try:
                 if self._state is not BusState.CLOSED:  # aclose() itself was cancelled, or failed
                     self._close_runner()
+                relay, self._relay_task = self._relay_task, None
+                if relay is not None:
+                    relay.cancel()
                 self._runner.shutdown()
                 await self._close_store()
             finally:
@@ -1249,10 +1253,9 @@ class EventBus:
         """
         if self._state is not BusState.RUNNING:
             return
-        self._state = BusState.DRAINING
+        self._state = BusState.DRAINING  # the relay stops taking work, and renews what runs
         self._drain_deadline = monotonic() + self.drain_timeout
         try:
-            await self._stop_relay()
             await self.drain(self.drain_timeout)
         except DrainTimeoutError:
             pass  # already logged with every unfinished call
