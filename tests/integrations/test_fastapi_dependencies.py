@@ -481,7 +481,9 @@ def test_dependencies_see_the_state_the_lifespan_yielded(recorder: Recorder) -> 
     assert bus.lifespan_state is None  # the ended lifespan's state is not kept for later runs
 
 
-def test_after_its_lifespan_the_bus_uses_the_overrides_of_the_app_it_serves_next(recorder: Recorder) -> None:
+@pytest.mark.parametrize("wrapped", ["add_middleware", "by_hand"])
+def test_each_app_the_bus_serves_in_turn_gets_its_own_overrides(recorder: Recorder, wrapped: str) -> None:
+    # one bus at module level, an app factory per test: the usual shape of a test suite
     bus = EventBus(name="next-app")
 
     def source() -> str:
@@ -491,22 +493,26 @@ def test_after_its_lifespan_the_bus_uses_the_overrides_of_the_app_it_serves_next
     async def handler(user_id: int, origin: Annotated[str, Depends(source)]) -> None:
         recorder.add(origin)
 
-    def make(origin: str) -> FastAPI:
+    def make(origin: str) -> Any:
         app = FastAPI()
-        app.add_middleware(TidingsMiddleware, bus=bus)
+        if wrapped == "add_middleware":
+            app.add_middleware(TidingsMiddleware, bus=bus)
         app.dependency_overrides[source] = lambda: origin
 
         @app.post("/emit")
         async def emit_endpoint() -> None:
             emit("user.created", {"user_id": 1})
 
-        return app
+        return app if wrapped == "add_middleware" else TidingsMiddleware(app, bus=bus)
 
     with TestClient(make("first")) as http:
         assert http.post("/emit").status_code == 200
-    # no lifespan this time: the first request names its app
+    # no lifespan from here on: each test client's request starts the bus, and names its app
     assert TestClient(make("second")).post("/emit").status_code == 200
-    assert recorder.items == ["first", "second"]
+    assert TestClient(make("third")).post("/emit").status_code == 200
+    with TestClient(make("fourth")) as http:
+        assert http.post("/emit").status_code == 200
+    assert recorder.items == ["first", "second", "third", "fourth"]
 
 
 # -- failures ----------------------------------------------------------------------------------------

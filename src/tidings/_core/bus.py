@@ -880,7 +880,7 @@ class EventBus:
         )
 
     # -- requests (used by the ASGI middleware) ----------------------------------------------------
-    def ensure_running(self) -> None:
+    def ensure_running(self) -> bool:
         """Start the bus on the running loop if it is not running there yet (no lifespan ran).
 
         Called for every request, so the common case is a few attribute checks: the bus's loop is
@@ -888,19 +888,22 @@ class EventBus:
         system call on Python 3.11). A loop that closed under the bus (a test client without
         lifespan makes one per request) is replaced.
 
+        Returns:
+            Whether it started the bus now.
+
         Raises:
             BusStateError: the bus runs on another, still open event loop, or it is closed and
                 its ``aclose()`` has not returned yet.
         """
         loop = self._serving_loop
         if loop is not None and loop.is_running() and threading.get_ident() == self.loop_thread:
-            return
-        self._ensure_running_slow(lazily=True)
+            return False
+        return self._ensure_running_slow(lazily=True)
 
-    def _ensure_running_slow(self, *, lazily: bool = False) -> None:
+    def _ensure_running_slow(self, *, lazily: bool = False) -> bool:
         loop = asyncio.get_running_loop()
         if self._loop is loop and self._state is not BusState.CLOSED:
-            return
+            return False
         if self._closing is not None:  # closed, but aclose() still winds the last run down
             raise BusStateError(f"bus {self.name!r} is closing: start it again once aclose() has returned")
         if (
@@ -916,6 +919,7 @@ class EventBus:
         self.request_handlers_inline = lazily or self.request_handlers == "inline"
         self.started_lazily = lazily
         self._bind(loop)
+        return True
 
     def open_request(self) -> Job:
         """A fresh scope for one request: it collects the request's events and becomes their job."""

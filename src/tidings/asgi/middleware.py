@@ -59,7 +59,7 @@ class TidingsMiddleware:
         >>> app.add_middleware(TidingsMiddleware, bus=bus)
     """
 
-    __slots__ = ("app", "bus", "request_errors", "track_response")
+    __slots__ = ("app", "bus", "named_app", "request_errors", "track_response")
 
     def __init__(
         self, app: ASGIApp, *, bus: EventBus, request_errors: RequestErrorPolicy | None = None
@@ -71,9 +71,11 @@ class TidingsMiddleware:
                 f"request_errors must be 'drop', 'deliver' or None, got {request_errors!r}"
             )
         self.app = app
-        if bus.app is None and hasattr(app, "dependency_overrides"):
-            # wrapped by hand (TidingsMiddleware(app, bus=bus)): no scope names the app at this level
-            bus.app = app
+        # Wrapped by hand (TidingsMiddleware(app, bus=bus)), no scope names the app at this level:
+        # this names it for FastAPI dependencies in handlers (their overrides are the app's).
+        self.named_app = app if hasattr(app, "dependency_overrides") else None
+        if bus.app is None and self.named_app is not None:
+            bus.app = self.named_app
         self.bus = bus
         self.request_errors: RequestErrorPolicy = request_errors or bus.request_errors
         # "drop" needs the status of the response started (if one did) when the app raised; this
@@ -91,9 +93,10 @@ class TidingsMiddleware:
         if not bus.enabled:
             await self._not_http(scope, receive, send)
             return
-        if bus.app is None:
-            bus.app = scope.get("app")
-        bus.ensure_running()
+        # started now (no lifespan; a test client without one starts it for each request), or
+        # by hand: the app of this request is the one whose overrides handlers use
+        if bus.ensure_running() or bus.app is None:
+            bus.app = self.named_app or scope.get("app")
         events = bus.open_request()
         outer = current_scope()
         if outer is not None:  # e.g. an outer tidings middleware's request: its bus's events still wait
@@ -164,8 +167,9 @@ class TidingsMiddleware:
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         bus = self.bus
-        app_before = bus.app  # the app named when wrapped by hand, if it was
-        bus.app = scope.get("app", bus.app)  # FastAPI dependencies in handlers use its overrides
+        app_before = bus.app
+        # FastAPI dependencies in handlers use its overrides
+        lifespan_app = bus.app = scope.get("app") or self.named_app or bus.app
         # ...and its lifespan state: the server's dict, which Starlette fills with what the lifespan yields
         bus.lifespan_state = scope.get("state")
 
@@ -197,7 +201,7 @@ class TidingsMiddleware:
             # the ended lifespan's resources (closed pools, often) are not for a later use of the bus
             if bus.lifespan_state is scope.get("state"):
                 bus.lifespan_state = None
-            if bus.app is scope.get("app", app_before):  # a later app's requests name their own
+            if bus.app is lifespan_app:  # a later app's requests name their own
                 bus.app = app_before
 
 
