@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,20 +15,10 @@ from tidings import Event, EventBus, HandlerError, Limits, RetryPolicy, StoreErr
 from tidings.store import SQLiteStore
 from tidings.store.postgres import PostgresStore
 
-from ..conftest import POSTGRES_DSN, Recorder
+from ..conftest import Recorder
+from .conftest import DurableStore, Log
 
 pytestmark = pytest.mark.anyio
-
-DurableStore = SQLiteStore | PostgresStore
-Log = Callable[[], DurableStore]  # a new store object on the same log, as a restarted process makes
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def log(request: pytest.FixtureRequest, tmp_path: Path) -> Log:
-    if request.param == "sqlite":
-        return lambda: SQLiteStore(tmp_path / "log.db")
-    schema: str = request.getfixturevalue("pg_schema")
-    return lambda: PostgresStore(POSTGRES_DSN, schema=schema)
 
 
 def make_bus(log: Log, failures: list[HandlerError] | None = None, **options: object) -> EventBus:

@@ -1059,6 +1059,14 @@ class EventBus:
                         continue
             except StoreError as exc:
                 logger.error("bus %r could not use its event log: %s", self.name, exc, exc_info=exc)
+            except Exception as exc:  # whatever it was, the relay is the only one resubmitting: it goes on
+                logger.error(
+                    "bus %r failed to relay its event log's deliveries: %s: %s",
+                    self.name,
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                )
             await asyncio.sleep(interval)
 
     async def _stop_relay(self) -> None:

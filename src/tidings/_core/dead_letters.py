@@ -175,18 +175,30 @@ class DeadLetters:
     ) -> int:
         """Delete the selected dead letters for good; return how many were deleted.
 
+        Selected by ids alone, they are deleted without being read back, so this also removes a
+        dead letter that a durable log cannot read (one that listings leave out, logging its id).
+
         Raises:
             ConfigurationError: no filter and not ``all``.
             StoreError: the store could not be read or written.
         """
+        if ids is not None and event is None and handler is None:
+            _check_selection(ids, event, handler, all)
+            return await self._bus.store.purge([*ids]) if ids else 0
         letters = await self._select(ids, event, handler, all)
         return await self._bus.store.purge([letter.id for letter in letters]) if letters else 0
 
     async def _select(
         self, ids: Sequence[str] | None, event: str | None, handler: str | None, everything: bool
     ) -> builtins.list[DeadLetter]:
-        if isinstance(ids, str):
-            raise ConfigurationError("ids must be a sequence of dead letter ids, not one str")
-        if ids is None and event is None and handler is None and not everything:
-            raise ConfigurationError("select dead letters by ids, event or handler, or pass all=True")
+        _check_selection(ids, event, handler, everything)
         return await self._bus.store.dead_letters(ids=ids, event=event, handler=handler)
+
+
+def _check_selection(
+    ids: Sequence[str] | None, event: str | None, handler: str | None, everything: bool
+) -> None:
+    if isinstance(ids, str):
+        raise ConfigurationError("ids must be a sequence of dead letter ids, not one str")
+    if ids is None and event is None and handler is None and not everything:
+        raise ConfigurationError("select dead letters by ids, event or handler, or pass all=True")

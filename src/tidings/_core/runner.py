@@ -48,7 +48,7 @@ from ..exceptions import (
     PendingDelivery,
     StoreError,
 )
-from ..store.base import DeadLetter, Delivery
+from ..store.base import DeadLetter, Delivery, delivery_id
 from .dispatcher import Scope, set_scope
 from .envelope import EMPTY_HEADERS, Event, Prebuilt
 from .logs import fields
@@ -100,6 +100,20 @@ def call_for(spec: HandlerSpec, event: Event) -> Call:
 def deliveries_of(calls: Iterable[Call]) -> list[tuple[Event, str]]:
     """The (event, handler name) deliveries that ``calls`` make."""
     return [(event, spec.name) for spec, arg in calls for event in _events_of(spec, arg)]
+
+
+def _store_failed(exc: Exception, doing: str, deliveries: Sequence[tuple[str, str]], outcome: str) -> None:
+    """Log a write that the store raised on (instead of queuing it and logging its own failure)."""
+    logger.error(
+        "the event log could not %s %s (%s: %s); %s",
+        doing,
+        ", ".join(delivery_id(event_id, handler) for event_id, handler in deliveries),
+        type(exc).__name__,
+        exc,
+        outcome,
+        exc_info=exc,
+        extra=fields(None, *deliveries[0]) if len(deliveries) == 1 else fields(None),
+    )
 
 
 def _wake(waiters: list[asyncio.Future[None]]) -> None:
@@ -647,16 +661,30 @@ class Runner:
             done += sync_done
             job.sync_done = []
         if done:
-            self.store.complete([(event.id, name) for event, name in deliveries_of(done)])
+            self._complete_calls(done)
+
+    def _complete_calls(self, calls: list[Call]) -> None:
+        """Delete the deliveries of calls that succeeded from the log."""
+        deliveries = [(event.id, name) for event, name in deliveries_of(calls)]
+        try:
+            self.store.complete(deliveries)
+        except Exception as exc:  # a failure of the log, never of the job that succeeded
+            _store_failed(exc, "complete", deliveries, "they stay in it, to run again (at least once)")
 
     async def _record(self, job: Job) -> None:
         """Write the job's current calls to the log before they run (they run even if it fails)."""
         deliveries = deliveries_of(job.async_calls) + deliveries_of(job.sync_calls)
         try:
             refused = await self.store.record(deliveries, lease=self.lease)
-        except StoreError as exc:
-            logger.error("%s; %d deliveries run without being durable", exc, len(deliveries), exc_info=exc)
-            job.record_error = exc
+        except Exception as exc:  # whatever the log raised, it is the log's failure: the calls still run
+            if isinstance(exc, StoreError):
+                error = exc
+            else:
+                what = f"{type(exc).__name__}: {exc}"
+                error = StoreError(f"the event log failed to record {len(deliveries)} deliveries: {what}")
+                error.__cause__ = exc
+            logger.error("%s; %d deliveries run without being durable", error, len(deliveries), exc_info=exc)
+            job.record_error = error
             return
         if refused:
             job.record_error = StoreError(
@@ -733,7 +761,16 @@ class Runner:
         if delay is not None:
             self._retry_later(call, attempt, delay, job.durable)
         else:
-            self.store.bury(error.dead_letters)
+            try:
+                self.store.bury(error.dead_letters)
+            except Exception as exc:  # a failure of the log, never of the job (its other calls still run)
+                letters = [(letter.event.id, letter.handler) for letter in error.dead_letters]
+                _store_failed(
+                    exc,
+                    "write the dead letters of",
+                    letters,
+                    "they are not kept (one the log holds as pending runs again when its lease runs out)",
+                )
 
     def _sync_call_failed(
         self, job: Job, call: Call, index: int, error: HandlerError, cause: BaseException, attempt: int
@@ -762,7 +799,14 @@ class Runner:
         spec, arg = call
         if durable:
             for event in _events_of(spec, arg):
-                self.store.retry_later(event.id, spec.name, attempts=attempt, due_in=delay, lease=self.lease)
+                try:
+                    self.store.retry_later(
+                        event.id, spec.name, attempts=attempt, due_in=delay, lease=self.lease
+                    )
+                except Exception as exc:  # a failure of the log: the retry below still comes
+                    _store_failed(
+                        exc, "note the failed attempt of", [(event.id, spec.name)], "retried all the same"
+                    )
         retry = _Retry(call, attempt + 1, monotonic() + delay)
         retry.handle = self.loop.call_later(delay, self._retry_due, retry)
         self.retries.add(retry)
@@ -995,7 +1039,7 @@ class Runner:
                     late.done.append(call)  # completed once the job has recorded its own calls
                 self.spawn(late)
             elif completing:
-                self.store.complete([(event.id, name) for event, name in deliveries_of([call])])
+                self._complete_calls([call])
         if self._idle_waiters:
             self._wake_idle_waiters()
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from .._core.envelope import EMPTY_HEADERS, Event
 from .._core.logs import fields
 from ..exceptions import BusStateError, ConfigurationError
-from ..store.codec import encode_headers, encode_payload
+from ..store.codec import encode_event
 from ..store.postgres import PostgresStore
 from ..store.sqlite import SQLiteStore
 
@@ -165,7 +165,7 @@ class Outbox:
         if tracing is not None:  # the context of the code that emits, as bus.emit() would take it
             headers = tracing.inject(headers)
         built = Event(name, payload, MappingProxyType(dict(headers)) if headers else EMPTY_HEADERS, time_ns())
-        staged = _Staged(built, encode_payload(built, self._max_payload_bytes), encode_headers(built.headers))
+        staged = _Staged(built, *encode_event(built, self._max_payload_bytes))
         sync_session = session.sync_session if isinstance(session, AsyncSession) else session
         info = sync_session.info
         if not info.get(self._listening_key):

@@ -4,26 +4,39 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from time import time
 from typing import TYPE_CHECKING, Any, Final
 
 from .._core.logs import fields
-from ..exceptions import SerializationError
-from .base import DeadLetter
-from .codec import decode_event, encode_headers, encode_payload
+from ..exceptions import SerializationError, StoreError
+from .base import DeadLetter, Delivery, delivery_id
+from .codec import decode_event, encode_event
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .._core.envelope import Event
 
-__all__ = ["COLUMNS", "dead_letter_rows", "delivery_rows", "letter_from_row", "split_id"]
+__all__ = [
+    "COLUMNS",
+    "NOT_REVIVED",
+    "claimed_deliveries",
+    "dead_letter_rows",
+    "delivery_rows",
+    "listed_letters",
+    "read_letter",
+    "split_id",
+]
 
 logger = logging.getLogger("tidings")
 
 COLUMNS: Final = (
     "event_id, handler, name, payload, headers, timestamp_ns, attempts, error, traceback, failed_at"
 )
-"""The columns :func:`letter_from_row` reads, in its order."""
+"""The columns :func:`read_letter` reads, in its order."""
+
+NOT_REVIVED: Final = "is not replayed (it stays a dead letter; purge it by its id)"
+"""What :func:`read_letter` logs of a dead letter being revived that cannot be read back."""
 
 
 def split_id(letter_id: str) -> tuple[str, str]:
@@ -32,16 +45,64 @@ def split_id(letter_id: str) -> tuple[str, str]:
     return event_id, handler
 
 
-def letter_from_row(row: Sequence[Any]) -> DeadLetter:
-    """A dead letter from a row of :data:`COLUMNS`."""
+def read_letter(row: Sequence[Any], unread: str) -> DeadLetter | None:
+    """A dead letter from a row of :data:`COLUMNS`, or ``None`` (logged, saying ``unread``) if the
+    row cannot be read back: one such row must not keep the others from being read."""
+    try:
+        event = decode_event(row[0], row[2], row[3], row[4], row[5])
+    except StoreError as exc:
+        logger.error(
+            "dead letter %s %s: %s",
+            delivery_id(row[0], row[1]),
+            unread,
+            exc,
+            extra=fields(row[2], row[0], row[1]),
+        )
+        return None
     return DeadLetter(
-        event=decode_event(row[0], row[2], row[3], row[4], row[5]),
+        event=event,
         handler=row[1],
         attempts=row[6],
         error=row[7] or "",
         traceback=row[8] or "",
         failed_at=datetime.fromtimestamp(row[9] or 0.0, tz=UTC),
     )
+
+
+def listed_letters(rows: Sequence[Sequence[Any]]) -> list[DeadLetter]:
+    """The dead letters of rows of :data:`COLUMNS`, leaving out (and logging) those that cannot be read."""
+    unread = "is left out of the list (purge it by its id)"
+    return [letter for row in rows if (letter := read_letter(row, unread)) is not None]
+
+
+def claimed_deliveries(rows: Sequence[Sequence[Any]]) -> tuple[list[Delivery], list[tuple[Any, ...]]]:
+    """The deliveries of claimed rows (event id, handler, name, payload, headers, timestamp_ns,
+    attempts), oldest event first; and an (error, failed_at, event id, handler) row for each one that
+    cannot be read back, for the store to make a dead letter of in the claim's transaction.
+
+    A dead letter rather than a row left pending: left pending, it would be claimed, refused and
+    logged again at every lease, forever, taking a place in every batch, and no call could remove
+    it; as a dead letter it is run no more, keeps the error in its row, is logged by id whenever
+    dead letters are listed, and can be purged by that id.
+    """
+    deliveries: list[Delivery] = []
+    unreadable: list[tuple[Any, ...]] = []
+    for row in rows:
+        event_id, handler = row[0], row[1]
+        try:
+            event = decode_event(event_id, row[2], row[3], row[4], row[5])
+        except StoreError as exc:
+            logger.error(
+                "delivery %s is not run: %s; it is made a dead letter",
+                delivery_id(event_id, handler),
+                exc,
+                extra=fields(row[2], event_id, handler),
+            )
+            unreadable.append((f"{type(exc).__name__}: {exc}", time(), event_id, handler))
+            continue
+        deliveries.append(Delivery(event, handler, row[6]))
+    deliveries.sort(key=lambda d: (d.event.id, d.handler))
+    return deliveries, unreadable
 
 
 def delivery_rows(
@@ -58,7 +119,7 @@ def delivery_rows(
         event_id = event.id
         if event_id not in encoded:
             try:
-                encoded[event_id] = (encode_payload(event, max_bytes), encode_headers(event.headers))
+                encoded[event_id] = encode_event(event, max_bytes)
             except SerializationError as exc:
                 encoded[event_id] = None
                 refused[event_id] = str(exc)
@@ -75,7 +136,7 @@ def dead_letter_rows(letters: Sequence[DeadLetter], max_bytes: int) -> list[tupl
     for letter in letters:
         event = letter.event
         try:
-            payload = encode_payload(event, max_bytes)
+            payload, headers = encode_event(event, max_bytes)
         except SerializationError as exc:
             logger.error(
                 "dead letter %s (handler %s) cannot be written to the event log: %s",
@@ -91,7 +152,7 @@ def dead_letter_rows(letters: Sequence[DeadLetter], max_bytes: int) -> list[tupl
                 letter.handler,
                 event.name,
                 payload,
-                encode_headers(event.headers),
+                headers,
                 event.timestamp_ns,
                 letter.attempts,
                 letter.error,

@@ -17,9 +17,18 @@ import re
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from ..exceptions import ConfigurationError, StoreError
-from ._rows import COLUMNS, dead_letter_rows, delivery_rows, letter_from_row, split_id
+from ._rows import (
+    COLUMNS,
+    NOT_REVIVED,
+    claimed_deliveries,
+    dead_letter_rows,
+    delivery_rows,
+    listed_letters,
+    read_letter,
+    split_id,
+)
 from .base import DeadLetter, Delivery, matches
-from .codec import DEFAULT_MAX_PAYLOAD_BYTES, decode_event
+from .codec import DEFAULT_MAX_PAYLOAD_BYTES
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -362,8 +371,8 @@ class PostgresStore:
         """Lease pending deliveries whose lease has run out, oldest event first; never one that
         another instance is claiming at the same moment (``FOR UPDATE SKIP LOCKED``)."""
 
-        async def run(connection: asyncpg.Connection) -> list[Any]:
-            rows: list[Any] = await connection.fetch(
+        async def run(connection: asyncpg.Connection) -> list[Delivery]:
+            rows = await connection.fetch(
                 f"UPDATE {self._table} AS d SET lease_until = {_NOW} + $1 FROM ("
                 f"SELECT event_id, handler FROM {self._table} "
                 f"WHERE status = 'pending' AND lease_until <= {_NOW} "
@@ -373,11 +382,18 @@ class PostgresStore:
                 lease,
                 limit,
             )
-            return rows
+            # read here, in the claim's transaction: a row that cannot be read becomes a dead letter in it
+            deliveries, unreadable = claimed_deliveries(rows)
+            if unreadable:
+                await connection.executemany(
+                    f"UPDATE {self._table} SET status = 'dead', error = $1, traceback = '', failed_at = $2 "
+                    f"WHERE event_id = $3 AND handler = $4",
+                    unreadable,
+                )
+            return deliveries
 
-        rows = await self._call(run, "claim deliveries")
-        claimed = [Delivery(decode_event(r[0], r[2], r[3], r[4], r[5]), r[1], r[6]) for r in rows]
-        return sorted(claimed, key=lambda d: (d.event.id, d.handler))
+        result: list[Delivery] = await self._call(run, "claim deliveries")
+        return result
 
     async def dead_letters(
         self,
@@ -394,7 +410,7 @@ class PostgresStore:
             )
             return rows
 
-        letters = [letter_from_row(row) for row in await self._call(run, "list dead letters")]
+        letters = listed_letters(await self._call(run, "list dead letters"))
         wanted = None if ids is None else set(ids)
         return [d for d in letters if matches(d, ids=wanted, event=event, handler=handler)]
 
@@ -413,6 +429,9 @@ class PostgresStore:
                 )
                 if row is None:
                     continue
+                letter = read_letter(row, NOT_REVIVED)
+                if letter is None:
+                    continue
                 await connection.execute(
                     f"UPDATE {self._table} SET status = 'pending', attempts = 0, lease_until = {_NOW} + $3, "
                     f"error = NULL, traceback = NULL, failed_at = NULL WHERE event_id = $1 AND handler = $2",
@@ -420,7 +439,7 @@ class PostgresStore:
                     handler,
                     lease,
                 )
-                revived.append(letter_from_row(row))
+                revived.append(letter)
             return revived
 
         result: list[DeadLetter] = await self._call(run, f"revive {len(keys)} dead letter(s)")

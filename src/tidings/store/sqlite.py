@@ -20,9 +20,18 @@ from time import time
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ..exceptions import ConfigurationError, StoreError
-from ._rows import COLUMNS, dead_letter_rows, delivery_rows, letter_from_row, split_id
+from ._rows import (
+    COLUMNS,
+    NOT_REVIVED,
+    claimed_deliveries,
+    dead_letter_rows,
+    delivery_rows,
+    listed_letters,
+    read_letter,
+    split_id,
+)
 from .base import DeadLetter, Delivery, matches
-from .codec import DEFAULT_MAX_PAYLOAD_BYTES, decode_event
+from .codec import DEFAULT_MAX_PAYLOAD_BYTES
 from .inbox import create_table as create_inbox_table
 
 if TYPE_CHECKING:
@@ -321,10 +330,14 @@ class SQLiteStore:
                 f"RETURNING {COLUMNS}",
                 (now + lease, now, limit),
             ).fetchall()
-            return sorted(
-                (Delivery(decode_event(r[0], r[2], r[3], r[4], r[5]), r[1], r[6]) for r in rows),
-                key=lambda d: (d.event.id, d.handler),
-            )
+            deliveries, unreadable = claimed_deliveries(rows)
+            if unreadable:
+                connection.executemany(
+                    "UPDATE tidings_deliveries SET status = 'dead', error = ?, traceback = '', failed_at = ? "
+                    "WHERE event_id = ? AND handler = ?",
+                    unreadable,
+                )
+            return deliveries
 
         result: list[Delivery] = await self._call(run, "claim deliveries")
         return result
@@ -342,7 +355,7 @@ class SQLiteStore:
             rows = connection.execute(
                 f"SELECT {COLUMNS} FROM tidings_deliveries WHERE status = 'dead' ORDER BY event_id, handler"
             ).fetchall()
-            return [letter_from_row(row) for row in rows]
+            return listed_letters(rows)
 
         letters: list[DeadLetter] = await self._call(run, "list dead letters")
         wanted = None if ids is None else set(ids)
@@ -363,12 +376,15 @@ class SQLiteStore:
                 ).fetchone()
                 if row is None:
                     continue
+                letter = read_letter(row, NOT_REVIVED)
+                if letter is None:
+                    continue
                 connection.execute(
                     "UPDATE tidings_deliveries SET status = 'pending', attempts = 0, lease_until = ?, "
                     "error = NULL, traceback = NULL, failed_at = NULL WHERE event_id = ? AND handler = ?",
                     (until, *key),
                 )
-                revived.append(letter_from_row(row))
+                revived.append(letter)
             return revived
 
         result: list[DeadLetter] = await self._call(run, f"revive {len(keys)} dead letter(s)")
