@@ -561,6 +561,30 @@ async def test_events_emitted_on_a_running_loop_to_a_bus_nobody_started_are_told
     assert len(caplog.records) == 1
 
 
+async def test_an_emit_from_a_worker_thread_to_a_bus_nobody_started_is_told_while_an_app_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # a sync endpoint runs in a worker thread, with no event loop of its own: the app's bus runs
+    app_bus, audit = EventBus(name="app"), EventBus(name="audit")
+    async with app_bus:
+        with caplog.at_level(logging.WARNING, logger="tidings"):
+            worker = threading.Thread(target=audit.emit, args=("user.logged_in",))
+            worker.start()
+            worker.join()
+    [record] = caplog.records
+    assert "was emitted on bus 'audit', which has not been started" in record.getMessage()
+
+
+async def test_a_capture_on_a_bus_nobody_starts_is_not_told(caplog: pytest.LogCaptureFixture) -> None:
+    from tidings.testing import capture
+
+    bus = EventBus(name="captured")
+    with capture(bus) as events, caplog.at_level(logging.WARNING, logger="tidings"):
+        bus.emit("user.created")  # a test checking what its code emits, handlers not wanted
+    events.assert_emitted("user.created")
+    assert not caplog.records
+
+
 async def test_events_emitted_after_close_are_logged_not_lost_silently(
     bus: EventBus, caplog: pytest.LogCaptureFixture
 ) -> None:

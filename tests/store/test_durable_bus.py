@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,6 +170,44 @@ async def test_leases_are_renewed_while_the_bus_drains(
     release.set()
     await closing
     await bus.aclose()
+
+
+async def test_the_relay_starts_nothing_it_claimed_once_the_bus_drains(
+    log: Log, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A delivery a dead process left in the log, its lease out: the relay of the next bus claims it.
+    dead = log()
+    await dead.open()
+    await dead.record([(Event("orphan", None), "orphans")], lease=0.0)
+    await dead.aclose()
+
+    bus = make_bus(log, resubmit_after=0.2)
+
+    @bus.on("orphan", name="orphans")
+    async def orphans(event: Event) -> None:  # pragma: no cover - must not run after the app's shutdown
+        recorder.add("ran")
+
+    store = store_of(bus)
+    claim = store.claim
+    claiming, answer, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def slow_claim(*, limit: int, lease: float) -> Any:
+        claiming.set()
+        await answer.wait()  # the log answers after shutdown has begun
+        deliveries = await claim(limit=limit, lease=lease)
+        answered.set()  # the relay goes on with them in this same step
+        return deliveries
+
+    monkeypatch.setattr(store, "claim", slow_claim)
+    await bus.start()
+    await claiming.wait()
+    await bus.begin_shutdown()  # from here on the app's shutdown code may close what handlers use
+    answer.set()
+    await answered.wait()
+    assert not bus._runner.jobs
+    await bus.aclose()
+    assert recorder.items == []
+    assert await pending(log) == 1  # still in the log, for the next start
 
 
 async def test_chained_events_are_recorded_too(log: Log, recorder: Recorder) -> None:

@@ -29,6 +29,7 @@ from .dispatcher import (
     Scope,
     current_scope,
     emit_disabled_by_env,
+    live_buses,
     normalize_name,
     register_running,
     unregister_running,
@@ -92,12 +93,12 @@ def _configured_tracer_provider() -> TracerProvider | None:
     return provider
 
 
-def _on_event_loop() -> bool:
-    """Whether this thread is running an event loop."""
+def _app_is_up() -> bool:
+    """Whether an app seems to be running: this thread runs an event loop, or some bus runs."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return False
+        return bool(live_buses())  # a sync endpoint's worker thread, say
     return True
 
 
@@ -823,7 +824,8 @@ class EventBus:
                 self._outside.append(record)
                 # Emitted on a running event loop, so an app is up, but nothing started this bus:
                 # unless its start is just late, these events wait forever, in silence but for this.
-                tell = not self._told_not_started and _on_event_loop()
+                # (a capture in a test taps a bus it need not start)
+                tell = not self._told_not_started and not self._taps and _app_is_up()
                 self._told_not_started |= tell
         if waiting:
             if tell:
@@ -1046,6 +1048,10 @@ class EventBus:
                 # draining: no new work, but the leases of what the drain waits for are still renewed
                 if claim and not taken and self._state is BusState.RUNNING:
                     deliveries = await store.claim(limit=_CLAIM_BATCH, lease=self.resubmit_after)
+                    if self.state is not BusState.RUNNING:  # (read again: the claim awaited)
+                        # draining began while the log answered: no new work now (the app's shutdown
+                        # code may have closed what handlers need); they run once their lease is out
+                        continue
                     # a lease that ran out under a loop too busy to renew it: still ours, running
                     running = set(in_flight)
                     fresh = [d for d in deliveries if (d.event.id, d.handler) not in running]

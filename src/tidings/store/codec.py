@@ -28,7 +28,9 @@ it are durable. A row that cannot be read back (not JSON, or one of the markers 
 shape: altered by hand, or a payload shaped like a marker that an older version wrote unwrapped)
 raises :class:`~tidings.StoreError`: a claim makes that delivery a dead letter holding the error
 instead of running it, and a listing of dead letters leaves it out, logging it by id (purge it by
-its id).
+its id: a purge by event or handler, or of all, selects through that listing and so leaves it too).
+One shape is ambiguous: a payload that an older version wrote as your own dict
+``{"$tidings.plain": value}`` now reads back as ``value``.
 """
 
 from __future__ import annotations
