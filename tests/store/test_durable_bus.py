@@ -210,6 +210,28 @@ async def test_the_relay_starts_nothing_it_claimed_once_the_bus_drains(
     assert await pending(log) == 1  # still in the log, for the next start
 
 
+async def test_an_event_emitted_while_aclose_stops_the_relay_is_logged_as_dropped(
+    log: Log, recorder: Recorder, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    bus = make_bus(log)
+
+    @bus.on("late")
+    async def late(event: Event) -> None:  # pragma: no cover - the bus is closed by then
+        recorder.add(bus.state.value)
+
+    stop_relay = bus._stop_relay
+
+    async def emitting_stop_relay() -> None:
+        bus.emit("late")  # a task of the app, in the step where aclose() waits for the relay
+        await stop_relay()
+
+    monkeypatch.setattr(bus, "_stop_relay", emitting_stop_relay)
+    await bus.start()
+    await bus.aclose()
+    assert "event 'late' was dropped because the bus is closed" in caplog.text
+    assert recorder.items == []
+
+
 async def test_chained_events_are_recorded_too(log: Log, recorder: Recorder) -> None:
     bus = make_bus(log, resubmit_after=0.2)
     gate = asyncio.Event()

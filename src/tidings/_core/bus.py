@@ -1227,8 +1227,10 @@ class EventBus:
                 await self.drain(timeout)
             except DrainTimeoutError:
                 pass  # already logged with every unfinished call
-            await self._stop_relay()  # it renewed the leases of what the drain waited for
+            # closed before anything is awaited: an event emitted in a gap would start a job that
+            # nothing drains or reports
             self._close_runner()
+            await self._stop_relay()  # it renewed the leases of what the drain waited for
             # what closing reported (and a cut-off) reaches an async failure hook within the bound
             await self._runner.wait_hooks(until)
         finally:
