@@ -16,7 +16,7 @@ from tidings import Event, EventBus, HandlerError, Limits, RetryPolicy, StoreErr
 from tidings.store import SQLiteStore
 from tidings.store.postgres import PostgresStore
 
-from ..conftest import Recorder
+from ..conftest import Recorder, Records
 from .conftest import DurableStore, Log
 
 pytestmark = pytest.mark.anyio
@@ -422,3 +422,45 @@ async def test_failing_n_times_then_succeeding_takes_n_plus_one_attempts_and_emp
         assert await store_of(bus).pending_count() == 0
     assert attempts == 4
     assert [f.attempt for f in failures] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_a_parent_stays_in_the_log_when_its_children_could_not_be_recorded(
+    log: Log, recorder: Recorder, records: Records, kind: str
+) -> None:
+    """At least once beats lost: the parent runs again later and emits its children again."""
+    bus = make_bus(log, resubmit_after=0.2)
+    store = store_of(bus)
+    record = store.record
+    calls = 0
+
+    async def record_fails_the_second_time(*args: Any, **kwargs: Any) -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the children's record: the database went away for a moment
+            raise StoreError("the log is unreachable")
+        return await record(*args, **kwargs)
+
+    def parent(event: Event) -> None:
+        recorder.add(("parent", event.payload))
+        bus.emit("child", event.payload)
+
+    async def async_parent(event: Event) -> None:
+        parent(event)
+
+    bus.subscribe(async_parent if kind == "async" else parent, "parent", name="parent")
+
+    @bus.on("child", name="child")
+    async def child(event: Event) -> None:
+        recorder.add(("child", event.payload))
+
+    async with bus:
+        store.record = record_fails_the_second_time  # type: ignore[method-assign]
+        bus.emit("parent", 1)
+        await records.wait_for("1 deliveries run without being durable")
+        # the children still run now (not durably), and the parent runs again once its lease is out
+        await recorder.wait_for(lambda items: items.count(("child", 1)) == 2)
+        await bus.drain()
+        await store.flush()
+        assert await store.pending_count() == 0
+    assert recorder.items[:3] == [("parent", 1), ("child", 1), ("parent", 1)]

@@ -526,10 +526,14 @@ class Runner:
                     raise asyncio.CancelledError
                 job.buffer = []
                 job.attempt = 1  # chained events are new: their first attempt
-                if self._sort(records, job) and job.durable:
+                if self._sort(records, job) and job.durable and not await self._record(job):
                     # The children go into the log before their parents leave it: a crash in
-                    # between must not lose the events a finished handler emitted.
-                    await self._record(job)
+                    # between must not lose the events a finished handler emitted. The log
+                    # failed to take them, so the parents stay in it, leased: run again once
+                    # their lease is out, they emit the children again (at least once beats lost).
+                    job.done = []
+                    job.sync_done = []  # the hop is over: its thread appends to it no more
+                    late = 0
                 if job.durable:
                     if late:
                         self._take_late(job, late)
@@ -671,8 +675,13 @@ class Runner:
         except Exception as exc:  # a failure of the log, never of the job that succeeded
             _store_failed(exc, "complete", deliveries, "they stay in it, to run again (at least once)")
 
-    async def _record(self, job: Job) -> None:
-        """Write the job's current calls to the log before they run (they run even if it fails)."""
+    async def _record(self, job: Job) -> bool:
+        """Write the job's current calls to the log before they run (they run even if it fails).
+
+        Returns:
+            ``False`` if the log failed (it may take them on a later try); ``True`` if it took
+            them, or refused some for good (a payload it cannot encode is never going to fit).
+        """
         deliveries = deliveries_of(job.async_calls) + deliveries_of(job.sync_calls)
         try:
             refused = await self.store.record(deliveries, lease=self.lease)
@@ -685,7 +694,7 @@ class Runner:
                 error.__cause__ = exc
             logger.error("%s; %d deliveries run without being durable", error, len(deliveries), exc_info=exc)
             job.record_error = error
-            return
+            return False
         if refused:
             job.record_error = StoreError(
                 f"{len(refused)} event(s) could not be written to the log: " + "; ".join(refused.values())
@@ -697,6 +706,7 @@ class Runner:
                     reason,
                     extra=fields(names.get(event_id), event_id),
                 )
+        return True
 
     def _handler_failed(self, job: Job, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
         message = f"handler {spec.name} raised {type(exc).__name__}: {exc}"
