@@ -27,7 +27,7 @@ from tidings import (
 from tidings._core.runner import Job
 
 from ..asgi_calls import http_scope, request_body
-from ..conftest import Recorder
+from ..conftest import Recorder, Records
 
 
 def test_emit_after_the_loop_closed_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
@@ -201,6 +201,75 @@ def test_outside_events_accepted_as_a_loop_stopped_are_handled_on_the_next(recor
         await bus.aclose()
 
     asyncio.run(second())
+
+
+def test_events_a_thread_handed_to_a_stopped_loop_are_handled_on_the_next(recorder: Recorder) -> None:
+    # The loop stopped (it is not closed yet): a thread's event is queued for it, and closing the
+    # loop discards the queue. Before the fix, the event was lost without a word.
+    bus = EventBus()
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(bus.start())
+        thread = threading.Thread(target=bus.emit, args=("x", 1))
+        thread.start()
+        thread.join()
+    finally:
+        loop.close()
+
+    async def second() -> None:
+        await bus.start()
+        bus.emit("x", 2)
+        assert sorted(await recorder.wait_count(2)) == [1, 2]
+        await bus.aclose()
+
+    asyncio.run(second())
+
+
+@pytest.mark.anyio
+async def test_drain_takes_what_a_thread_handed_over_before_the_loop_did(recorder: Recorder) -> None:
+    bus = EventBus()
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    await bus.start()
+    with bus._lock:  # a thread's emit, caught between queuing its event and waking the loop
+        bus._handed_over.append((None, ("x", 1, 0, None)))
+    await bus.aclose()
+    assert recorder.items == [1]
+
+
+@pytest.mark.anyio
+async def test_what_a_thread_handed_over_as_the_bus_closed_is_logged_as_dropped(
+    recorder: Recorder, records: Records
+) -> None:
+    bus = EventBus()
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    await bus.start()
+    await bus.drain()
+    with bus._lock:  # handed over after the drain's last look, before the close (another thread)
+        bus._handed_over.append((None, ("x", 1, 0, None)))
+    bus._close_runner()  # what aclose() does next, with no await in between
+    record = await records.wait_for("event 'x' was dropped because the bus is closed")
+    assert record.levelno == logging.ERROR
+    bus._runner.shutdown()  # the rest of aclose()
+    assert recorder.items == []
+    bus.emit("x", 2)  # from now on dropped at once, also from threads
+    thread = threading.Thread(target=bus.emit, args=("x", 3))
+    thread.start()
+    thread.join()
+    dropped = [r.getMessage() for r in records.recorder.items]
+    assert dropped.count("event 'x' was dropped because the bus is closed") == 3
 
 
 @pytest.mark.anyio

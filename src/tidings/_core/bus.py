@@ -251,6 +251,11 @@ class EventBus:
         self._lock = threading.Lock()
         self._outside: list[Record] = []
         self._outside_scheduled = False
+        # Events other threads emitted, for the loop to take (into a scope's buffer, or as outside
+        # events), under _lock. Kept here rather than in callbacks: a callback queued on a loop
+        # that stops before running it is discarded with the loop, and its event with it.
+        self._handed_over: list[tuple[Scope | None, Record]] = []
+        self._hand_over_scheduled = False
         self._told_not_started = False  # the warning that events wait for a start nobody made, given
         self._drain_deadline: float | None = None
         self._closing: asyncio.Future[None] | None = None  # done when the aclose() under way returns
@@ -783,12 +788,8 @@ class EventBus:
                 return
             if self.tracing is not None and type(record[3]) is not Prebuilt:
                 record = (*record[:3], self.tracing.inject(record[3]))  # this thread's context
-            # Another thread (a sync endpoint, a sync handler): only the loop touches buffers, and
-            # call_soon_threadsafe keeps this thread's events in order ahead of its return value.
-            try:
-                self._loop.call_soon_threadsafe(self.append_to, scope, record)  # type: ignore[union-attr]
-            except RuntimeError:  # the loop has closed under us
-                self._drop(record, "its event loop has closed")
+            # Another thread (a sync endpoint, a sync handler): only the loop touches buffers
+            self._hand_over(scope, record)
             return
         if self.tracing is not None and type(record[3]) is not Prebuilt:
             record = (*record[:3], self.tracing.inject(record[3]))  # the emitting code's context
@@ -811,11 +812,8 @@ class EventBus:
                 return
             if threading.get_ident() == self.loop_thread:
                 self._accept(record)
-                return
-            try:
-                loop.call_soon_threadsafe(self._accept, record)
-            except RuntimeError:  # the loop has closed under us
-                self._drop(record, "its event loop has closed")
+            else:
+                self._hand_over(None, record)
             return
         tell = False
         with self._lock:
@@ -843,6 +841,43 @@ class EventBus:
             self._drop(record, "the bus is closed")
         else:  # it started while we took the lock
             self._submit(record)
+
+    def _hand_over(self, scope: Scope | None, record: Record) -> None:
+        """From another thread: queue ``record`` for the loop, for ``scope``'s buffer or as an outside event.
+
+        The loop takes what is queued in one callback, scheduled ahead of whatever this thread
+        schedules next (a sync endpoint's return value): its events are in the request's buffer
+        before the request ends. What a stopped loop never took is taken when the bus starts on the
+        next loop, or reported when it closes.
+        """
+        with self._lock:
+            closed = self._state is BusState.CLOSED
+            if not closed:
+                self._handed_over.append((scope, record))
+                schedule, self._hand_over_scheduled = not self._hand_over_scheduled, True
+        if closed:
+            self._drop(record, "the bus is closed")
+            return
+        if schedule:
+            try:
+                self._loop.call_soon_threadsafe(self._take_handed_over)  # type: ignore[union-attr]
+            except RuntimeError:  # the loop has closed under us: nothing will take them there
+                with self._lock:
+                    stranded, self._handed_over = self._handed_over, []
+                    self._hand_over_scheduled = False
+                for _, record in stranded:
+                    self._drop(record, "its event loop has closed")
+
+    def _take_handed_over(self) -> None:
+        """On the loop: put what other threads handed over where it goes, in the order they did."""
+        with self._lock:
+            handed, self._handed_over = self._handed_over, []
+            self._hand_over_scheduled = False
+        for scope, record in handed:
+            if scope is None:
+                self._accept(record)
+            else:
+                self.append_to(scope, record)
 
     def _accept(self, record: Record) -> None:
         if self._state is BusState.CLOSED:
@@ -1006,6 +1041,11 @@ class EventBus:
             self._state = BusState.RUNNING
             self._drain_deadline = None
             register_running(self)
+            # What threads handed to a loop that stopped before taking it: the scopes it was
+            # meant for died with that loop, so it runs here, as outside events.
+            self._outside.extend(record for _, record in self._handed_over)
+            self._handed_over = []
+            self._hand_over_scheduled = False
             # A callback scheduled on a loop that stopped before running it never runs: the flag
             # would keep every later outside event waiting for it. (On the same loop, a second
             # callback finds nothing left to spawn.)
@@ -1136,7 +1176,9 @@ class EventBus:
         """
         if self._state not in (BusState.RUNNING, BusState.DRAINING) or not self.store.durable:
             return
-        await asyncio.sleep(0)  # emits other threads made before this call are queued on the loop
+        await asyncio.sleep(0)  # let a request's task that emitted end (and hand its job over)
+        if self._handed_over:  # emits other threads made before this call
+            self._take_handed_over()
         if self._outside:
             self._spawn_outside_job()
         errors = await self._runner.wait_recorded()
@@ -1162,15 +1204,17 @@ class EventBus:
         until = monotonic() + (self.drain_timeout if timeout is None else timeout)
         runner = self._runner
         while True:
+            if self._handed_over:  # emitted by other threads (the last sync handlers, say)
+                self._take_handed_over()
             if self._outside:
                 self._spawn_outside_job()  # now, not at the next tick: drain waits on jobs
             if not await runner.wait_idle(until):
                 break
-            await asyncio.sleep(0)  # let emits scheduled by the last handlers (threads) land
-            if not self._outside and runner.idle(until):
+            await asyncio.sleep(0)  # let the last handlers' tasks and threads hand on what they emitted
+            if not self._handed_over and not self._outside and runner.idle(until):
                 # an async failure hook's calls (reports of the last failures) end within the bound
                 hooks_ended = await runner.wait_hooks(until)
-                if not self._outside and runner.idle(until):  # nothing they emitted waits
+                if not self._handed_over and not self._outside and runner.idle(until):  # nothing waits
                     return
                 if not hooks_ended:
                     break
@@ -1178,6 +1222,8 @@ class EventBus:
 
     async def _cut_off(self) -> None:
         runner = self._runner
+        if self._handed_over:  # into the buffers the cut-off reports, or among the outside events
+            self._take_handed_over()
         pending = self._take_outside()
         pending.extend(runner.cut_off())
         await asyncio.sleep(0)  # deliver the cancellations; the bound is spent, so wait no more
@@ -1251,6 +1297,9 @@ class EventBus:
         with self._lock:
             self._state = BusState.CLOSED
             unregister_running(self)
+        # handed over before the close, not taken yet: each is dropped, by name (a request still
+        # running drops its buffer's events when it ends, as for any request that outlives the bus)
+        self._take_handed_over()
         # accepted after a cut-off took what was there (in the tick its cancellations took)
         leftovers = self._take_outside()
         if leftovers:
