@@ -375,8 +375,9 @@ def test_handler_names_must_be_unique() -> None:
     same = make()
     bus.subscribe(same, "z", name="third")
     bus.subscribe(same, "w", name="third")  # the same handler again is fine
-    with pytest.raises(ConfigurationError, match="without '/'"):
-        bus.subscribe(make(), "v", name="a/b")
+    for bad in ("a/b", "", "a\x00b", "a\udc80b", 3):
+        with pytest.raises(ConfigurationError, match="without '/' or NUL that UTF-8 can encode"):
+            bus.subscribe(make(), "v", name=bad)  # type: ignore[arg-type]  # 3 is wrong on purpose
 
 
 @pytest.mark.parametrize(

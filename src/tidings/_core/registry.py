@@ -120,8 +120,11 @@ class HandlerSpec:
         """
         if not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        if name is not None and (not isinstance(name, str) or not name or "/" in name):
-            raise ConfigurationError(f"a handler name must be a non-empty str without '/', got {name!r}")
+        if name is not None and not _storable_name(name):
+            raise ConfigurationError(
+                "a handler name must be a non-empty str without '/' or NUL that UTF-8 can encode "
+                f"(the event log keeps it as text), got {name!r}"
+            )
         if timeout is not None and not timeout > 0:
             raise ConfigurationError(f"handler timeout must be > 0 seconds or None, got {timeout!r}")
         call: Callable[[Any], Any]
@@ -267,3 +270,13 @@ class Registry:
 
     def __len__(self) -> int:
         return len(self._subscriptions)
+
+
+def _storable_name(name: object) -> bool:
+    if not isinstance(name, str) or not name or "/" in name or "\x00" in name:
+        return False
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
