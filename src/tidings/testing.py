@@ -101,7 +101,9 @@ class _Match:
 
     __slots__ = ("cls", "fields", "kind_label", "label", "name", "names", "pattern", "payload")
 
-    def __init__(self, event: object, payload: object, fields: Mapping[str, object]) -> None:
+    def __init__(
+        self, event: object, payload: object, fields: Mapping[str, object], buses: tuple[EventBus, ...]
+    ) -> None:
         self.name: str | None = None
         self.names: tuple[str, ...] = ()  # every name the event may have, ``name`` first
         self.pattern: Callable[[str], object] | None = None
@@ -126,10 +128,15 @@ class _Match:
         elif is_event_class(type(event)):  # an instance: that event, with that payload
             if payload is not _ANY:
                 raise TypeError("give a typed event or a payload to compare with, not both")
-            self.name = event_name_of(type(event))
-            self.names = (self.name,)
+            # the name the captured buses give it: a class registered with bus.schema(cls, name=...)
+            # is emitted under that name, not its own
+            cls = type(event)
+            self.names = tuple(dict.fromkeys(bus.schemas.name_for(cls) for bus in buses)) or (
+                event_name_of(cls),
+            )
+            self.name = self.names[0]
             payload = event
-            label = repr(self.name)
+            label = " or ".join(repr(name) for name in self.names)
         else:
             raise TypeError(
                 "expected an event name (str or Enum), a wildcard pattern, a typed event class or "
@@ -295,7 +302,7 @@ class EventCapture:
         Raises:
             TypeError: ``event`` is not a name, pattern, class, typed event or ``None``.
         """
-        match = _Match(event, payload, fields)
+        match = _Match(event, payload, fields, self.buses)
         return [captured for captured in self.events if match(captured)]
 
     def payloads(self, event: object = None, /, **fields: object) -> list[Any]:
@@ -333,7 +340,7 @@ class EventCapture:
             AssertionError: none was; the message lists what was emitted, closest first.
             TypeError: ``event`` is not a name, pattern, class, typed event or ``None``.
         """
-        match = _Match(event, payload, fields)
+        match = _Match(event, payload, fields, self.buses)
         events = self.events
         for captured in events:
             if match(captured):
@@ -347,7 +354,7 @@ class EventCapture:
             AssertionError: none or several were.
             TypeError: ``event`` is not a name, pattern, class, typed event or ``None``.
         """
-        match = _Match(event, payload, fields)
+        match = _Match(event, payload, fields, self.buses)
         events = self.events
         found = [(index, captured) for index, captured in enumerate(events, 1) if match(captured)]
         if not found:
@@ -365,7 +372,7 @@ class EventCapture:
             AssertionError: one was; the message lists each.
             TypeError: ``event`` is not a name, pattern, class, typed event or ``None``.
         """
-        match = _Match(event, payload, fields)
+        match = _Match(event, payload, fields, self.buses)
         found = [(index, captured) for index, captured in enumerate(self.events, 1) if match(captured)]
         if found:
             lines = [f"expected no {match.label}, but {len(found)} event(s) were emitted:"]
@@ -417,7 +424,7 @@ class EventCapture:
         Raises:
             AssertionError: none was within ``timeout`` seconds; the message lists what was.
         """
-        match = _Match(event, payload, fields)
+        match = _Match(event, payload, fields, self.buses)
         loop = asyncio.get_running_loop()
         deadline = monotonic() + timeout
         while True:
@@ -451,7 +458,7 @@ class EventCapture:
                 ``await wait_for(...)``).
         """
         _refuse_on_a_loop("wait_for_sync()", "await capture.wait_for(...)")
-        match = _Match(event, payload, fields)
+        match = _Match(event, payload, fields, self.buses)
         found: list[Event] = []
 
         def seen() -> bool:

@@ -80,6 +80,23 @@ def test_typed_events_match_by_class_instance_and_fields(bus: EventBus, events: 
     assert events.payloads(OrderPlaced) == [OrderPlaced(order_id=7, total=9.5)]
 
 
+def test_a_typed_event_matches_under_the_name_its_bus_registered_it_by(
+    bus: EventBus, events: EventCapture
+) -> None:
+    @dataclass
+    class SignUp:
+        user_id: int
+
+    bus.schema(SignUp, name="user.signed_up")
+    bus.emit(SignUp(user_id=1))
+    bus.emit("user.signed_up", {"user_id": 2})
+    assert events.assert_emitted(SignUp(user_id=1)).name == "user.signed_up"
+    assert events.assert_emitted_once(SignUp(user_id=2)).payload == SignUp(user_id=2)
+    events.assert_not_emitted(SignUp(user_id=3))
+    with pytest.raises(AssertionError, match=r"no event 'user.signed_up' with payload .*SignUp\(user_id=3\)"):
+        events.assert_emitted(SignUp(user_id=3))
+
+
 def test_a_class_matches_instances_of_subclasses(bus: EventBus, events: EventCapture) -> None:
     class Base(pydantic.BaseModel):
         __event_name__ = "base"
