@@ -580,7 +580,14 @@ async def _settle_here(bus: EventBus, until: float) -> list[str] | None:
             return _pending(bus)
         await asyncio.sleep(0)  # let emits scheduled by the last handlers (threads) land
         if not bus._outside and runner.idle(until):
-            return None
+            # the failures' reports: an async on_failure hook's calls are bus tasks, as drain knows
+            hooks = set(runner.hook_tasks)
+            if not hooks:
+                return None
+            _, running = await asyncio.wait(hooks, timeout=max(0.0, until - monotonic()))
+            if running:
+                return [*_pending(bus), f"{len(running)} call(s) of the on_failure hook"]
+            # then again: what the hook emitted, and failures of those events' handlers
     return None
 
 
@@ -626,8 +633,9 @@ async def settle(*buses: EventBus, timeout: float = 5.0) -> None:
     """Wait until ``buses`` (default: :func:`tidings.default_bus`) have no handler work left.
 
     Handler work is every job running or queued (events emitted outside requests, events of
-    requests whose handlers run in bus tasks, events those handlers emit in turn) and every retry
-    due within ``timeout``; retries due later are left alone. A bus that is not running has
+    requests whose handlers run in bus tasks, events those handlers emit in turn), every retry
+    due within ``timeout`` (retries due later are left alone), and every call of an ``async def``
+    ``on_failure`` hook, with what it emits. A bus that is not running has
     nothing to wait for. Nothing is cancelled: on timeout the work goes on, and the error says
     what it is. Works whichever event loop the bus runs on (that of the test, or a test client's
     in another thread).

@@ -284,6 +284,35 @@ async def test_settle_leaves_retries_due_after_its_bound(bus: EventBus) -> None:
     assert not bus._runner.retries  # closing the bus abandoned it
 
 
+async def test_settle_waits_for_an_async_failure_hook_and_what_it_emits() -> None:
+    gate = asyncio.Event()
+    reported: list[str] = []
+    alerts: list[object] = []
+
+    async def on_failure(error: tidings.HandlerError) -> None:  # a bus task of its own
+        await gate.wait()
+        reported.append(error.handler)
+        emit("alert.raised", {"handler": error.handler})
+
+    bus = EventBus(on_failure=on_failure, name="hooked")
+
+    @bus.on("charge")
+    async def charge(event: Event) -> None:
+        raise ConnectionError("card processor down")
+
+    @bus.on("alert.raised")
+    async def page(handler: str) -> None:
+        alerts.append(handler)
+
+    async with bus:
+        bus.emit("charge")
+        with pytest.raises(TimeoutError, match=r"1 call\(s\) of the on_failure hook"):
+            await settle(bus, timeout=0.05)
+        gate.set()
+        await settle(bus)
+        assert reported == alerts == [charge.__module__ + "." + charge.__qualname__]
+
+
 async def test_settle_times_out_naming_the_unfinished_calls_and_cancels_nothing(bus: EventBus) -> None:
     gate = asyncio.Event()
     finished: list[str] = []
