@@ -531,6 +531,9 @@ def capture(*buses: EventBus) -> EventCapture:
     Capturing starts at once and stops when the ``with`` block ends (or at
     :meth:`EventCapture.close`).
 
+    Raises:
+        TypeError: one of ``buses`` is not an :class:`~tidings.EventBus` (an app, a test client).
+
     Example:
         >>> from tidings import EventBus
         >>> from tidings.testing import capture
@@ -541,10 +544,14 @@ def capture(*buses: EventBus) -> EventCapture:
         >>> events.names
         ['cart.emptied']
     """
+    _check_buses("capture()", buses)
+    return EventCapture(buses or (default_bus(),))
+
+
+def _check_buses(what: str, buses: tuple[object, ...]) -> None:
     for bus in buses:
         if not isinstance(bus, EventBus):
-            raise TypeError(f"capture() takes EventBus objects, got {bus!r}")
-    return EventCapture(buses or (default_bus(),))
+            raise TypeError(f"{what} takes EventBus objects, got {bus!r}")
 
 
 # -- settling -----------------------------------------------------------------------------------------
@@ -643,6 +650,7 @@ async def settle(*buses: EventBus, timeout: float = 5.0) -> None:
     Raises:
         TimeoutError: work was left after ``timeout`` seconds; the message lists each call.
         RuntimeError: a bus has work but its event loop is not running.
+        TypeError: one of ``buses`` is not an :class:`~tidings.EventBus`.
 
     Example:
         >>> import asyncio
@@ -661,6 +669,7 @@ async def settle(*buses: EventBus, timeout: float = 5.0) -> None:
         >>> asyncio.run(main())
         ['ada@example.com']
     """
+    _check_buses("settle()", buses)
     deadline = monotonic() + timeout
     for bus in buses or (default_bus(),):
         loop = _running_loop_of(bus)
@@ -695,8 +704,10 @@ def settle_sync(*buses: EventBus, timeout: float = 5.0) -> None:
         TimeoutError: work was left after ``timeout`` seconds; the message lists each call.
         RuntimeError: called from a thread that runs an event loop (use ``await settle()``), or a
             bus has work but its event loop is not running.
+        TypeError: one of ``buses`` is not an :class:`~tidings.EventBus`.
     """
     _refuse_on_a_loop("settle_sync()", "await settle(...)")
+    _check_buses("settle_sync()", buses)
     deadline = monotonic() + timeout
     for bus in buses or (default_bus(),):
         loop = _running_loop_of(bus)
@@ -727,6 +738,9 @@ def inline_handlers(*buses: EventBus) -> Iterator[None]:
     Handlers of events emitted outside requests still run in bus tasks: wait for them with
     :func:`settle`. The bus's own setting is restored at the end.
 
+    Raises:
+        TypeError: one of ``buses`` is not an :class:`~tidings.EventBus`.
+
     Example:
         >>> from tidings import EventBus
         >>> from tidings.testing import inline_handlers
@@ -737,6 +751,7 @@ def inline_handlers(*buses: EventBus) -> Iterator[None]:
         >>> bus.request_handlers
         'task'
     """
+    _check_buses("inline_handlers()", buses)
     saved = [(bus, bus.request_handlers, bus.request_handlers_inline, bus.state) for bus in buses]
     for bus in buses:
         bus.request_handlers = "inline"  # read when the bus starts (a lifespan in the block)

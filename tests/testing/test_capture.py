@@ -151,6 +151,17 @@ def test_bad_arguments_are_type_errors(events: EventCapture) -> None:
         capture("bus")  # type: ignore[arg-type]
 
 
+async def test_waiting_helpers_given_an_app_instead_of_its_bus_are_type_errors(bus: EventBus) -> None:
+    app = Starlette(middleware=[Middleware(TidingsMiddleware, bus=bus)])
+    with pytest.raises(TypeError, match=r"settle\(\) takes EventBus objects, got <starlette"):
+        await settle(bus, app)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"settle_sync\(\) takes EventBus objects"):
+        await asyncio.to_thread(settle_sync, app)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"inline_handlers\(\) takes EventBus objects"):
+        inline_handlers(bus, app).__enter__()  # type: ignore[arg-type]
+    assert bus.request_handlers == "inline" and not hasattr(app, "request_handlers")
+
+
 # -- failure messages -----------------------------------------------------------------------------------
 def test_a_missing_event_lists_the_closest_first_then_everything(bus: EventBus, events: EventCapture) -> None:
     bus.emit("user.created", {"id": 1, "email": "x@example.com"})
