@@ -266,12 +266,14 @@ class EventCapture:
     """
 
     def __init__(self, buses: tuple[EventBus, ...]) -> None:
-        self.buses = buses
+        # each once: a bus named twice (an app's bus that is also the default bus) would record every
+        # event of it twice
+        self.buses = tuple(dict.fromkeys(buses))
         """The buses whose events are captured."""
         self._events: list[Event] = []
         self._changed = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self._untaps = [bus.tap(self._record) for bus in buses]
+        self._untaps = [bus.tap(self._record) for bus in self.buses]
 
     def _record(self, event: Event) -> None:
         with self._changed:

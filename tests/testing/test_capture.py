@@ -218,6 +218,13 @@ def test_assert_not_emitted_lists_the_offenders(bus: EventBus, events: EventCapt
 
 
 # -- what the tap sees ----------------------------------------------------------------------------------
+def test_a_bus_named_twice_is_captured_once(bus: EventBus) -> None:
+    with capture(bus, bus) as events:
+        bus.emit("user.created", {"id": 1})
+    assert events.buses == (bus,)
+    events.assert_emitted_once("user.created")
+
+
 def test_capture_stops_at_the_end_of_the_block_and_defaults_to_the_default_bus() -> None:
     reset_default_bus()
     try:
