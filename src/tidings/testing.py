@@ -43,6 +43,7 @@ from ._core.default import default_bus
 from ._core.dispatcher import normalize_name
 from ._core.envelope import Arguments
 from ._core.registry import is_pattern
+from ._core.runner import _events_of
 from ._core.schemas import event_name_of, is_event_class
 
 if TYPE_CHECKING:
@@ -570,11 +571,19 @@ def _pending(bus: EventBus) -> list[str]:
         for job in tuple(runner.jobs)
         for item in job.unfinished(resolve)
     ]
+    # sync calls past their timeout: their jobs went on, their threads did not stop (settle waits)
+    for _, (spec, arg) in tuple(runner.left_behind):
+        pending += [
+            f"{spec.name} <- {event.name} ({event.id}), past its timeout, still running in its thread"
+            for event in _events_of(spec, arg)
+        ]
     now = monotonic()
     for retry in sorted(runner.retries, key=lambda r: r.due):
         spec, arg = retry.call
-        events = list(arg) if spec.batch else [arg]
-        pending += [f"{spec.name} <- {event.name}, retry due in {retry.due - now:.2g}s" for event in events]
+        pending += [
+            f"{spec.name} <- {event.name}, retry due in {retry.due - now:.2g}s"
+            for event in _events_of(spec, arg)
+        ]
     pending += [f"{record[0]} (not started yet)" for record in bus._outside]
     return pending
 

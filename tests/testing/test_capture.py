@@ -353,6 +353,27 @@ async def test_settle_times_out_naming_the_unfinished_calls_and_cancels_nothing(
         assert finished == ["built"]
 
 
+async def test_settle_names_a_sync_call_still_running_past_its_timeout() -> None:
+    gate = threading.Event()
+    timed_out = asyncio.Event()
+    bus = EventBus(on_failure=lambda error: timed_out.set(), name="slow")
+
+    @bus.on("export.requested", timeout=0.01)
+    def export(event: Event) -> None:  # its thread cannot be stopped: it runs on past the timeout
+        assert gate.wait(5)
+
+    async with bus:
+        bus.emit("export.requested")
+        await asyncio.wait_for(timed_out.wait(), 5)
+        with pytest.raises(TimeoutError) as raised:
+            await settle(bus, timeout=0.05)
+        assert "(1 call(s))" in str(raised.value)
+        assert f"{export.__module__}.{export.__qualname__} <- export.requested (" in str(raised.value)
+        assert "past its timeout, still running in its thread" in str(raised.value)
+        gate.set()
+        await settle(bus)
+
+
 async def test_settle_reaches_a_bus_on_another_threads_loop(bus: EventBus) -> None:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
