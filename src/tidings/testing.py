@@ -604,7 +604,7 @@ async def _settle_here(bus: EventBus, until: float) -> list[str] | None:
                 return None
             _, running = await asyncio.wait(hooks, timeout=max(0.0, until - monotonic()))
             if running:
-                return [*_pending(bus), f"{len(running)} call(s) of the on_failure hook"]
+                return [*_pending(bus), *("a call of the on_failure hook, still running" for _ in running)]
             # then again: what the hook emitted, and failures of those events' handlers
     return None
 

@@ -324,7 +324,7 @@ async def test_settle_waits_for_an_async_failure_hook_and_what_it_emits() -> Non
 
     async with bus:
         bus.emit("charge")
-        with pytest.raises(TimeoutError, match=r"1 call\(s\) of the on_failure hook"):
+        with pytest.raises(TimeoutError, match=r"\(1 call\(s\)\):\n  a call of the on_failure hook, still"):
             await settle(bus, timeout=0.05)
         gate.set()
         await settle(bus)
