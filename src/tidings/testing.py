@@ -776,4 +776,6 @@ def inline_handlers(*buses: EventBus) -> Iterator[None]:
                 bus.request_handlers_inline = mode == "inline"  # its next start sets it anyway
             elif state is BusState.RUNNING:
                 bus.request_handlers_inline = inline
-            # else: it started in the block, perhaps lazily (no lifespan), which needs inline: keep it
+            elif not bus.started_lazily:  # started in the block, by its lifespan or by hand
+                bus.request_handlers_inline = mode == "inline"
+            # else: started in the block by a request (no lifespan), which needs inline: keep it

@@ -540,7 +540,12 @@ async def test_inline_handlers_restore_a_running_bus() -> None:
         assert not inline()
         await bus.aclose()
         with inline_handlers(bus):
-            await bus.start()  # started in the block (as a lazy start would be): stays inline
+            await bus.start()  # started in the block (its lifespan, say): task mode again after it
+            assert inline()
+        assert bus.request_handlers == "task" and not inline()
+        await bus.aclose()
+        with inline_handlers(bus):
+            bus.ensure_running()  # started by a request (no lifespan): inline, as a lazy start needs
         assert bus.request_handlers == "task" and inline()
 
 
