@@ -147,3 +147,13 @@ def test_stores_by_url() -> None:
     for bad in ("sqlite://", "sqlite://host/x.db", "redis://localhost"):
         with pytest.raises(ConfigurationError):
             store_from_url(bad)
+
+
+def test_a_bad_store_url_is_reported_without_its_password() -> None:
+    from tidings.store import store_from_url
+
+    for bad in ("postgresq://app:s3cret@db/app", "sqlite://app:s3cret@host/x.db"):
+        with pytest.raises(ConfigurationError) as caught:
+            store_from_url(bad)
+        assert "s3cret" not in str(caught.value)
+        assert "app:***@" in str(caught.value)

@@ -23,7 +23,8 @@ def store_from_url(url: str) -> Store:
       :class:`~tidings.store.postgres.PostgresStore` (needs the ``postgres`` extra).
 
     Raises:
-        ConfigurationError: an unknown scheme, or a URL without the part its store needs.
+        ConfigurationError: an unknown scheme, or a URL without the part its store needs (the
+            message shows the URL with its password masked).
 
     Example:
         >>> store_from_url("sqlite:///events.db")
@@ -41,7 +42,7 @@ def store_from_url(url: str) -> Store:
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if parts.netloc or not path:
             raise ConfigurationError(
-                f"a SQLite store URL is sqlite:///relative.db or sqlite:////abs.db, got {url!r}"
+                f"a SQLite store URL is sqlite:///relative.db or sqlite:////abs.db, got {_masked(url)!r}"
             )
         from .sqlite import SQLiteStore
 
@@ -54,5 +55,14 @@ def store_from_url(url: str) -> Store:
 
         return PostgresStore(urlunsplit(parts._replace(query=rest)), schema=schema)
     raise ConfigurationError(
-        f"unknown store URL scheme {parts.scheme!r} in {url!r}: use memory, sqlite or postgresql"
+        f"unknown store URL scheme {parts.scheme!r} in {_masked(url)!r}: use memory, sqlite or postgresql"
     )
+
+
+def _masked(url: str) -> str:
+    """``url`` with its password replaced by ``***``: errors end up in logs and on terminals."""
+    parts = urlsplit(url)
+    user, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in user:
+        return url
+    return urlunsplit(parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}"))
