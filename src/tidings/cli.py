@@ -40,6 +40,7 @@ from ._core import default as _default
 from ._core.bus import EventBus
 from ._core.registry import is_pattern
 from .exceptions import TidingsError
+from .store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -486,9 +487,24 @@ def _check_selection(args: argparse.Namespace) -> None:
         raise UsageError("select dead letters: ids, --event, --handler, or --all")
 
 
+def _check_log_exists(bus: EventBus) -> None:
+    """Opening a SQLite log that is not there would create an empty one: "no dead letters", and a
+    stray file, for a path that is wrong or relative to another directory.
+
+    Raises:
+        UsageError: the bus's SQLite log file does not exist.
+    """
+    store = bus.store
+    if isinstance(store, SQLiteStore) and not os.path.exists(store.path):
+        where = "" if os.path.isabs(store.path) else " (the path is relative: run tidings where the app runs)"
+        path = os.path.abspath(store.path)
+        raise UsageError(f"bus {bus.name!r}: its event log {path} does not exist{where}")
+
+
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     bus = load_bus(args.bus)
     store = bus.store
+    _check_log_exists(bus)
     if not store.durable:
         print(
             f"note: bus {bus.name!r} keeps dead letters in memory only; this process sees none of "

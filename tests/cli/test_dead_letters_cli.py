@@ -150,3 +150,14 @@ def test_a_memory_store_bus_says_it_sees_nothing(
     assert run("dead-letters", "list", "--bus", "memory_app") == (0, "no dead letters\n")
     assert "keeps dead letters in memory only" in capsys.readouterr().err
     del sys.modules["memory_app"]
+
+
+def test_a_missing_sqlite_log_is_an_error_not_an_empty_one(
+    app: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "log.db").rename(tmp_path / "moved.db")
+    bus = f"{app.__name__}:bus"
+    for argv in (("list",), ("show", "x/y"), ("purge", "--all"), ("replay", "--all")):
+        assert run("dead-letters", *argv, "--bus", bus) == (2, "")
+        assert f"its event log {tmp_path / 'log.db'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "log.db").exists()
