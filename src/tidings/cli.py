@@ -480,6 +480,10 @@ def _print_table(letters: Sequence[DeadLetter], out: TextIO) -> None:
     print(f"{len(letters)} dead letter(s)", file=out)
 
 
+def _no_such(args: argparse.Namespace) -> str:
+    return "no such dead letter" + (" that the filters select" if args.event or args.handler else "")
+
+
 def _check_selection(args: argparse.Namespace) -> None:
     if args.ids and args.all:
         raise UsageError("give ids or --all, not both")
@@ -529,7 +533,11 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             print(f"  failed again: {letter.id}", file=out)
         for letter in result.skipped:
             print(f"  skipped (no handler named {letter.handler!r}): {letter.id}", file=out)
-        return 1 if result.failed or result.skipped else 0
+        seen = {letter.id for letter in (*result.succeeded, *result.failed, *result.skipped)}
+        missing = [letter_id for letter_id in dict.fromkeys(args.ids) if letter_id not in seen]
+        for letter_id in missing:  # a typo, or replayed or purged meanwhile: not a silent success
+            print(f"  not replayed ({_no_such(args)}): {letter_id}", file=out)
+        return 1 if result.failed or result.skipped or missing else 0
     await store.open()
     try:
         if args.action == "list":
@@ -556,6 +564,10 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             args.ids or None, event=args.event, handler=args.handler, all=args.all
         )
         print(f"purged {purged} dead letter(s)", file=out)
+        unknown = len(set(args.ids)) - purged
+        if args.ids and unknown:  # a typo, or replayed or purged meanwhile: not a silent success
+            print(f"  {unknown} of the ids given: {_no_such(args)}", file=out)
+            return 1
         return 0
     finally:
         await store.aclose()

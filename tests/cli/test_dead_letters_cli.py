@@ -161,3 +161,18 @@ def test_a_missing_sqlite_log_is_an_error_not_an_empty_one(
         assert run("dead-letters", *argv, "--bus", bus) == (2, "")
         assert f"its event log {tmp_path / 'log.db'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "log.db").exists()
+
+
+def test_ids_that_are_not_dead_letters_are_named_and_fail(app: ModuleType) -> None:
+    bus = f"{app.__name__}:bus"
+    _, listing = run("dead-letters", "list", "--bus", bus, "--json")
+    real = next(json.loads(line)["id"] for line in listing.splitlines() if "mail.welcome" in line)
+    status, out = run("dead-letters", "replay", "nope/x", "--bus", bus)
+    assert (status, out) == (
+        1,
+        "replayed 0: 0 succeeded, 0 failed again, 0 skipped\n  not replayed (no such dead letter): nope/x\n",
+    )
+    status, out = run("dead-letters", "purge", real, "nope/x", "nope/x", "--bus", bus)
+    assert (status, out) == (1, "purged 1 dead letter(s)\n  1 of the ids given: no such dead letter\n")
+    status, out = run("dead-letters", "purge", real, "--bus", bus)
+    assert (status, out) == (1, "purged 0 dead letter(s)\n  1 of the ids given: no such dead letter\n")
