@@ -6,10 +6,14 @@ import dataclasses
 import datetime as dt
 import enum
 import sqlite3
+import threading
 import uuid
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 
 from tidings import ConfigurationError, Event, StoreError
@@ -157,3 +161,37 @@ def test_a_bad_store_url_is_reported_without_its_password() -> None:
             store_from_url(bad)
         assert "s3cret" not in str(caught.value)
         assert "app:***@" in str(caught.value)
+
+
+async def test_listing_dead_letters_does_not_lock_out_the_writes_of_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tidings.store import sqlite as sqlite_module
+    from tidings.store._rows import listed_letters
+    from tidings.store.base import DeadLetter
+
+    app = SQLiteStore(tmp_path / "log.db", busy_timeout=0)  # a write lock held elsewhere fails it at once
+    cli = SQLiteStore(tmp_path / "log.db")
+    await app.open()
+    await cli.open()
+    app.bury([DeadLetter(Event("a", 1), "h", 1, "E: x", "", DeadLetter.now())])
+    await app.flush()
+    reading, release = threading.Event(), threading.Event()
+
+    def held(rows: Sequence[Sequence[Any]]) -> list[DeadLetter]:  # a long listing, in mid-read
+        reading.set()
+        release.wait(10)
+        return listed_letters(rows)
+
+    monkeypatch.setattr(sqlite_module, "listed_letters", held)
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(cli.dead_letters)
+            await anyio.to_thread.run_sync(reading.wait, 10)
+            try:
+                assert await app.record([(Event("b", 2), "h")], lease=60) == {}
+            finally:
+                release.set()
+    finally:
+        await app.aclose()
+        await cli.aclose()

@@ -74,6 +74,7 @@ class _Op:
     loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future[Any] | None = None
     result: Any = field(default=None)
+    reads_only: bool = False  # a batch of these takes no write lock (WAL: writers go on meanwhile)
 
 
 class SQLiteStore:
@@ -134,7 +135,7 @@ class SQLiteStore:
         """
         self._closed = False
         self._start_writer()
-        await self._call(lambda connection: None, "open")
+        await self._call(lambda connection: None, "open", reads_only=True)
 
     def _start_writer(self) -> None:
         # Lazy and synchronous: a bus started by a request (no lifespan) queues writes at once.
@@ -197,7 +198,9 @@ class SQLiteStore:
 
     def _commit(self, connection: sqlite3.Connection, batch: list[_Op]) -> None:
         try:
-            connection.execute("BEGIN IMMEDIATE")
+            # a long read (a listing of many dead letters, from the CLI) must not hold the write
+            # lock: another process's writes would fail after busy_timeout, dead letters among them
+            connection.execute("BEGIN" if all(op.reads_only for op in batch) else "BEGIN IMMEDIATE")
             for op in batch:
                 op.result = op.run(connection)
             connection.execute("COMMIT")
@@ -238,14 +241,16 @@ class SQLiteStore:
             return
         self._queue.put(_Op(run, what))
 
-    async def _call(self, run: Callable[[sqlite3.Connection], Any], what: str) -> Any:
+    async def _call(
+        self, run: Callable[[sqlite3.Connection], Any], what: str, *, reads_only: bool = False
+    ) -> Any:
         # Someone is waiting for this one (a bus started again without open(), a read after
         # close): unlike a stray write from a late thread, it reopens the log.
         self._closed = False
         self._start_writer()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put(_Op(run, what, loop, future))
+        self._queue.put(_Op(run, what, loop, future, reads_only=reads_only))
         return await future
 
     # -- writes behind handler work ------------------------------------------------------------
@@ -357,7 +362,7 @@ class SQLiteStore:
             ).fetchall()
             return listed_letters(rows)
 
-        letters: list[DeadLetter] = await self._call(run, "list dead letters")
+        letters: list[DeadLetter] = await self._call(run, "list dead letters", reads_only=True)
         wanted = None if ids is None else set(ids)
         return [d for d in letters if matches(d, ids=wanted, event=event, handler=handler)]
 
@@ -410,7 +415,7 @@ class SQLiteStore:
     async def flush(self) -> None:
         """Wait until every write queued so far is committed."""
         if self._thread is not None:
-            await self._call(lambda connection: None, "flush")
+            await self._call(lambda connection: None, "flush", reads_only=True)
 
     async def pending_count(self) -> int:
         """How many deliveries are pending (recorded, not done, not dead)."""
@@ -419,7 +424,7 @@ class SQLiteStore:
             query = "SELECT count(*) FROM tidings_deliveries WHERE status = 'pending'"
             return int(connection.execute(query).fetchone()[0])
 
-        result: int = await self._call(run, "count pending deliveries")
+        result: int = await self._call(run, "count pending deliveries", reads_only=True)
         return result
 
     def __repr__(self) -> str:
