@@ -476,7 +476,8 @@ def _print_table(letters: Sequence[DeadLetter], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
     for row in [header, *rows]:
         cells = [cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True)]
-        print("  ".join([*cells, row[4][:120]]), file=out)
+        # one line per letter: a multi-line error (a Pydantic ValidationError) is joined up
+        print("  ".join([*cells, " ".join(row[4].split())[:120]]), file=out)
     print(f"{len(letters)} dead letter(s)", file=out)
 
 

@@ -176,3 +176,16 @@ def test_ids_that_are_not_dead_letters_are_named_and_fail(app: ModuleType) -> No
     assert (status, out) == (1, "purged 1 dead letter(s)\n  1 of the ids given: no such dead letter\n")
     status, out = run("dead-letters", "purge", real, "--bus", bus)
     assert (status, out) == (1, "purged 0 dead letter(s)\n  1 of the ids given: no such dead letter\n")
+
+
+def test_a_multi_line_error_keeps_to_its_row_of_the_table() -> None:
+    from tidings import Event
+    from tidings.cli import _print_table
+    from tidings.store import DeadLetter
+
+    error = "ValidationError: 1 validation error for Order\nqty\n  Input should be a valid integer"
+    out = io.StringIO()
+    _print_table([DeadLetter(Event("order.placed", 1), "h", 1, error, "", DeadLetter.now())], out)
+    _, row, total = out.getvalue().splitlines()
+    assert total == "1 dead letter(s)"
+    assert row.endswith("ValidationError: 1 validation error for Order qty Input should be a valid integer")
