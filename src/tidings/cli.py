@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
 from ._core import default as _default
 from ._core.bus import EventBus
 from ._core.registry import is_pattern
-from .exceptions import TidingsError
+from .exceptions import StoreError, TidingsError
+from .store.postgres import PostgresStore
 from .store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -493,8 +494,9 @@ def _check_selection(args: argparse.Namespace) -> None:
 
 
 def _check_log_exists(bus: EventBus) -> None:
-    """Opening a SQLite log that is not there would create an empty one: "no dead letters", and a
-    stray file, for a path that is wrong or relative to another directory.
+    """Opening a log that is not there would create an empty one: "no dead letters", and a stray
+    file (or PostgreSQL schema), for a path that is wrong or relative to another directory (or a
+    schema name with a typo).
 
     Raises:
         UsageError: the bus's SQLite log file does not exist.
@@ -506,10 +508,35 @@ def _check_log_exists(bus: EventBus) -> None:
         raise UsageError(f"bus {bus.name!r}: its event log {path} does not exist{where}")
 
 
+async def _check_postgres_log_exists(bus: EventBus) -> None:
+    """:func:`_check_log_exists` for a PostgreSQL log: its table must be there.
+
+    Raises:
+        UsageError: the table does not exist.
+        StoreError: the server cannot be reached or refuses the connection.
+    """
+    store = bus.store
+    if not isinstance(store, PostgresStore):
+        return
+    import asyncpg
+
+    try:
+        connection = await asyncpg.connect(store.dsn, timeout=store.connect_timeout)
+        try:
+            found = await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", store.deliveries_table)
+        finally:
+            await connection.close()
+    except Exception as exc:  # as PostgresStore.open() reports it
+        raise StoreError(f"the PostgreSQL event log could not open: {exc}") from exc
+    if not found:
+        raise UsageError(f"bus {bus.name!r}: its event log table {store.deliveries_table} does not exist")
+
+
 async def _run(args: argparse.Namespace, out: TextIO) -> int:
     bus = load_bus(args.bus)
     store = bus.store
     _check_log_exists(bus)
+    await _check_postgres_log_exists(bus)
     if not store.durable:
         print(
             f"note: bus {bus.name!r} keeps dead letters in memory only; this process sees none of "

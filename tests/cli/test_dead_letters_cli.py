@@ -19,6 +19,8 @@ import pytest
 
 from tidings.cli import load_bus, main
 
+from ..conftest import POSTGRES_DSN
+
 _names = itertools.count()
 
 APP = """
@@ -189,3 +191,28 @@ def test_a_multi_line_error_keeps_to_its_row_of_the_table() -> None:
     _, row, total = out.getvalue().splitlines()
     assert total == "1 dead letter(s)"
     assert row.endswith("ValidationError: 1 validation error for Order qty Input should be a valid integer")
+
+
+def test_a_missing_postgres_log_is_an_error_not_an_empty_one(
+    pg_schema: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"cli_pg_app_{next(_names)}"
+    (tmp_path / f"{name}.py").write_text(
+        f"from tidings import EventBus\nbus = EventBus(store={POSTGRES_DSN + '?schema=' + pg_schema!r})\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert run("dead-letters", "list", "--bus", f"{name}:bus") == (2, "")
+        assert (
+            f'its event log table "{pg_schema}".tidings_deliveries does not exist' in capsys.readouterr().err
+        )
+        store = load_bus(f"{name}:bus").store
+
+        async def start_the_app() -> None:  # its start creates the log: from then on it is there
+            await store.open()
+            await store.aclose()
+
+        asyncio.run(start_the_app())
+        assert run("dead-letters", "list", "--bus", f"{name}:bus") == (0, "no dead letters\n")
+    finally:
+        del sys.modules[name]
