@@ -560,7 +560,7 @@ def _check_buses(what: str, buses: tuple[object, ...]) -> None:
 # -- settling -----------------------------------------------------------------------------------------
 def _is_busy(bus: EventBus) -> bool:
     """Whether a bus whose loop is not running has work (nothing can finish it until it runs)."""
-    return bool(bus._runner.jobs or bus._outside)
+    return bool(bus._runner.jobs or bus._waiting())
 
 
 def _pending(bus: EventBus) -> list[str]:
@@ -585,6 +585,7 @@ def _pending(bus: EventBus) -> list[str]:
             for event in _events_of(spec, arg)
         ]
     pending += [f"{record[0]} (not started yet)" for record in bus._outside]
+    pending += [f"{record[0]} (not started yet)" for _, record in tuple(bus._handed_over)]
     return pending
 
 
@@ -592,12 +593,11 @@ async def _settle_here(bus: EventBus, until: float) -> list[str] | None:
     """On the bus's loop: wait until it is idle, or return what is still pending at ``until``."""
     runner = bus._runner
     while bus.state in (BusState.RUNNING, BusState.DRAINING):
-        if bus._outside:
-            bus._spawn_outside_job()  # now, not at the next tick: we wait on jobs
+        bus._start_waiting()  # we wait on jobs
         if not await runner.wait_idle(until):
             return _pending(bus)
         await asyncio.sleep(0)  # let emits scheduled by the last handlers (threads) land
-        if not bus._outside and runner.idle(until):
+        if not bus._waiting() and runner.idle(until):
             # the failures' reports: an async on_failure hook's calls are bus tasks, as drain knows
             hooks = set(runner.hook_tasks)
             if not hooks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -146,6 +147,25 @@ async def test_taps_see_every_emit_at_emit_time(bus: EventBus) -> None:
     bus.emit("after", 4)
     assert seen == [("before.start", 1), ("now", 2), ("scoped", 3)]
     assert bus.inspects_emits  # the broken tap is still there
+
+
+async def test_an_event_a_thread_emits_is_pending_by_the_time_a_tap_sees_it(bus: EventBus) -> None:
+    # capture() records with a tap: a test that saw the event captured, then settles the bus, must
+    # find its handler work pending, although the thread has not handed it to the loop yet
+    pending_when_tapped: list[bool] = []
+    bus.tap(lambda event: pending_when_tapped.append(bus._waiting()))
+
+    @bus.on("x")
+    async def handler(event: Event) -> None: ...
+
+    async with bus:
+        thread = threading.Thread(target=bus.emit, args=("x",))
+        thread.start()
+        thread.join()
+        assert bus._waiting()  # handed over, not taken by the loop yet (it was blocked here)
+        await bus.drain()
+        assert not bus._waiting()
+    assert pending_when_tapped == [True]
 
 
 async def test_released_outbox_events_are_tapped(bus: EventBus) -> None:

@@ -256,6 +256,7 @@ class EventBus:
         # that stops before running it is discarded with the loop, and its event with it.
         self._handed_over: list[tuple[Scope | None, Record]] = []
         self._hand_over_scheduled = False
+        self._emits_under_way = 0  # tapped emits between their taps and their routing (any thread)
         self._told_not_started = False  # the warning that events wait for a start nobody made, given
         self._drain_deadline: float | None = None
         self._closing: asyncio.Future[None] | None = None  # done when the aclose() under way returns
@@ -570,6 +571,21 @@ class EventBus:
 
         return untap
 
+    def _route_tapped(self, record: Record, event: Event) -> None:
+        """Notify the taps (before any handler runs), then route; the event waits meanwhile.
+
+        A test that saw the event captured and then settles the bus must find its handler work
+        pending, although another thread may still be on its way from the taps to the loop.
+        """
+        with self._lock:
+            self._emits_under_way += 1
+        try:
+            self._notify_taps(event)
+            self._route(record)
+        finally:
+            with self._lock:
+                self._emits_under_way -= 1
+
     def _notify_taps(self, event: Event) -> None:
         for callback in tuple(self._taps):
             try:
@@ -636,7 +652,11 @@ class EventBus:
                 payload = schema.coerce(payload)
         timestamp_ns = time_ns()
         if self._taps:
-            self._notify_taps(Event(event, payload, headers or EMPTY_HEADERS, timestamp_ns))
+            self._route_tapped(
+                (event, payload, timestamp_ns, headers),
+                Event(event, payload, headers or EMPTY_HEADERS, timestamp_ns),
+            )
+            return
         self._route((event, payload, timestamp_ns, headers))
 
     @staticmethod
@@ -867,6 +887,17 @@ class EventBus:
                     self._hand_over_scheduled = False
                 for _, record in stranded:
                     self._drop(record, "its event loop has closed")
+
+    def _waiting(self) -> bool:
+        """Whether events were accepted that no job has taken yet (drain and settle wait for them)."""
+        return bool(self._handed_over or self._outside or self._emits_under_way)
+
+    def _start_waiting(self) -> None:
+        """On the loop: start the job of what waits (see :meth:`_waiting`) now, not at the next tick."""
+        if self._handed_over:  # emitted by other threads (the last sync handlers, say)
+            self._take_handed_over()
+        if self._outside:
+            self._spawn_outside_job()
 
     def _take_handed_over(self) -> None:
         """On the loop: put what other threads handed over where it goes, in the order they did."""
@@ -1177,10 +1208,7 @@ class EventBus:
         if self._state not in (BusState.RUNNING, BusState.DRAINING) or not self.store.durable:
             return
         await asyncio.sleep(0)  # let a request's task that emitted end (and hand its job over)
-        if self._handed_over:  # emits other threads made before this call
-            self._take_handed_over()
-        if self._outside:
-            self._spawn_outside_job()
+        self._start_waiting()  # what other threads emitted before this call too
         errors = await self._runner.wait_recorded()
         if errors:
             raise StoreError(
@@ -1204,17 +1232,14 @@ class EventBus:
         until = monotonic() + (self.drain_timeout if timeout is None else timeout)
         runner = self._runner
         while True:
-            if self._handed_over:  # emitted by other threads (the last sync handlers, say)
-                self._take_handed_over()
-            if self._outside:
-                self._spawn_outside_job()  # now, not at the next tick: drain waits on jobs
+            self._start_waiting()  # drain waits on jobs
             if not await runner.wait_idle(until):
                 break
             await asyncio.sleep(0)  # let the last handlers' tasks and threads hand on what they emitted
-            if not self._handed_over and not self._outside and runner.idle(until):
+            if not self._waiting() and runner.idle(until):
                 # an async failure hook's calls (reports of the last failures) end within the bound
                 hooks_ended = await runner.wait_hooks(until)
-                if not self._handed_over and not self._outside and runner.idle(until):  # nothing waits
+                if not self._waiting() and runner.idle(until):  # nothing they emitted waits
                     return
                 if not hooks_ended:
                     break
