@@ -21,6 +21,7 @@ import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.security import SecurityScopes
+from starlette.responses import Response
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket
 
@@ -744,6 +745,20 @@ def test_unresolvable_dependency_annotations_fail_at_registration() -> None:
 
         @bus.on("x")
         async def handler(db: "Annotated[Session, Depends(get_db)]") -> None: ...  # type: ignore[name-defined]  # noqa: F821
+
+
+@pytest.mark.parametrize("annotation", [Request, WebSocket, BackgroundTasks, SecurityScopes, Response])
+def test_a_request_object_taken_by_the_handler_itself_fails_at_registration(annotation: type) -> None:
+    # FastAPI fills them for a dependency that asks; as the handler's own parameter they were read
+    # as a payload field, and every call failed
+    bus = EventBus()
+
+    async def handler(event: Event, thing: Any) -> None: ...
+
+    handler.__annotations__["thing"] = annotation
+    with pytest.raises(ConfigurationError, match=f"takes thing: {annotation.__qualname__}, which handlers"):
+        bus.subscribe(handler, "x")
+    bus.subscribe(handler, "x", bind="arguments")  # the emit's arguments fill it: whatever it is
 
 
 def test_a_dependency_fastapi_rejects_fails_at_registration() -> None:

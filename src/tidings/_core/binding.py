@@ -64,6 +64,25 @@ def _dependency_marker(annotation: object, default: object) -> bool:
     return False
 
 
+# What FastAPI fills in endpoints, and in a handler only for a dependency that asks for it: as a
+# handler's own parameter it would be read as a payload field no event carries. By name, so the core
+# never imports Starlette or FastAPI.
+_REQUEST_OBJECTS: Final = frozenset(
+    {
+        ("starlette.requests", "HTTPConnection"),
+        ("starlette.responses", "Response"),
+        ("starlette.background", "BackgroundTasks"),
+        ("fastapi.security.oauth2", "SecurityScopes"),
+    }
+)
+
+
+def _is_request_object(annotation: object) -> bool:
+    return isinstance(annotation, type) and any(
+        (getattr(cls, "__module__", ""), cls.__name__) in _REQUEST_OBJECTS for cls in annotation.__mro__
+    )
+
+
 def _unresolved_dependency(annotation: object) -> bool:
     """An annotation left as text that still reads as a FastAPI dependency (its names did not resolve)."""
     return isinstance(annotation, str) and ("Depends(" in annotation or "Security(" in annotation)
@@ -350,6 +369,12 @@ def plan_handler(
                     for schema in schemas
                 )
             )
+            if style == "auto" and _is_request_object(bare):
+                raise ConfigurationError(
+                    f"handler {name} takes {parameter.name}: {_describe(bare)}, which handlers are not "
+                    "given: they run after the response, for events, not requests. Ask for it in a "
+                    "FastAPI dependency (Depends), which gets a request of the handler's own run"
+                )
             if isinstance(bare, str) and style == "auto" and not _is_envelope(bare):
                 raise ConfigurationError(
                     f"handler {name}: the annotation of {parameter.name!r} ({bare!r}) cannot be "
