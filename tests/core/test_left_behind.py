@@ -36,6 +36,7 @@ from tidings import (
     HandlerTimeoutError,
     Limits,
     RetryPolicy,
+    StoreError,
     TidingsMiddleware,
     emit,
 )
@@ -574,3 +575,63 @@ async def test_a_failure_on_its_way_from_the_thread_as_the_drain_cuts_off_is_rep
         ("HandlerError", "raises"),
     ]
     assert [letter.handler for letter in letters] == ["raises"]
+
+
+@pytest.mark.parametrize("job_state", ["running", "ended"])
+async def test_a_late_call_whose_events_the_log_failed_to_take_stays_in_it(
+    job_state: str, recorder: Recorder
+) -> None:
+    # running: its events join its job, whose record of them fails; ended: they make a job of their
+    # own, whose first record fails. Either way the call stays in the log, to run again and emit them.
+    release = threading.Event()
+    job_may_end = asyncio.Event()
+    path = os.path.join(tempfile.mkdtemp(), "events.db")
+    store = SQLiteStore(path)
+    record, complete = store.record, store.complete
+    completed: list[str] = []
+
+    async def failing_record(deliveries: Sequence[tuple[Event, str]], *, lease: float) -> dict[str, str]:
+        if any(handler == "child" for _, handler in deliveries):
+            raise StoreError("the log is unreachable")
+        return await record(deliveries, lease=lease)
+
+    def spy_complete(deliveries: Sequence[tuple[str, str]]) -> None:
+        completed.extend(handler for _, handler in deliveries)
+        complete(deliveries)
+
+    store.record, store.complete = failing_record, spy_complete  # type: ignore[method-assign]
+    failures = Recorder()
+    bus = EventBus(store=store, on_failure=failures.add)
+
+    @bus.on("job", timeout=0.05, name="hangs")
+    def hangs(event: Event) -> None:
+        release.wait(10)
+        emit("child")  # emitted after its job went on without it
+        recorder.add("hangs returned")
+
+    @bus.on("job", name="keeps.job")
+    async def keeps_job(event: Event) -> None:
+        if job_state == "running":
+            await job_may_end.wait()
+
+    @bus.on("child", name="child")
+    async def child(event: Event) -> None:
+        recorder.add("child")
+
+    async with bus:
+        bus.emit("job")
+        await failures.wait_count(1)  # reported, then left behind
+        if job_state == "ended":
+            await anyio.wait_all_tasks_blocked()  # its job has gone on without it, to its end
+            assert not bus._runner.jobs
+        release.set()
+        await recorder.wait_count(1)  # it returned, having emitted the child
+        await anyio.wait_all_tasks_blocked()
+        job_may_end.set()
+        await recorder.wait_count(2)  # the child ran all the same (not durably)
+        await bus.drain()
+        await bus.flush()
+    assert "hangs" not in completed
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(f"SELECT handler FROM {SQLiteStore.deliveries_table}").fetchall()
+    assert ("hangs",) in rows  # (a sibling that finished meanwhile may stay as well: at least once)

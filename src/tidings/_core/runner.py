@@ -456,7 +456,10 @@ class Runner:
             # In the log before it waits for a slot: a crash while it waits must not lose it, and
             # flush() in a handler (which holds a slot) must not wait for a slot it holds itself.
             if job.durable and not job.recorded:
-                await self._record(job)
+                if not await self._record(job):
+                    # the log failed to take what a call left behind emitted (this job's first
+                    # calls): that call stays in it, leased, to run again and emit them again
+                    job.done = []
                 job.recorded = True
                 if job.record_waiters:
                     _wake(job.record_waiters)
@@ -533,7 +536,9 @@ class Runner:
                     # their lease is out, they emit the children again (at least once beats lost).
                     job.done = []
                     job.sync_done = []  # the hop is over: its thread appends to it no more
-                    late = 0
+                    if late:  # calls left behind whose events were among them stay too
+                        del job.late_done[:late]  # type: ignore[union-attr]  # late > 0: it is a list
+                        late = 0
                 if job.durable:
                     if late:
                         self._take_late(job, late)
