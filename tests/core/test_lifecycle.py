@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from time import monotonic
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from tidings import (
     TidingsMiddleware,
     emit,
 )
+from tidings._core.dispatcher import current_scope
 from tidings._core.runner import Job
 
 from ..asgi_calls import http_scope, request_body
@@ -471,3 +473,58 @@ async def test_a_start_while_aclose_winds_down_waits_for_it(recorder: Recorder) 
     bus.emit("x", 2)
     assert await recorder.wait_count(1) == [2]
     await bus.aclose()
+
+
+class _StallAfterRelease:
+    """The bus's lock, but the thread named ``stalled`` stops once it has released it, until ``go``."""
+
+    def __init__(self, lock: Any, stalled: threading.Event, go: threading.Event) -> None:
+        self.lock, self.stalled, self.go = lock, stalled, go
+
+    def __enter__(self) -> None:
+        self.lock.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.lock.release()
+        if threading.current_thread().name == "stalled" and not self.stalled.is_set():
+            self.stalled.set()
+            self.go.wait(5)
+
+
+@pytest.mark.anyio
+async def test_a_sync_handlers_event_joins_its_job_while_another_thread_hands_one_over() -> None:
+    # Another thread has queued its event and is about to wake the loop: a sync handler's emit
+    # that finds the wake-up pending must still reach its job before the handler's hop ends.
+    bus = EventBus()
+    stalled, go, emitted = threading.Event(), threading.Event(), threading.Event()
+    jobs: dict[str, object] = {}
+    child_ran = asyncio.Event()
+
+    @bus.on("parent")
+    def parent(event: Event) -> None:
+        jobs["parent"] = current_scope()
+        bus.emit("child")
+        emitted.set()
+
+    @bus.on("child")
+    async def child(event: Event) -> None:
+        jobs["child"] = current_scope()
+        child_ran.set()
+
+    @bus.on("other")
+    async def other(event: Event) -> None: ...
+
+    async with bus:
+        bus._lock = _StallAfterRelease(bus._lock, stalled, go)  # type: ignore[assignment]
+        thread = threading.Thread(target=bus.emit, args=("other",), name="stalled")
+        thread.start()
+        assert await anyio.to_thread.run_sync(stalled.wait, 5)
+        bus.emit("parent")
+        assert await anyio.to_thread.run_sync(emitted.wait, 5)
+        assert await bus._runner.wait_idle(monotonic() + 5)  # the parent's job has ended
+        go.set()
+        await anyio.to_thread.run_sync(thread.join, 5)
+        with anyio.fail_after(5):
+            await child_ran.wait()
+        await bus.drain()
+    assert jobs["child"] is jobs["parent"]

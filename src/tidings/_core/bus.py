@@ -870,23 +870,25 @@ class EventBus:
         before the request ends. What a stopped loop never took is taken when the bus starts on the
         next loop, or reported when it closes.
         """
+        stranded: list[tuple[Scope | None, Record]] = []
         with self._lock:
             closed = self._state is BusState.CLOSED
             if not closed:
                 self._handed_over.append((scope, record))
-                schedule, self._hand_over_scheduled = not self._hand_over_scheduled, True
+                # Scheduled under the lock: once the flag is seen set, the callback is queued, so
+                # another thread that finds it set and returns (a sync endpoint, a handler's hop)
+                # has its event taken before what it schedules next.
+                if not self._hand_over_scheduled:
+                    try:
+                        self._loop.call_soon_threadsafe(self._take_handed_over)  # type: ignore[union-attr]
+                        self._hand_over_scheduled = True
+                    except RuntimeError:  # the loop has closed under us: nothing will take them there
+                        stranded, self._handed_over = self._handed_over, []
         if closed:
             self._drop(record, "the bus is closed")
             return
-        if schedule:
-            try:
-                self._loop.call_soon_threadsafe(self._take_handed_over)  # type: ignore[union-attr]
-            except RuntimeError:  # the loop has closed under us: nothing will take them there
-                with self._lock:
-                    stranded, self._handed_over = self._handed_over, []
-                    self._hand_over_scheduled = False
-                for _, record in stranded:
-                    self._drop(record, "its event loop has closed")
+        for _, record in stranded:
+            self._drop(record, "its event loop has closed")
 
     def _waiting(self) -> bool:
         """Whether events were accepted that no job has taken yet (drain and settle wait for them)."""
