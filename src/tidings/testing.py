@@ -586,6 +586,8 @@ def _pending(bus: EventBus) -> list[str]:
         ]
     pending += [f"{record[0]} (not started yet)" for record in bus._outside]
     pending += [f"{record[0]} (not started yet)" for _, record in tuple(bus._handed_over)]
+    if bus._emits_under_way:  # another thread's emit, its taps not returned yet
+        pending.append(f"{bus._emits_under_way} emit(s) in another thread, still in a tap")
     return pending
 
 
@@ -597,6 +599,8 @@ async def _settle_here(bus: EventBus, until: float) -> list[str] | None:
         if not await runner.wait_idle(until):
             return _pending(bus)
         await asyncio.sleep(0)  # let emits scheduled by the last handlers (threads) land
+        if not await bus._wait_emits_under_way(until):
+            return _pending(bus)
         if not bus._waiting() and runner.idle(until):
             # the failures' reports: an async on_failure hook's calls are bus tasks, as drain knows
             hooks = set(runner.hook_tasks)

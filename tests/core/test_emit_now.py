@@ -8,6 +8,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 
+import anyio
 import pytest
 
 import tidings
@@ -15,6 +16,7 @@ from tidings import Arguments, BusStateError, DrainTimeoutError, Event, EventBus
 from tidings._core.default import reset_default_bus
 from tidings.store import SQLiteStore
 from tidings.store.codec import decode_event, encode_payload
+from tidings.testing import settle
 
 from ..conftest import Recorder, Records
 
@@ -166,6 +168,39 @@ async def test_an_event_a_thread_emits_is_pending_by_the_time_a_tap_sees_it(bus:
         await bus.drain()
         assert not bus._waiting()
     assert pending_when_tapped == [True]
+
+
+@pytest.mark.parametrize("waiter", ["drain", "settle"])
+async def test_a_threads_emit_stuck_in_a_tap_holds_a_drain_or_settle_no_longer_than_its_bound(
+    bus: EventBus, waiter: str
+) -> None:
+    in_tap, release = threading.Event(), threading.Event()
+
+    def slow_tap(event: Event) -> None:
+        in_tap.set()
+        release.wait(10)
+
+    bus.tap(slow_tap)
+
+    @bus.on("x")
+    async def handler(event: Event) -> None: ...
+
+    thread = threading.Thread(target=bus.emit, args=("x",))
+    try:
+        async with bus:
+            thread.start()
+            assert await asyncio.to_thread(in_tap.wait, 5)
+            with anyio.fail_after(5):  # the bound below is 0.05s: it spun until the tap returned
+                if waiter == "drain":
+                    with pytest.raises(DrainTimeoutError):
+                        await bus.drain(0.05)
+                else:
+                    with pytest.raises(TimeoutError, match=r"1 emit\(s\) in another thread, still in a tap"):
+                        await settle(bus, timeout=0.05)
+            release.set()
+            await asyncio.to_thread(thread.join, 5)
+    finally:
+        release.set()
 
 
 async def test_released_outbox_events_are_tapped(bus: EventBus) -> None:

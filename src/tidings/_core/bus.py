@@ -64,6 +64,7 @@ class _Default(enum.Enum):
 
 DEFAULT: Final = _Default.DEFAULT
 _CLAIM_BATCH: Final = 500  # deliveries the relay takes from the log at once
+_TAPS_POLL: Final = 0.002  # how often drain and settle look whether a thread's emit left its taps
 
 
 def _require_opentelemetry() -> None:
@@ -894,6 +895,22 @@ class EventBus:
         """Whether events were accepted that no job has taken yet (drain and settle wait for them)."""
         return bool(self._handed_over or self._outside or self._emits_under_way)
 
+    async def _wait_emits_under_way(self, until: float) -> bool:
+        """Wait until no tapped emit is between its taps and its routing, or ``until`` (monotonic).
+
+        Such an emit is another thread's, in taps that may take their time (or never return):
+        looked at every few milliseconds, so neither the bound nor the loop's CPU is spent on it.
+
+        Returns:
+            ``False`` if ``until`` came first.
+        """
+        while self._emits_under_way:
+            remaining = until - monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.sleep(min(_TAPS_POLL, remaining))
+        return True
+
     def _start_waiting(self) -> None:
         """On the loop: start the job of what waits (see :meth:`_waiting`) now, not at the next tick."""
         if self._handed_over:  # emitted by other threads (the last sync handlers, say)
@@ -1238,6 +1255,8 @@ class EventBus:
             if not await runner.wait_idle(until):
                 break
             await asyncio.sleep(0)  # let the last handlers' tasks and threads hand on what they emitted
+            if not await self._wait_emits_under_way(until):
+                break
             if not self._waiting() and runner.idle(until):
                 # an async failure hook's calls (reports of the last failures) end within the bound
                 hooks_ended = await runner.wait_hooks(until)
