@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import httpx
+import pydantic
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI, Header, Query, Request, Security
 from fastapi.security import SecurityScopes
@@ -759,6 +760,24 @@ def test_a_request_object_taken_by_the_handler_itself_fails_at_registration(anno
     with pytest.raises(ConfigurationError, match=f"takes thing: {annotation.__qualname__}, which handlers"):
         bus.subscribe(handler, "x")
     bus.subscribe(handler, "x", bind="arguments")  # the emit's arguments fill it: whatever it is
+
+
+async def test_a_request_object_that_is_a_field_of_the_event_is_the_handlers_to_take() -> None:
+    class ResponseSent(pydantic.BaseModel):
+        model_config = pydantic.ConfigDict(arbitrary_types_allowed=True)
+        response: Response
+        path: str
+
+    bus = EventBus()
+    seen: list[tuple[int, str]] = []
+
+    @bus.on(ResponseSent)
+    async def handler(response: Response, path: str) -> None:
+        seen.append((response.status_code, path))
+
+    async with bus:
+        assert await bus.emit_now(ResponseSent(response=Response(status_code=201), path="/x")) == ()
+    assert seen == [(201, "/x")]
 
 
 def test_a_dependency_fastapi_rejects_fails_at_registration() -> None:

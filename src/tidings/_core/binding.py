@@ -369,7 +369,12 @@ def plan_handler(
                     for schema in schemas
                 )
             )
-            if style == "auto" and _is_request_object(bare):
+            if (
+                style == "auto"
+                and _is_request_object(bare)
+                # a field of the event, typed so (arbitrary_types_allowed): the event carries it
+                and not any(parameter.name in schema.fields for schema in schemas)
+            ):
                 raise ConfigurationError(
                     f"handler {name} takes {parameter.name}: {_describe(bare)}, which handlers are not "
                     "given: they run after the response, for events, not requests. Ask for it in a "
