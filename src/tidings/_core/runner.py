@@ -452,6 +452,7 @@ class Runner:
             job.task = current_task(self.loop)
             self._track(job)
         slot = 0  # the generation of the slot the job holds (bind() makes them 1, 2, ...), if any
+        recording = False  # writing the events its handlers emitted to the log
         try:
             # In the log before it waits for a slot: a crash while it waits must not lose it, and
             # flush() in a handler (which holds a slot) must not wait for a slot it holds itself.
@@ -529,7 +530,12 @@ class Runner:
                     raise asyncio.CancelledError
                 job.buffer = []
                 job.attempt = 1  # chained events are new: their first attempt
-                if self._sort(records, job) and job.durable and not await self._record(job):
+                recorded = True
+                if self._sort(records, job) and job.durable:
+                    recording = True  # cut off meanwhile, the parents stay in the log (finally)
+                    recorded = await self._record(job)
+                    recording = False
+                if not recorded:
                     # The children go into the log before their parents leave it: a crash in
                     # between must not lose the events a finished handler emitted. The log
                     # failed to take them, so the parents stay in it, leased: run again once
@@ -560,7 +566,7 @@ class Runner:
             if job.durable:
                 # (and its own calls must be in the log: a job of a late call's events may be
                 # cut off before it recorded them, with that call in `done` already)
-                if (job.done or job.sync_done) and not unrecorded and job.recorded:
+                if (job.done or job.sync_done) and not unrecorded and job.recorded and not recording:
                     self._complete(job)
                 if job.record_waiters:  # it ended before its record step (cut off): stop waiting
                     _wake(job.record_waiters)
