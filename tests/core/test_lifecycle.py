@@ -172,6 +172,35 @@ def test_an_async_failure_hook_hears_of_the_jobs_of_a_loop_that_closed() -> None
     assert heard == ["its event loop closed before it finished; it is lost"]
 
 
+def test_a_failure_hook_that_emits_hears_of_the_jobs_of_a_loop_that_closed_with_a_tap_on() -> None:
+    # The report is made as the bus binds the next loop; a tapped emit of the hook took the bus's
+    # lock, which the binding held: the thread starting the bus hung for good.
+    bus = EventBus(on_failure=lambda error: bus.emit("handler.failed", error.handler))
+    tapped: list[str] = []
+    bus.tap(lambda event: tapped.append(event.name))  # what capture() does
+    failed: list[str] = []
+
+    @bus.on("x")
+    async def handler(event: Event) -> None: ...
+
+    @bus.on("handler.failed")
+    async def on_failed(event: Event) -> None:
+        failed.append(event.payload)
+
+    async def second() -> None:
+        await bus.start()  # reports the dead job; the hook emits
+        await bus.aclose()
+
+    _leave_a_job_on_a_closed_loop(bus, 1)
+    tapped.clear()
+    thread = threading.Thread(target=asyncio.run, args=(second(),), daemon=True)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert tapped == ["handler.failed"]
+    assert [name.rsplit(".", 1)[-1] for name in failed] == ["handler"]
+
+
 def test_outside_events_accepted_as_a_loop_stopped_are_handled_on_the_next(recorder: Recorder) -> None:
     # The loop stops in the tick that accepted the first event, so the callback that would spawn
     # its job never runs. Before the fix, its flag kept this and every later outside event waiting

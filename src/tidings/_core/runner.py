@@ -302,17 +302,18 @@ class Runner:
         self.tracing: Tracing | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Jobs of an event loop that closed under the bus (a test client's, without a lifespan
-        # shutdown) can never finish: report them now rather than have drain wait out its bound.
+    def bind(self, loop: asyncio.AbstractEventLoop) -> list[Job]:
+        """Serve ``loop``; return the jobs of a loop that closed, for :meth:`report_dead` to report.
+
+        Jobs of an event loop that closed under the bus (a test client's, without a lifespan
+        shutdown) can never finish: they are reported at once rather than have drain wait out its
+        bound, but not here: the bus binds under its lock, and the failure hook or a logging
+        handler may emit.
+        """
         self.loop = loop  # first: an async failure hook's reports of them run here
         dead = [job for job in self.jobs if job.task is not None and job.task.get_loop().is_closed()]
         for job in dead:
             self.jobs.discard(job)
-            where = "it stays in the event log" if job.durable else "it is lost"
-            self.report_unfinished(
-                job.take_over(self.registry.resolve), f"its event loop closed before it finished; {where}"
-            )
         self.hook_tasks = {task for task in self.hook_tasks if not task.get_loop().is_closed()}
         self._hooks_overdue &= self.hook_tasks
         self.closed = False
@@ -322,6 +323,15 @@ class Runner:
         self._watch_handle = None
         if self._executor is None:
             self._executor = DaemonThreadPool(self.limits.max_threads, "tidings-handler")
+        return dead
+
+    def report_dead(self, dead: list[Job]) -> None:
+        """Report the unfinished calls of the jobs :meth:`bind` found on a closed loop."""
+        for job in dead:
+            where = "it stays in the event log" if job.durable else "it is lost"
+            self.report_unfinished(
+                job.take_over(self.registry.resolve), f"its event loop closed before it finished; {where}"
+            )
 
     def shutdown(self) -> None:
         self.closed = True
