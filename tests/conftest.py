@@ -18,6 +18,8 @@ import pytest
 
 import tidings
 from tidings._core.dispatcher import live_buses, unregister_running
+from tidings.store import _rows
+from tidings.store.codec import decode_event
 
 # The demo shop keeps its event log in a file: the tests' goes to a directory of their own.
 os.environ.setdefault("SHOP_EVENT_LOG", os.path.join(tempfile.mkdtemp(prefix="tidings-shop-"), "events.db"))
@@ -106,6 +108,20 @@ def records() -> Iterator[Records]:
     yield handler
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The event ids of the rows the stores decode (every row they read back is decoded)."""
+    seen: list[str] = []
+    real = decode_event
+
+    def counting(event_id: str, *row: Any) -> tidings.Event:
+        seen.append(event_id)
+        return real(event_id, *row)
+
+    monkeypatch.setattr(_rows, "decode_event", counting)
+    return seen
 
 
 @pytest.fixture

@@ -216,3 +216,17 @@ def test_a_missing_postgres_log_is_an_error_not_an_empty_one(
         assert run("dead-letters", "list", "--bus", f"{name}:bus") == (0, "no dead letters\n")
     finally:
         del sys.modules[name]
+
+
+def test_show_and_replay_by_id_read_only_that_letter(app: ModuleType, decoded: list[str]) -> None:
+    bus = f"{app.__name__}:bus"
+    _, listing = run("dead-letters", "list", "--bus", bus, "--json")
+    letter_id = next(json.loads(line)["id"] for line in listing.splitlines() if "billing" in line)
+    event_id = letter_id.rpartition("/")[0]
+    decoded.clear()
+    assert run("dead-letters", "show", letter_id, "--bus", bus)[0] == 0
+    assert decoded == [event_id]
+    decoded.clear()
+    setattr(app, "broken", False)  # noqa: B010 - the module's flag, unknown to mypy
+    assert run("dead-letters", "replay", letter_id, "--bus", bus)[0] == 0
+    assert set(decoded) == {event_id}

@@ -37,6 +37,22 @@ def letter(event: Event, handler: str = "h", attempts: int = 3) -> DeadLetter:
     )
 
 
+def seen(letter: DeadLetter) -> tuple[object, ...]:
+    """All a dead letter holds (events compare by identity)."""
+    event = letter.event
+    return (
+        letter.id,
+        event.name,
+        event.payload,
+        dict(event.headers),
+        event.timestamp_ns,
+        letter.attempts,
+        letter.error,
+        letter.traceback,
+        letter.failed_at,
+    )
+
+
 async def test_recorded_deliveries_are_claimable_only_once_their_lease_ran_out(store: Store) -> None:
     events = [Event("a", {"n": i}) for i in range(3)]
     assert await store.record([(e, "h") for e in events], lease=3600) == {}
@@ -138,3 +154,25 @@ async def test_recording_twice_keeps_one_delivery(store: Store) -> None:
     await store.record([(event, "h")], lease=0)
     await store.record([(event, "h")], lease=0)
     assert len(await store.claim(limit=10, lease=60)) == 1
+
+
+async def test_dead_letters_are_looked_up_revived_and_purged_by_id(store: Store) -> None:
+    # an event id may hold a '/' (Event(id=...), a CloudEvent's id); a handler name never does
+    slashed = Event("order.paid", 1, id="orders/42")
+    others = [Event("order.paid", i) for i in range(3)]
+    store.bury([letter(e, h) for e in [*others, slashed] for h in ("billing", "mail")])
+    await store.flush()
+    wanted = [f"{slashed.id}/mail", others[2].id + "/billing", others[0].id + "/mail", "no/such", "nothing"]
+    found = await store.dead_letters(ids=[*wanted, others[0].id + "/mail"])  # one id twice: one letter
+    expected = sorted([(others[0].id, "mail"), (others[2].id, "billing"), (slashed.id, "mail")])
+    assert [(d.event.id, d.handler) for d in found] == expected  # oldest event first, as listed
+    assert list(map(seen, found)) == [seen(d) for d in await store.dead_letters() if d.id in wanted]
+    assert [d.id for d in await store.dead_letters(ids=wanted, handler="mail")] == [
+        f"{others[0].id}/mail",
+        f"{slashed.id}/mail",
+    ]
+    assert await store.dead_letters(ids=[]) == []
+
+    assert [d.id for d in await store.revive([f"{slashed.id}/mail"], lease=3600)] == [f"{slashed.id}/mail"]
+    assert await store.purge([f"{slashed.id}/billing", f"{slashed.id}/mail"]) == 1
+    assert slashed.id not in {d.event.id for d in await store.dead_letters()}

@@ -23,6 +23,7 @@ __all__ = [
     "claimed_deliveries",
     "dead_letter_rows",
     "delivery_rows",
+    "letter_keys",
     "listed_letters",
     "read_letter",
     "split_id",
@@ -40,9 +41,18 @@ NOT_REVIVED: Final = "is not replayed (it stays a dead letter; purge it by its i
 
 
 def split_id(letter_id: str) -> tuple[str, str]:
-    """``"<event id>/<handler>"`` -> (event id, handler)."""
-    event_id, _, handler = letter_id.partition("/")
+    """``"<event id>/<handler>"`` -> (event id, handler).
+
+    Split at the last ``/``: a handler name never holds one (the registry refuses it), an event id
+    may (``Event(id=...)``, an id from a broker).
+    """
+    event_id, _, handler = letter_id.rpartition("/")
     return event_id, handler
+
+
+def letter_keys(ids: Sequence[str]) -> list[tuple[str, str]]:
+    """The (event id, handler) keys of dead letter ids, each once, in the order given."""
+    return [split_id(letter_id) for letter_id in dict.fromkeys(ids)]
 
 
 def read_letter(row: Sequence[Any], unread: str) -> DeadLetter | None:

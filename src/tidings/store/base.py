@@ -146,7 +146,11 @@ class Store(Protocol):
         event: str | None = None,
         handler: str | None = None,
     ) -> list[DeadLetter]:
-        """The dead letters that pass the filter (ids, or shell-style patterns), oldest event first."""
+        """The dead letters that pass the filter (ids, or shell-style patterns), oldest event first.
+
+        Selected by ids, a durable store reads the rows of those ids alone (by key), not the whole
+        log: ``tidings dead-letters show ID`` must not cost a scan of every dead letter.
+        """
         ...
 
     async def revive(self, ids: Sequence[str], *, lease: float) -> list[DeadLetter]:

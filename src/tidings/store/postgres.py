@@ -23,6 +23,7 @@ from ._rows import (
     claimed_deliveries,
     dead_letter_rows,
     delivery_rows,
+    letter_keys,
     listed_letters,
     read_letter,
     split_id,
@@ -45,6 +46,8 @@ logger = logging.getLogger("tidings")
 
 _NOW: Final = "extract(epoch from clock_timestamp())"
 _MAX_BATCH: Final = 2000
+_BY_KEY: Final = "(event_id, handler) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+"""Rows whose (event id, handler) is among the keys given as two arrays ($1, $2): one statement."""
 _IDENTIFIER: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -402,17 +405,24 @@ class PostgresStore:
         event: str | None = None,
         handler: str | None = None,
     ) -> list[DeadLetter]:
-        """The dead letters that pass the filter, oldest event first."""
+        """The dead letters that pass the filter, oldest event first (by ids: only their rows are read)."""
+        keys = None if ids is None else letter_keys(ids)
 
         async def run(connection: asyncpg.Connection) -> list[Any]:
-            rows: list[Any] = await connection.fetch(
-                f"SELECT {COLUMNS} FROM {self._table} WHERE status = 'dead' ORDER BY event_id, handler"
-            )
+            if keys is None:
+                rows: list[Any] = await connection.fetch(
+                    f"SELECT {COLUMNS} FROM {self._table} WHERE status = 'dead' ORDER BY event_id, handler"
+                )
+            else:  # by primary key
+                rows = await connection.fetch(
+                    f"SELECT {COLUMNS} FROM {self._table} WHERE status = 'dead' AND {_BY_KEY} "
+                    f"ORDER BY event_id, handler",
+                    *_key_arrays(keys),
+                )
             return rows
 
         letters = listed_letters(await self._call(run, "list dead letters"))
-        wanted = None if ids is None else set(ids)
-        return [d for d in letters if matches(d, ids=wanted, event=event, handler=handler)]
+        return [d for d in letters if matches(d, ids=None, event=event, handler=handler)]
 
     async def revive(self, ids: Sequence[str], *, lease: float) -> list[DeadLetter]:
         """Turn dead letters back into pending deliveries leased to this process."""
@@ -482,6 +492,11 @@ class PostgresStore:
     def __repr__(self) -> str:
         state = "open" if self._connection is not None else "closed"
         return f"<PostgresStore schema={self.schema!r} {state}>"
+
+
+def _key_arrays(keys: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """The event ids and the handlers of ``keys``: the two arrays :data:`_BY_KEY` takes."""
+    return [event_id for event_id, _ in keys], [handler for _, handler in keys]
 
 
 async def _noop() -> None:

@@ -26,6 +26,7 @@ from ._rows import (
     claimed_deliveries,
     dead_letter_rows,
     delivery_rows,
+    letter_keys,
     listed_letters,
     read_letter,
     split_id,
@@ -354,17 +355,22 @@ class SQLiteStore:
         event: str | None = None,
         handler: str | None = None,
     ) -> list[DeadLetter]:
-        """The dead letters that pass the filter, oldest event first."""
+        """The dead letters that pass the filter, oldest event first (by ids: only their rows are read)."""
+        keys = None if ids is None else letter_keys(ids)
 
         def run(connection: sqlite3.Connection) -> list[DeadLetter]:
-            rows = connection.execute(
-                f"SELECT {COLUMNS} FROM tidings_deliveries WHERE status = 'dead' ORDER BY event_id, handler"
-            ).fetchall()
+            if keys is None:
+                rows = connection.execute(
+                    f"SELECT {COLUMNS} FROM tidings_deliveries WHERE status = 'dead' "
+                    f"ORDER BY event_id, handler"
+                ).fetchall()
+            else:  # by primary key, in the order of the listing (BINARY collation: code points)
+                found = [row for key in keys if (row := _dead_row(connection, key)) is not None]
+                rows = sorted(found, key=lambda row: (row[0], row[1]))
             return listed_letters(rows)
 
         letters: list[DeadLetter] = await self._call(run, "list dead letters", reads_only=True)
-        wanted = None if ids is None else set(ids)
-        return [d for d in letters if matches(d, ids=wanted, event=event, handler=handler)]
+        return [d for d in letters if matches(d, ids=None, event=event, handler=handler)]
 
     async def revive(self, ids: Sequence[str], *, lease: float) -> list[DeadLetter]:
         """Turn dead letters back into pending deliveries leased to this process."""
@@ -374,11 +380,7 @@ class SQLiteStore:
             revived = []
             until = time() + lease
             for key in keys:
-                row = connection.execute(
-                    f"SELECT {COLUMNS} FROM tidings_deliveries "
-                    f"WHERE event_id = ? AND handler = ? AND status = 'dead'",
-                    key,
-                ).fetchone()
+                row = _dead_row(connection, key)
                 if row is None:
                     continue
                 letter = read_letter(row, NOT_REVIVED)
@@ -430,6 +432,14 @@ class SQLiteStore:
     def __repr__(self) -> str:
         state = "open" if self._thread is not None else "closed"
         return f"<SQLiteStore {self.path!r} {state}>"
+
+
+def _dead_row(connection: sqlite3.Connection, key: tuple[str, str]) -> Any:
+    """The row of :data:`COLUMNS` of the dead letter with this (event id, handler), or ``None``."""
+    return connection.execute(
+        f"SELECT {COLUMNS} FROM tidings_deliveries WHERE event_id = ? AND handler = ? AND status = 'dead'",
+        key,
+    ).fetchone()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
