@@ -57,7 +57,7 @@ def test_every_public_name_exists_and_claims_the_top_level_module() -> None:
 def test_submodule_exports() -> None:
     assert tidings.asgi.__all__ == ["TidingsMiddleware"]
     assert tidings.store.__all__ == [
-        "DeadLetter", "Delivery", "MemoryStore", "SQLiteStore", "Store", "store_from_url"
+        "DeadLetter", "Delivery", "MemoryStore", "SQLiteStore", "Store", "UnreadableLetter", "store_from_url"
     ]  # fmt: skip
     assert set(tidings.exceptions.__all__) <= set(dir(tidings.exceptions))
 

@@ -561,11 +561,14 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             print(f"  failed again: {letter.id}", file=out)
         for letter in result.skipped:
             print(f"  skipped (no handler named {letter.handler!r}): {letter.id}", file=out)
+        for unreadable in result.unreadable:  # its event cannot be read back: only a purge helps
+            print(f"  not replayed ({unreadable.error}; purge it): {unreadable.id}", file=out)
         seen = {letter.id for letter in (*result.succeeded, *result.failed, *result.skipped)}
+        seen.update(unreadable.id for unreadable in result.unreadable)
         missing = [letter_id for letter_id in dict.fromkeys(args.ids) if letter_id not in seen]
         for letter_id in missing:  # a typo, or replayed or purged meanwhile: not a silent success
             print(f"  not replayed ({_no_such(args)}): {letter_id}", file=out)
-        return 1 if result.failed or result.skipped or missing else 0
+        return 1 if result.failed or result.skipped or result.unreadable or missing else 0
     await store.open()
     try:
         if args.action == "list":

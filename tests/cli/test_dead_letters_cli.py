@@ -18,8 +18,10 @@ from types import ModuleType
 import pytest
 
 from tidings.cli import load_bus, main
+from tidings.store import SQLiteStore
 
 from ..conftest import POSTGRES_DSN
+from ..store.conftest import overwrite_payload
 
 _names = itertools.count()
 
@@ -230,3 +232,25 @@ def test_show_and_replay_by_id_read_only_that_letter(app: ModuleType, decoded: l
     setattr(app, "broken", False)  # noqa: B010 - the module's flag, unknown to mypy
     assert run("dead-letters", "replay", letter_id, "--bus", bus)[0] == 0
     assert set(decoded) == {event_id}
+
+
+def test_a_dead_letter_that_cannot_be_read_back_is_named_by_replay_and_show_and_purged_by_all(
+    app: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bus = f"{app.__name__}:bus"
+    _, listing = run("dead-letters", "list", "--bus", bus, "--json")
+    letter_id = next(json.loads(line)["id"] for line in listing.splitlines() if "billing" in line)
+    store = load_bus(bus).store
+    assert isinstance(store, SQLiteStore)
+    asyncio.run(overwrite_payload(store, letter_id.rpartition("/")[0], "not json"))
+    why = "cannot be read back from the event log: JSONDecodeError"
+
+    status, out = run("dead-letters", "replay", letter_id, "--bus", bus)
+    assert status == 1
+    [summary, line] = out.splitlines()
+    assert summary == "replayed 0: 0 succeeded, 0 failed again, 0 skipped"
+    assert line.startswith("  not replayed (event 'invoice.due' (") and why in line
+    assert line.endswith(f"; purge it): {letter_id}")
+    assert run("dead-letters", "show", letter_id, "--bus", bus) == (2, "")
+    assert f"dead letter {letter_id} cannot be shown: event 'invoice.due'" in capsys.readouterr().err
+    assert run("dead-letters", "purge", "--all", "--bus", bus) == (0, "purged 2 dead letter(s)\n")

@@ -176,3 +176,21 @@ async def test_dead_letters_are_looked_up_revived_and_purged_by_id(store: Store)
     assert [d.id for d in await store.revive([f"{slashed.id}/mail"], lease=3600)] == [f"{slashed.id}/mail"]
     assert await store.purge([f"{slashed.id}/billing", f"{slashed.id}/mail"]) == 1
     assert slashed.id not in {d.event.id for d in await store.dead_letters()}
+
+
+async def test_dead_letters_are_purged_by_filter_and_all(store: Store) -> None:
+    paid, created = Event("order.paid", 1), Event("user.created", 2)
+    store.bury(
+        [letter(paid, "billing"), letter(paid, "mail"), letter(created, "mail"), letter(created, "crm")]
+    )
+    await store.flush()
+    assert await store.unreadable() == []  # every one of these reads back
+    assert await store.purge(event="order.*", handler="bill*") == 1
+    assert await store.purge([f"{paid.id}/mail", f"{created.id}/mail", "no/such"], event="user.*") == 1
+    assert await store.purge(handler="mail") == 1
+    assert [d.id for d in await store.dead_letters()] == [f"{created.id}/crm"]
+    store.bury([letter(paid, "billing")])
+    await store.flush()
+    assert await store.purge() == 2  # no filter: every dead letter
+    assert await store.dead_letters() == []
+    assert await store.purge() == 0

@@ -7,16 +7,14 @@ claim of every other row, the relay, the job with its sibling events, a request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
-import sqlite3
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -38,8 +36,8 @@ from tidings._core.envelope import TypedDump
 from tidings.store import DeadLetter, SQLiteStore
 from tidings.store.codec import decode_event, encode_event, encode_payload
 
-from ..conftest import POSTGRES_DSN, Recorder, Records
-from .conftest import DurableStore, Log
+from ..conftest import Recorder, Records
+from .conftest import Log, overwrite_payload
 
 pytestmark = pytest.mark.anyio
 
@@ -185,23 +183,6 @@ def test_the_size_limit_counts_utf8_bytes() -> None:
 # -- the stores -----------------------------------------------------------------------------------
 
 
-async def overwrite_payload(store: DurableStore, event_id: str, payload: str) -> None:
-    """What a version that did not escape wrote for a user's marker-shaped dict (or a hand edit)."""
-    if isinstance(store, SQLiteStore):
-        with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as connection:
-            connection.execute(
-                "UPDATE tidings_deliveries SET payload = ? WHERE event_id = ?", (payload, event_id)
-            )
-        return
-    connection = await asyncpg.connect(POSTGRES_DSN)
-    try:
-        await connection.execute(
-            f"UPDATE {store.deliveries_table} SET payload = $1 WHERE event_id = $2", payload, event_id
-        )
-    finally:
-        await connection.close()
-
-
 async def test_the_log_keeps_marker_shaped_payloads_as_they_were(log: Log) -> None:
     store = log()
     await store.open()
@@ -264,6 +245,48 @@ async def test_a_row_that_cannot_be_read_back_becomes_a_dead_letter_and_the_othe
     await records.wait_for(f"dead letter {poisoned.id}/h is not replayed")
     assert await EventBus(store=store).dead_letters.purge([f"{poisoned.id}/h"]) == 1
     await store.aclose()
+
+
+async def test_a_dead_letter_that_cannot_be_read_back_is_purged_by_any_filter_and_never_replayed(
+    log: Log, records: Records
+) -> None:
+    store = log()
+    bus = EventBus(store=store)
+    bus.on("x", "y", name="h")(lambda event: None)
+    poisoned, other, kept, poisoned_too = Event("x", 1), Event("x", 2), Event("y", 3), Event("y", 4)
+    store.bury([_letter(event) for event in (poisoned, other, kept, poisoned_too)])
+    await store.flush()
+    for event in (poisoned, poisoned_too):
+        await overwrite_payload(store, event.id, '{"$tidings.arguments":5}')
+    letter_id, why = f"{poisoned.id}/h", "its payload has a malformed '$tidings.arguments' marker"
+    try:
+        await bus.start(resubmit=False)
+        try:
+            result = await bus.dead_letters.replay([letter_id])
+            assert (result.succeeded, result.failed, result.skipped) == ((), (), ())
+            [unreadable] = result.unreadable
+            assert (unreadable.id, unreadable.event_name, unreadable.handler) == (letter_id, "x", "h")
+            assert unreadable.error.endswith(f"cannot be read back from the event log: {why}")
+            logged = await records.wait_for(f"dead letter {letter_id} cannot be replayed")
+            assert why in logged.getMessage() and logged.tidings_handler == "h"  # type: ignore[attr-defined]
+            result = await bus.dead_letters.replay(event="x")  # by a filter: named as well
+            assert [d.id for d in result.succeeded] == [f"{other.id}/h"]
+            assert [d.id for d in result.unreadable] == [letter_id]
+        finally:
+            await bus.aclose()
+        with pytest.raises(StoreError, match=f"dead letter {letter_id} .*{re.escape(why)}"):
+            await bus.dead_letters.get(letter_id)  # not "no such dead letter"
+
+        # the filters read the event name and the handler, never the payload
+        assert await bus.dead_letters.purge(event="x") == 1
+        assert await bus.dead_letters.purge([f"{poisoned_too.id}/h"], handler="nope") == 0
+        assert [d.id for d in await store.dead_letters()] == [f"{kept.id}/h"]
+        assert [d.id for d in await store.unreadable()] == [f"{poisoned_too.id}/h"]
+        assert await bus.dead_letters.purge(all=True) == 2
+        assert await store.unreadable() == []
+        assert await store.dead_letters() == []
+    finally:
+        await store.aclose()
 
 
 # -- the bus --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..exceptions import BusStateError, ConfigurationError
+from ..exceptions import BusStateError, ConfigurationError, StoreError
 from .logs import fields
 from .runner import call_for
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import builtins
     from collections.abc import Sequence
 
-    from ..store.base import DeadLetter
+    from ..store.base import DeadLetter, UnreadableLetter
     from .bus import EventBus
     from .runner import Runner
 
@@ -33,11 +33,15 @@ class ReplayResult:
         failed: dead letters whose handler failed again: by the handler's retry policy they are
             retried later, or dead letters again.
         skipped: dead letters no registered handler has the name of: left as they were.
+        unreadable: selected dead letters whose event the store cannot read back (their rows were
+            altered, or written by an older version), with why: they cannot be replayed, and stay
+            until they are purged.
     """
 
     succeeded: tuple[DeadLetter, ...] = ()
     failed: tuple[DeadLetter, ...] = ()
     skipped: tuple[DeadLetter, ...] = ()
+    unreadable: tuple[UnreadableLetter, ...] = ()
 
 
 class DeadLetters:
@@ -90,10 +94,19 @@ class DeadLetters:
         """One dead letter by id, or ``None``.
 
         Raises:
-            StoreError: the store could not be read.
+            StoreError: the store could not be read, or that dead letter's event cannot be read
+                back from it (purge it by its id).
         """
-        found = await self._bus.store.dead_letters(ids=[letter_id])
-        return found[0] if found else None
+        store = self._bus.store
+        found = await store.dead_letters(ids=[letter_id])
+        if found:
+            return found[0]
+        unreadable = await store.unreadable(ids=[letter_id])
+        if unreadable:
+            raise StoreError(
+                f"dead letter {letter_id} cannot be shown: {unreadable[0].error}; purge it by its id"
+            )
+        return None
 
     async def replay(
         self,
@@ -121,6 +134,7 @@ class DeadLetters:
         bus = self._bus
         if bus.state.value not in ("running", "draining") or not bus.loop_is_open():
             raise BusStateError(f"bus {bus.name!r} is not running: start it to replay dead letters")
+        unreadable = await self._unreadable(ids, letters, event, handler)
         registry = bus.registry
         known = [(letter, spec) for letter in letters if (spec := registry.named(letter.handler)) is not None]
         skipped = tuple(letter for letter in letters if registry.named(letter.handler) is None)
@@ -134,7 +148,7 @@ class DeadLetters:
                 extra=fields(letter.event.name, letter.event.id, letter.handler),
             )
         if not known:
-            return ReplayResult(skipped=skipped)
+            return ReplayResult(skipped=skipped, unreadable=unreadable)
         wanted = [letter.id for letter, _ in known]
         revived = {letter.id for letter in await bus.store.revive(wanted, lease=bus.resubmit_after)}
         chosen = [(letter, spec) for letter, spec in known if letter.id in revived]
@@ -163,6 +177,7 @@ class DeadLetters:
             succeeded=tuple(letter for letter, failed in outcomes if not failed),
             failed=tuple(letter for letter, failed in outcomes if failed),
             skipped=skipped,
+            unreadable=unreadable,
         )
 
     async def purge(
@@ -175,24 +190,48 @@ class DeadLetters:
     ) -> int:
         """Delete the selected dead letters for good; return how many were deleted.
 
-        Selected by ids alone, they are deleted without being read back, so this also removes a
-        dead letter that a durable log cannot read (one that listings leave out, logging its id).
+        The selection reads their ids, event names and handler names, never their events, so it
+        also deletes dead letters whose event a durable log cannot read back (listings leave them
+        out, logging their ids; :meth:`replay` names them as ``unreadable``).
 
         Raises:
             ConfigurationError: no filter and not ``all``.
             StoreError: the store could not be read or written.
         """
-        if ids is not None and event is None and handler is None:
-            _check_selection(ids, event, handler, all)
-            return await self._bus.store.purge([*ids]) if ids else 0
-        letters = await self._select(ids, event, handler, all)
-        return await self._bus.store.purge([letter.id for letter in letters]) if letters else 0
+        _check_selection(ids, event, handler, all)
+        if ids is not None and not ids:
+            return 0
+        return await self._bus.store.purge(None if ids is None else [*ids], event=event, handler=handler)
 
     async def _select(
         self, ids: Sequence[str] | None, event: str | None, handler: str | None, everything: bool
     ) -> builtins.list[DeadLetter]:
         _check_selection(ids, event, handler, everything)
         return await self._bus.store.dead_letters(ids=ids, event=event, handler=handler)
+
+    async def _unreadable(
+        self,
+        ids: Sequence[str] | None,
+        letters: builtins.list[DeadLetter],
+        event: str | None,
+        handler: str | None,
+    ) -> tuple[UnreadableLetter, ...]:
+        """The selected dead letters that cannot be replayed because their events cannot be read
+        back (the listing left them out), each logged with why."""
+        if ids is not None:  # only ids the listing did not return can be such
+            listed = {letter.id for letter in letters}
+            ids = [letter_id for letter_id in ids if letter_id not in listed]
+            if not ids:
+                return ()
+        unreadable = await self._bus.store.unreadable(ids=ids, event=event, handler=handler)
+        for letter in unreadable:
+            logger.error(
+                "dead letter %s cannot be replayed: %s; purge it by its id",
+                letter.id,
+                letter.error,
+                extra=fields(letter.event_name, letter.event_id, letter.handler),
+            )
+        return tuple(unreadable)
 
 
 def _check_selection(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .._core.logs import fields
 from ..exceptions import SerializationError, StoreError
-from .base import DeadLetter, Delivery, delivery_id
+from .base import DeadLetter, Delivery, UnreadableLetter, delivery_id, names_match
 from .codec import decode_event, encode_event
 
 if TYPE_CHECKING:
@@ -19,14 +19,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "COLUMNS",
+    "NAME_COLUMNS",
     "NOT_REVIVED",
+    "chosen_keys",
     "claimed_deliveries",
     "dead_letter_rows",
     "delivery_rows",
     "letter_keys",
     "listed_letters",
     "read_letter",
+    "selected_rows",
     "split_id",
+    "unreadable_letters",
 ]
 
 logger = logging.getLogger("tidings")
@@ -35,6 +39,9 @@ COLUMNS: Final = (
     "event_id, handler, name, payload, headers, timestamp_ns, attempts, error, traceback, failed_at"
 )
 """The columns :func:`read_letter` reads, in its order."""
+
+NAME_COLUMNS: Final = "event_id, handler, name"
+"""The columns a filter of dead letters reads (:func:`chosen_keys`): never the payload."""
 
 NOT_REVIVED: Final = "is not replayed (it stays a dead letter; purge it by its id)"
 """What :func:`read_letter` logs of a dead letter being revived that cannot be read back."""
@@ -55,11 +62,23 @@ def letter_keys(ids: Sequence[str]) -> list[tuple[str, str]]:
     return [split_id(letter_id) for letter_id in dict.fromkeys(ids)]
 
 
+def _letter(row: Sequence[Any]) -> DeadLetter:
+    """A dead letter from a row of :data:`COLUMNS`; raises StoreError if it cannot be read back."""
+    return DeadLetter(
+        event=decode_event(row[0], row[2], row[3], row[4], row[5]),
+        handler=row[1],
+        attempts=row[6],
+        error=row[7] or "",
+        traceback=row[8] or "",
+        failed_at=datetime.fromtimestamp(row[9] or 0.0, tz=UTC),
+    )
+
+
 def read_letter(row: Sequence[Any], unread: str) -> DeadLetter | None:
     """A dead letter from a row of :data:`COLUMNS`, or ``None`` (logged, saying ``unread``) if the
     row cannot be read back: one such row must not keep the others from being read."""
     try:
-        event = decode_event(row[0], row[2], row[3], row[4], row[5])
+        return _letter(row)
     except StoreError as exc:
         logger.error(
             "dead letter %s %s: %s",
@@ -69,14 +88,33 @@ def read_letter(row: Sequence[Any], unread: str) -> DeadLetter | None:
             extra=fields(row[2], row[0], row[1]),
         )
         return None
-    return DeadLetter(
-        event=event,
-        handler=row[1],
-        attempts=row[6],
-        error=row[7] or "",
-        traceback=row[8] or "",
-        failed_at=datetime.fromtimestamp(row[9] or 0.0, tz=UTC),
-    )
+
+
+def unreadable_letters(rows: Sequence[Sequence[Any]]) -> list[UnreadableLetter]:
+    """The rows of :data:`COLUMNS` that cannot be read back, with why (what listings leave out)."""
+    unreadable: list[UnreadableLetter] = []
+    for row in rows:
+        try:
+            _letter(row)
+        except StoreError as exc:
+            unreadable.append(UnreadableLetter(row[0], row[2], row[1], str(exc)))
+    return unreadable
+
+
+def selected_rows(
+    rows: Sequence[Sequence[Any]], *, event: str | None, handler: str | None
+) -> list[Sequence[Any]]:
+    """The rows (event id, handler, name first) whose names pass the patterns: no payload is read."""
+    if event is None and handler is None:
+        return list(rows)
+    return [row for row in rows if names_match(row[2], row[1], event=event, handler=handler)]
+
+
+def chosen_keys(
+    rows: Sequence[Sequence[Any]], *, event: str | None, handler: str | None
+) -> list[tuple[str, str]]:
+    """The (event id, handler) keys of rows of :data:`NAME_COLUMNS` that pass the patterns."""
+    return [(row[0], row[1]) for row in selected_rows(rows, event=event, handler=handler)]
 
 
 def listed_letters(rows: Sequence[Sequence[Any]]) -> list[DeadLetter]:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     from .._core.envelope import Event
 
-__all__ = ["DeadLetter", "Delivery", "Store", "delivery_id", "matches"]
+__all__ = ["DeadLetter", "Delivery", "Store", "UnreadableLetter", "delivery_id", "matches", "names_match"]
 
 
 def delivery_id(event_id: str, handler: str) -> str:
@@ -71,13 +71,42 @@ class DeadLetter:
         return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableLetter:
+    """A dead letter whose event a durable log cannot read back: its row was altered by hand, or
+    written by an older version (:mod:`tidings.store.codec`). It cannot be listed or replayed, only
+    purged (by its id, or by a filter on its event name and handler).
+
+    Attributes:
+        event_id: the id of its event.
+        event_name: the name of its event.
+        handler: the name of the handler that failed.
+        error: why it cannot be read back (the event, and what is wrong with its row).
+    """
+
+    event_id: str
+    event_name: str
+    handler: str
+    error: str
+
+    @property
+    def id(self) -> str:
+        """``"<event id>/<handler>"``."""
+        return delivery_id(self.event_id, self.handler)
+
+
+def names_match(event_name: str, handler_name: str, *, event: str | None, handler: str | None) -> bool:
+    """Whether an event name and a handler name pass shell-style patterns (``None``: any)."""
+    if event is not None and not fnmatch.fnmatchcase(event_name, event):
+        return False
+    return handler is None or fnmatch.fnmatchcase(handler_name, handler)
+
+
 def matches(letter: DeadLetter, *, ids: Iterable[str] | None, event: str | None, handler: str | None) -> bool:
     """Whether ``letter`` passes a filter: ids exactly, event and handler as shell-style patterns."""
     if ids is not None and letter.id not in ids:
         return False
-    if event is not None and not fnmatch.fnmatchcase(letter.event.name, event):
-        return False
-    return handler is None or fnmatch.fnmatchcase(letter.handler, handler)
+    return names_match(letter.event.name, letter.handler, event=event, handler=handler)
 
 
 class Store(Protocol):
@@ -164,8 +193,32 @@ class Store(Protocol):
         """
         ...
 
-    async def purge(self, ids: Sequence[str]) -> int:
-        """Delete the dead letters ``ids``; return how many there were."""
+    async def unreadable(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        event: str | None = None,
+        handler: str | None = None,
+    ) -> list[UnreadableLetter]:
+        """The dead letters that pass the filter but whose event cannot be read back, oldest first.
+
+        They are what :meth:`dead_letters` leaves out. A store that keeps events as objects has none.
+        Selected by ids, only the rows of those ids are read.
+        """
+        ...
+
+    async def purge(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        event: str | None = None,
+        handler: str | None = None,
+    ) -> int:
+        """Delete the dead letters that pass the filter (none given: every one); return how many.
+
+        The filter reads ids, event names and handler names alone, never an event's payload, so
+        dead letters whose event cannot be read back are deleted like the others.
+        """
         ...
 
     async def flush(self) -> None:

@@ -27,8 +27,10 @@ it is still handled, not durably, and the error is logged naming it; the other e
 it are durable. A row that cannot be read back (not JSON, or one of the markers above in the wrong
 shape: altered by hand, or a payload shaped like a marker that an older version wrote unwrapped)
 raises :class:`~tidings.StoreError`: a claim makes that delivery a dead letter holding the error
-instead of running it, and a listing of dead letters leaves it out, logging it by id (purge it by
-its id: a purge by event or handler, or of all, selects through that listing and so leaves it too).
+instead of running it. A listing of dead letters leaves it out, logging it by id; a lookup by its
+id, or a replay that selects it, says that it cannot be read back and why
+(:attr:`~tidings.ReplayResult.unreadable`), and leaves it. A purge removes it like any other, by its
+id, by event or handler (a filter reads the name columns, never the payload) or of all.
 One shape is ambiguous: a payload that an older version wrote as your own dict
 ``{"$tidings.plain": value}`` now reads back as ``value``.
 """

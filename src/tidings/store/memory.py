@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from .._core.logs import fields
 from ..exceptions import ConfigurationError
-from .base import DeadLetter, Delivery, delivery_id, matches
+from .base import DeadLetter, Delivery, UnreadableLetter, delivery_id, matches
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -127,9 +127,33 @@ class MemoryStore:
         does not keep them as pending deliveries)."""
         return [letter for key in ids if (letter := self._dead.pop(key, None)) is not None]
 
-    async def purge(self, ids: Sequence[str]) -> int:
-        """Delete the dead letters ``ids``."""
-        return sum(self._dead.pop(key, None) is not None for key in ids)
+    async def unreadable(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        event: str | None = None,
+        handler: str | None = None,
+    ) -> list[UnreadableLetter]:
+        """None: this store keeps the events themselves, which always read back."""
+        return []
+
+    async def purge(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        event: str | None = None,
+        handler: str | None = None,
+    ) -> int:
+        """Delete the dead letters that pass the filter (none given: every one)."""
+        chosen = [
+            key
+            for key in (list(self._dead) if ids is None else dict.fromkeys(ids))
+            if (found := self._dead.get(key)) is not None
+            and matches(found, ids=None, event=event, handler=handler)
+        ]
+        for key in chosen:
+            del self._dead[key]
+        return len(chosen)
 
     async def flush(self) -> None:
         """Nothing is queued."""

@@ -14,21 +14,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, TypeVar
 
 from ..exceptions import ConfigurationError, StoreError
 from ._rows import (
     COLUMNS,
+    NAME_COLUMNS,
     NOT_REVIVED,
+    chosen_keys,
     claimed_deliveries,
     dead_letter_rows,
     delivery_rows,
     letter_keys,
     listed_letters,
     read_letter,
+    selected_rows,
     split_id,
+    unreadable_letters,
 )
-from .base import DeadLetter, Delivery, matches
+from .base import DeadLetter, Delivery, UnreadableLetter
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES
 
 if TYPE_CHECKING:
@@ -44,6 +48,7 @@ __all__ = ["PostgresStore"]
 
 logger = logging.getLogger("tidings")
 
+_Letter = TypeVar("_Letter", DeadLetter, UnreadableLetter)
 _NOW: Final = "extract(epoch from clock_timestamp())"
 _MAX_BATCH: Final = 2000
 _BY_KEY: Final = "(event_id, handler) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
@@ -406,23 +411,43 @@ class PostgresStore:
         handler: str | None = None,
     ) -> list[DeadLetter]:
         """The dead letters that pass the filter, oldest event first (by ids: only their rows are read)."""
+        return await self._read_dead(ids, event, handler, listed_letters, "list dead letters")
+
+    async def unreadable(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        event: str | None = None,
+        handler: str | None = None,
+    ) -> list[UnreadableLetter]:
+        """The dead letters that pass the filter but cannot be read back, oldest event first."""
+        return await self._read_dead(ids, event, handler, unreadable_letters, "read dead letters")
+
+    async def _read_dead(
+        self,
+        ids: Sequence[str] | None,
+        event: str | None,
+        handler: str | None,
+        read: Callable[[list[Sequence[Any]]], list[_Letter]],
+        what: str,
+    ) -> list[_Letter]:
+        """``read`` of the rows of the dead letters that pass the filter (only they are decoded)."""
         keys = None if ids is None else letter_keys(ids)
+        rows = await self._call(lambda connection: self._dead_rows(connection, keys, COLUMNS), what)
+        # decoded on a thread: thousands of rows would hold up the event loop
+        return await asyncio.to_thread(read, selected_rows(rows, event=event, handler=handler))
 
-        async def run(connection: asyncpg.Connection) -> list[Any]:
-            if keys is None:
-                rows: list[Any] = await connection.fetch(
-                    f"SELECT {COLUMNS} FROM {self._table} WHERE status = 'dead' ORDER BY event_id, handler"
-                )
-            else:  # by primary key
-                rows = await connection.fetch(
-                    f"SELECT {COLUMNS} FROM {self._table} WHERE status = 'dead' AND {_BY_KEY} "
-                    f"ORDER BY event_id, handler",
-                    *_key_arrays(keys),
-                )
-            return rows
-
-        letters = listed_letters(await self._call(run, "list dead letters"))
-        return [d for d in letters if matches(d, ids=None, event=event, handler=handler)]
+    async def _dead_rows(
+        self, connection: asyncpg.Connection, keys: Sequence[tuple[str, str]] | None, columns: str
+    ) -> list[Any]:
+        """The rows of ``columns`` of the dead letters with these (event id, handler) keys, by
+        primary key, or of every dead letter (``None``); oldest event first."""
+        where, args = ("", ()) if keys is None else (f"AND {_BY_KEY} ", _key_arrays(keys))
+        rows: list[Any] = await connection.fetch(
+            f"SELECT {columns} FROM {self._table} WHERE status = 'dead' {where}ORDER BY event_id, handler",
+            *args,
+        )
+        return rows
 
     async def revive(self, ids: Sequence[str], *, lease: float) -> list[DeadLetter]:
         """Turn dead letters back into pending deliveries leased to this process."""
@@ -455,22 +480,30 @@ class PostgresStore:
         result: list[DeadLetter] = await self._call(run, f"revive {len(keys)} dead letter(s)")
         return result
 
-    async def purge(self, ids: Sequence[str]) -> int:
-        """Delete the dead letters ``ids``."""
-        keys = [split_id(letter_id) for letter_id in ids]
+    async def purge(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        event: str | None = None,
+        handler: str | None = None,
+    ) -> int:
+        """Delete the dead letters that pass the filter, readable or not (their payloads are not read)."""
+        keys = None if ids is None else letter_keys(ids)
 
         async def run(connection: asyncpg.Connection) -> int:
-            deleted = 0
-            for event_id, handler in keys:
-                status = await connection.execute(
-                    f"DELETE FROM {self._table} WHERE event_id = $1 AND handler = $2 AND status = 'dead'",
-                    event_id,
-                    handler,
-                )
-                deleted += int(status.split()[-1])
-            return deleted
+            if event is None and handler is None and keys is None:
+                status = await connection.execute(f"DELETE FROM {self._table} WHERE status = 'dead'")
+                return int(status.split()[-1])
+            chosen = keys
+            if chosen is None or event is not None or handler is not None:
+                rows = await self._dead_rows(connection, keys, NAME_COLUMNS)
+                chosen = chosen_keys(rows, event=event, handler=handler)
+            status = await connection.execute(
+                f"DELETE FROM {self._table} WHERE status = 'dead' AND {_BY_KEY}", *_key_arrays(chosen)
+            )
+            return int(status.split()[-1])
 
-        result: int = await self._call(run, f"purge {len(keys)} dead letter(s)")
+        result: int = await self._call(run, "purge dead letters")
         return result
 
     async def flush(self) -> None:

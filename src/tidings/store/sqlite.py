@@ -17,21 +17,25 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 from time import time
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from ..exceptions import ConfigurationError, StoreError
 from ._rows import (
     COLUMNS,
+    NAME_COLUMNS,
     NOT_REVIVED,
+    chosen_keys,
     claimed_deliveries,
     dead_letter_rows,
     delivery_rows,
     letter_keys,
     listed_letters,
     read_letter,
+    selected_rows,
     split_id,
+    unreadable_letters,
 )
-from .base import DeadLetter, Delivery, matches
+from .base import DeadLetter, Delivery, UnreadableLetter
 from .codec import DEFAULT_MAX_PAYLOAD_BYTES
 from .inbox import create_table as create_inbox_table
 
@@ -63,6 +67,7 @@ CREATE TABLE IF NOT EXISTS tidings_deliveries (
 CREATE INDEX IF NOT EXISTS tidings_deliveries_claim ON tidings_deliveries (status, lease_until);
 """
 
+_Letter = TypeVar("_Letter", DeadLetter, UnreadableLetter)
 _MAX_BATCH: Final = 2000  # queued operations committed in one transaction
 
 
@@ -356,21 +361,34 @@ class SQLiteStore:
         handler: str | None = None,
     ) -> list[DeadLetter]:
         """The dead letters that pass the filter, oldest event first (by ids: only their rows are read)."""
+        return await self._read_dead(ids, event, handler, listed_letters, "list dead letters")
+
+    async def unreadable(
+        self,
+        *,
+        ids: Sequence[str] | None = None,
+        event: str | None = None,
+        handler: str | None = None,
+    ) -> list[UnreadableLetter]:
+        """The dead letters that pass the filter but cannot be read back, oldest event first."""
+        return await self._read_dead(ids, event, handler, unreadable_letters, "read dead letters")
+
+    async def _read_dead(
+        self,
+        ids: Sequence[str] | None,
+        event: str | None,
+        handler: str | None,
+        read: Callable[[list[Sequence[Any]]], list[_Letter]],
+        what: str,
+    ) -> list[_Letter]:
+        """``read`` of the rows of the dead letters that pass the filter (only they are decoded)."""
         keys = None if ids is None else letter_keys(ids)
 
-        def run(connection: sqlite3.Connection) -> list[DeadLetter]:
-            if keys is None:
-                rows = connection.execute(
-                    f"SELECT {COLUMNS} FROM tidings_deliveries WHERE status = 'dead' "
-                    f"ORDER BY event_id, handler"
-                ).fetchall()
-            else:  # by primary key, in the order of the listing (BINARY collation: code points)
-                found = [row for key in keys if (row := _dead_row(connection, key)) is not None]
-                rows = sorted(found, key=lambda row: (row[0], row[1]))
-            return listed_letters(rows)
+        def run(connection: sqlite3.Connection) -> list[_Letter]:  # decoded here, off the event loop
+            return read(selected_rows(_dead_rows(connection, keys, COLUMNS), event=event, handler=handler))
 
-        letters: list[DeadLetter] = await self._call(run, "list dead letters", reads_only=True)
-        return [d for d in letters if matches(d, ids=None, event=event, handler=handler)]
+        result: list[_Letter] = await self._call(run, what, reads_only=True)
+        return result
 
     async def revive(self, ids: Sequence[str], *, lease: float) -> list[DeadLetter]:
         """Turn dead letters back into pending deliveries leased to this process."""
@@ -380,10 +398,10 @@ class SQLiteStore:
             revived = []
             until = time() + lease
             for key in keys:
-                row = _dead_row(connection, key)
-                if row is None:
+                rows = _dead_rows(connection, [key], COLUMNS)
+                if not rows:
                     continue
-                letter = read_letter(row, NOT_REVIVED)
+                letter = read_letter(rows[0], NOT_REVIVED)
                 if letter is None:
                     continue
                 connection.execute(
@@ -397,21 +415,32 @@ class SQLiteStore:
         result: list[DeadLetter] = await self._call(run, f"revive {len(keys)} dead letter(s)")
         return result
 
-    async def purge(self, ids: Sequence[str]) -> int:
-        """Delete the dead letters ``ids``."""
-        keys = [split_id(letter_id) for letter_id in ids]
+    async def purge(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        event: str | None = None,
+        handler: str | None = None,
+    ) -> int:
+        """Delete the dead letters that pass the filter, readable or not (their payloads are not read)."""
+        keys = None if ids is None else letter_keys(ids)
 
         def run(connection: sqlite3.Connection) -> int:
-            deleted = 0
-            for key in keys:
-                cursor = connection.execute(
+            if event is None and handler is None and keys is None:
+                return connection.execute("DELETE FROM tidings_deliveries WHERE status = 'dead'").rowcount
+            chosen = keys
+            if chosen is None or event is not None or handler is not None:
+                rows = _dead_rows(connection, keys, NAME_COLUMNS)
+                chosen = chosen_keys(rows, event=event, handler=handler)
+            return sum(
+                connection.execute(
                     "DELETE FROM tidings_deliveries WHERE event_id = ? AND handler = ? AND status = 'dead'",
                     key,
-                )
-                deleted += cursor.rowcount
-            return deleted
+                ).rowcount
+                for key in chosen
+            )
 
-        result: int = await self._call(run, f"purge {len(keys)} dead letter(s)")
+        result: int = await self._call(run, "purge dead letters")
         return result
 
     async def flush(self) -> None:
@@ -434,12 +463,16 @@ class SQLiteStore:
         return f"<SQLiteStore {self.path!r} {state}>"
 
 
-def _dead_row(connection: sqlite3.Connection, key: tuple[str, str]) -> Any:
-    """The row of :data:`COLUMNS` of the dead letter with this (event id, handler), or ``None``."""
-    return connection.execute(
-        f"SELECT {COLUMNS} FROM tidings_deliveries WHERE event_id = ? AND handler = ? AND status = 'dead'",
-        key,
-    ).fetchone()
+def _dead_rows(connection: sqlite3.Connection, keys: Sequence[tuple[str, str]] | None, columns: str) -> Any:
+    """The rows of ``columns`` (event id and handler first) of the dead letters with these (event id,
+    handler) keys, by primary key, or of every dead letter (``None``); oldest event first."""
+    if keys is None:
+        query = f"SELECT {columns} FROM tidings_deliveries WHERE status = 'dead' ORDER BY event_id, handler"
+        return connection.execute(query).fetchall()
+    query = f"SELECT {columns} FROM tidings_deliveries WHERE event_id = ? AND handler = ? AND status = 'dead'"
+    found = [row for key in keys if (row := connection.execute(query, key).fetchone()) is not None]
+    # the listing's order: the BINARY collation compares UTF-8 bytes, which sort as str does
+    return sorted(found, key=lambda row: (row[0], row[1]))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
