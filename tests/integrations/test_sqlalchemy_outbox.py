@@ -12,8 +12,9 @@ import httpx
 import pytest
 from pydantic import BaseModel
 from sqlalchemy import create_engine, text
+from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -32,13 +33,23 @@ from tidings.integrations.sqlalchemy import Outbox, arecord_once, record_once
 from tidings.store import SQLiteStore
 from tidings.store.postgres import PostgresStore
 
-from ..conftest import POSTGRES_DSN, Recorder
+from ..conftest import POSTGRES_DSN, Recorder, Records
 
 pytestmark = pytest.mark.anyio
 
 
 def sqlite_bus(path: Path, **options: Any) -> EventBus:
     return EventBus(store=SQLiteStore(path), **options)
+
+
+def audited_outbox(bus: EventBus, recorder: Recorder) -> Outbox:
+    """An outbox for ``bus``, whose handler "audit" gives ``recorder`` the payload of every event."""
+
+    @bus.on("*", name="audit")
+    async def audit(event: Event) -> None:
+        recorder.add(event.payload)
+
+    return Outbox(bus)
 
 
 @dataclass
@@ -94,11 +105,7 @@ async def test_out_of_order_commits_deliver_exactly_the_committed_events(
 ) -> None:
     path = tmp_path / "app.db"
     bus = sqlite_bus(path)
-    outbox = Outbox(bus)
-
-    @bus.on("*", name="audit")
-    async def audit(event: Event) -> None:
-        recorder.add(event.payload)
+    outbox = audited_outbox(bus, recorder)
 
     engine = create_engine(f"sqlite:///{path}")
     async with bus:
@@ -242,11 +249,7 @@ async def test_async_sessions_on_postgres(
 ) -> None:
     schema, new_session = pg_engine
     bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema=schema))
-    outbox = Outbox(bus)
-
-    @bus.on("*", name="audit")
-    async def audit(event: Event) -> None:
-        recorder.add(event.payload)
+    outbox = audited_outbox(bus, recorder)
 
     async with bus:
         async with new_session() as first, new_session() as second, new_session() as third:
@@ -322,4 +325,49 @@ async def test_the_inbox_through_sqlalchemy_records_once_and_rolls_back_with_the
         assert not record_once(sync_session, event, "billing.charge")
     with pytest.raises(ConfigurationError, match="plain SQL identifier"):
         record_once(Session(engine), event, "x", schema="bad; drop")
+    engine.dispose()
+
+
+async def test_events_emitted_by_the_commits_own_flush_or_in_a_savepoint_left_open_are_handled(
+    tmp_path: Path, recorder: Recorder, records: Records
+) -> None:
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    outbox = audited_outbox(bus, recorder)
+
+    engine = create_engine(f"sqlite:///{path}")
+    with Session(engine) as session, session.begin():
+        session.execute(text("CREATE TABLE orders (id INTEGER PRIMARY KEY)"))
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Order(Base):
+        __tablename__ = "orders"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    def placed(mapper: Any, connection: Any, order: Order) -> None:  # an ORM event: fires in a flush
+        session = Session.object_session(order)
+        assert session is not None
+        outbox.emit(session, "order.placed", order.id)
+
+    sa_event.listen(Order, "after_insert", placed)
+    async with bus:
+        with Session(engine) as session, session.begin():
+            session.add(Order(id=1))  # flushed by the commit
+        with Session(engine) as session, session.begin():
+            session.begin_nested()  # still open when the block commits: released with it
+            session.add(Order(id=2))
+            outbox.emit(session, "order.noted", 2)
+        with Session(engine) as session, session.begin():
+            session.begin_nested()
+            session.begin_nested()
+            outbox.emit(session, "order.noted", 3)
+            session.get_transaction().commit()  # type: ignore[union-attr]
+        await recorder.wait_count(4)
+        await bus.drain()
+    assert sorted(recorder.items) == [1, 2, 2, 3]
+    assert not [r for r in records.recorder.items if "discarded" in r.getMessage()]
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT id FROM orders")).scalars().all() == [1, 2]
     engine.dispose()

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from time import time, time_ns
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -56,6 +57,7 @@ try:
     from sqlalchemy import CursorResult, text
     from sqlalchemy import event as sa_event
     from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session as _Session
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
     raise ImportError(
         'tidings.integrations.sqlalchemy needs SQLAlchemy: pip install "tidings[sqlalchemy]"'
@@ -116,7 +118,7 @@ class Outbox:
         self._max_payload_bytes = store.max_payload_bytes
         self._staged_key = f"tidings.outbox.{id(self)}.staged"
         self._written_key = f"tidings.outbox.{id(self)}.written"
-        self._listening_key = f"tidings.outbox.{id(self)}.listening"
+        _listen()
 
     def emit(
         self,
@@ -168,18 +170,17 @@ class Outbox:
         staged = _Staged(built, *encode_event(built, self._max_payload_bytes))
         sync_session = session.sync_session if isinstance(session, AsyncSession) else session
         info = sync_session.info
-        if not info.get(self._listening_key):
-            sa_event.listen(sync_session, "before_commit", self._write)
-            sa_event.listen(sync_session, "after_commit", self._release)
-            sa_event.listen(sync_session, "after_transaction_end", self._discard)
-            info[self._listening_key] = True
         info.setdefault(self._staged_key, []).append(staged)
+        info.setdefault(_OUTBOXES, {})[self] = None
         return built
 
     def _write(self, session: Session) -> None:
-        """before_commit: insert the staged events' deliveries through the transaction's connection."""
-        if session.in_nested_transaction():  # a savepoint's commit: the outer one may still roll back
-            return
+        """before_commit: insert the staged events' deliveries through the transaction's connection.
+
+        A savepoint's commit writes too: its rows then belong to the enclosing transaction, and go
+        with it. (Skipping it would lose the events of a savepoint still open when the outermost
+        transaction commits: that commit's own before_commit comes while the savepoint is current.)
+        """
         staged: list[_Staged] = session.info.pop(self._staged_key, [])
         if not staged:
             return
@@ -208,6 +209,8 @@ class Outbox:
 
     def _release(self, session: Session) -> None:
         """after_commit: the deliveries are durable; hand the events to the bus."""
+        if session.in_nested_transaction():  # a savepoint's release: the outer one may still roll back
+            return
         for event in session.info.pop(self._written_key, []):
             self.bus.release(event)
 
@@ -224,6 +227,62 @@ class Outbox:
                 event.id,
                 extra=fields(event.name, event.id),
             )
+
+
+_OUTBOXES: Final = "tidings.outboxes"  # session.info: the outboxes that staged events on the session
+_COMMITTING: Final = "tidings.outbox.committing"  # session.info: its transaction has begun to commit
+_listen_lock = threading.Lock()
+_listening = False
+
+
+def _listen() -> None:
+    """Listen to the transactions of every session, once per process.
+
+    Listeners added to a session at its first emit would come too late when that emit is part of
+    the commit: an ORM event (``after_insert``, ``before_flush``...) fires in the flush a commit
+    runs *after* its ``before_commit``. So every commit marks its session, and a flush of a
+    committing session writes what it staged at once, still inside the transaction. Sessions that
+    never see an outbox event pay a dict lookup per commit and flush.
+    """
+    global _listening
+    with _listen_lock:
+        if _listening:
+            return
+        sa_event.listen(_Session, "before_commit", _before_commit)
+        sa_event.listen(_Session, "after_flush_postexec", _after_flush)
+        sa_event.listen(_Session, "after_commit", _after_commit)
+        sa_event.listen(_Session, "after_transaction_end", _after_transaction_end)
+        _listening = True
+
+
+def _outboxes(session: Session) -> list[Outbox]:
+    return list(session.info.get(_OUTBOXES, ()))
+
+
+def _before_commit(session: Session) -> None:
+    session.info[_COMMITTING] = True
+    for outbox in _outboxes(session):
+        outbox._write(session)
+
+
+def _after_flush(session: Session, flush_context: object) -> None:
+    if session.info.get(_COMMITTING):  # the commit's own flush: its before_commit has been
+        for outbox in _outboxes(session):
+            outbox._write(session)
+
+
+def _after_commit(session: Session) -> None:
+    for outbox in _outboxes(session):
+        outbox._release(session)
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is not None:  # a savepoint: not the end
+        return
+    session.info.pop(_COMMITTING, None)
+    for outbox in _outboxes(session):
+        outbox._discard(session, transaction)
+    session.info.pop(_OUTBOXES, None)
 
 
 _IDENTIFIER: Final = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
