@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -40,6 +40,17 @@ pytestmark = pytest.mark.anyio
 
 def sqlite_bus(path: Path, **options: Any) -> EventBus:
     return EventBus(store=SQLiteStore(path), **options)
+
+
+@pytest.fixture
+def audited(tmp_path: Path, recorder: Recorder) -> Iterator[tuple[EventBus, Outbox, Engine]]:
+    """A bus on a SQLite log, its :func:`audited_outbox`, and an engine on the log's database."""
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    outbox = audited_outbox(bus, recorder)
+    engine = create_engine(f"sqlite:///{path}")
+    yield bus, outbox, engine
+    engine.dispose()
 
 
 def audited_outbox(bus: EventBus, recorder: Recorder) -> Outbox:
@@ -101,13 +112,9 @@ async def test_a_committed_event_is_handled_once_with_its_id_and_a_rolled_back_o
 
 
 async def test_out_of_order_commits_deliver_exactly_the_committed_events(
-    tmp_path: Path, recorder: Recorder
+    audited: tuple[EventBus, Outbox, Engine], recorder: Recorder
 ) -> None:
-    path = tmp_path / "app.db"
-    bus = sqlite_bus(path)
-    outbox = audited_outbox(bus, recorder)
-
-    engine = create_engine(f"sqlite:///{path}")
+    bus, outbox, engine = audited
     async with bus:
         first, second, third = Session(engine), Session(engine), Session(engine)
         for session in (first, second, third):
@@ -123,7 +130,6 @@ async def test_out_of_order_commits_deliver_exactly_the_committed_events(
         await recorder.wait_count(2)
         await bus.drain()
     assert sorted(recorder.items) == [1, 2]
-    engine.dispose()
 
 
 async def test_a_process_dying_between_commit_and_release_loses_nothing(
@@ -329,13 +335,10 @@ async def test_the_inbox_through_sqlalchemy_records_once_and_rolls_back_with_the
 
 
 async def test_events_emitted_by_the_commits_own_flush_or_in_a_savepoint_left_open_are_handled(
-    tmp_path: Path, recorder: Recorder, records: Records
+    audited: tuple[EventBus, Outbox, Engine], recorder: Recorder, records: Records
 ) -> None:
-    path = tmp_path / "app.db"
-    bus = sqlite_bus(path)
-    outbox = audited_outbox(bus, recorder)
+    bus, outbox, engine = audited
 
-    engine = create_engine(f"sqlite:///{path}")
     with Session(engine) as session, session.begin():
         session.execute(text("CREATE TABLE orders (id INTEGER PRIMARY KEY)"))
 
@@ -370,4 +373,27 @@ async def test_events_emitted_by_the_commits_own_flush_or_in_a_savepoint_left_op
     assert not [r for r in records.recorder.items if "discarded" in r.getMessage()]
     with engine.connect() as connection:
         assert connection.execute(text("SELECT id FROM orders")).scalars().all() == [1, 2]
-    engine.dispose()
+
+
+async def test_a_rolled_back_savepoint_discards_the_events_emitted_in_it(
+    audited: tuple[EventBus, Outbox, Engine], recorder: Recorder
+) -> None:
+    bus, outbox, engine = audited
+    async with bus:
+        with Session(engine) as session, session.begin():
+            outbox.emit(session, "n", "before")
+            failed = session.begin_nested()
+            outbox.emit(session, "n", "in the failed savepoint")
+            failed.rollback()
+            with session.begin_nested():
+                outbox.emit(session, "n", "in a released savepoint")
+            outer = session.begin_nested()
+            with session.begin_nested():
+                outbox.emit(session, "n", "released, then its enclosing savepoint rolled back")
+            outer.rollback()
+            outbox.emit(session, "n", "after")
+        await recorder.wait_count(3)
+        await bus.drain()
+        await bus.store.flush()
+        assert await bus.store.pending_count() == 0  # type: ignore[attr-defined]
+    assert sorted(recorder.items) == ["after", "before", "in a released savepoint"]

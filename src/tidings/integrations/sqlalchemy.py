@@ -85,14 +85,25 @@ _INSERT: Final = (
 
 class _Staged:
     """An event emitted in a transaction, with its payload already encoded (the caller's bug, if
-    it cannot be, is raised in the caller's code, not at commit)."""
+    it cannot be, is raised in the caller's code, not at commit), and the innermost transaction
+    (a savepoint, maybe) it was emitted in."""
 
-    __slots__ = ("event", "headers", "payload")
+    __slots__ = ("event", "headers", "payload", "transaction")
 
-    def __init__(self, event: Event, payload: str, headers: str) -> None:
+    def __init__(self, event: Event, payload: str, headers: str, transaction: SessionTransaction) -> None:
         self.event = event
         self.payload = payload
         self.headers = headers
+        self.transaction = transaction
+
+    def within(self, transaction: SessionTransaction) -> bool:
+        """Whether the event was emitted in ``transaction``, or in a savepoint inside it."""
+        current: SessionTransaction | None = self.transaction
+        while current is not None:
+            if current is transaction:
+                return True
+            current = current.parent
+        return False
 
 
 class Outbox:
@@ -132,9 +143,8 @@ class Outbox:
 
         The session must be in a transaction (``session.begin()``, or any statement it has run
         since its last commit): an event that belonged to no transaction could not be discarded
-        with one. A rollback, or closing the session without a commit, discards it. Savepoints
-        (``begin_nested()``) are not tracked: an event belongs to the outermost transaction, so
-        emit after a savepoint you may roll back.
+        with one. A rollback, or closing the session without a commit, discards it; so does
+        rolling back a savepoint (``begin_nested()``) it was emitted in.
 
         ``event`` and ``payload`` are what :meth:`EventBus.emit <tidings.EventBus.emit>` takes: a
         name and a payload, or a typed event (named after its class); a ``dict`` payload under a
@@ -167,8 +177,10 @@ class Outbox:
         if tracing is not None:  # the context of the code that emits, as bus.emit() would take it
             headers = tracing.inject(headers)
         built = Event(name, payload, MappingProxyType(dict(headers)) if headers else EMPTY_HEADERS, time_ns())
-        staged = _Staged(built, *encode_event(built, self._max_payload_bytes))
         sync_session = session.sync_session if isinstance(session, AsyncSession) else session
+        transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
+        assert transaction is not None  # in_transaction() said so
+        staged = _Staged(built, *encode_event(built, self._max_payload_bytes), transaction)
         info = sync_session.info
         info.setdefault(self._staged_key, []).append(staged)
         info.setdefault(_OUTBOXES, {})[self] = None
@@ -205,22 +217,36 @@ class Outbox:
         ]
         if rows:
             connection.execute(text(_INSERT.format(table=self._table, lease=lease_sql)), rows)
-        session.info.setdefault(self._written_key, []).extend(item.event for item in staged)
+        session.info.setdefault(self._written_key, []).extend(staged)
 
     def _release(self, session: Session) -> None:
         """after_commit: the deliveries are durable; hand the events to the bus."""
         if session.in_nested_transaction():  # a savepoint's release: the outer one may still roll back
             return
-        for event in session.info.pop(self._written_key, []):
-            self.bus.release(event)
+        for item in session.info.pop(self._written_key, []):
+            self.bus.release(item.event)
 
     def _discard(self, session: Session, transaction: SessionTransaction) -> None:
         """after_transaction_end: what the transaction did not commit (rolled back, closed) is gone."""
         if transaction.parent is not None:  # a savepoint or a subtransaction: not the end
             return
-        staged = session.info.pop(self._staged_key, [])
-        written = session.info.pop(self._written_key, [])
-        for event in [item.event for item in staged] + written:
+        self._drop(session.info.pop(self._staged_key, []) + session.info.pop(self._written_key, []))
+
+    def _roll_back_savepoint(self, session: Session, savepoint: SessionTransaction) -> None:
+        """after_soft_rollback of a savepoint: drop what was emitted in it (its rows, if a savepoint
+        inside it wrote them at its release, are rolled back with it)."""
+        gone: list[_Staged] = []
+        for key in (self._staged_key, self._written_key):
+            items: list[_Staged] | None = session.info.get(key)
+            if items:
+                gone += [item for item in items if item.within(savepoint)]
+                items[:] = [item for item in items if not item.within(savepoint)]
+        self._drop(gone)
+
+    @staticmethod
+    def _drop(items: list[_Staged]) -> None:
+        for item in items:
+            event = item.event
             logger.debug(
                 "event %r (id %s) of a rolled-back transaction was discarded",
                 event.name,
@@ -252,6 +278,7 @@ def _listen() -> None:
         sa_event.listen(_Session, "after_flush_postexec", _after_flush)
         sa_event.listen(_Session, "after_commit", _after_commit)
         sa_event.listen(_Session, "after_transaction_end", _after_transaction_end)
+        sa_event.listen(_Session, "after_soft_rollback", _after_soft_rollback)
         _listening = True
 
 
@@ -274,6 +301,12 @@ def _after_flush(session: Session, flush_context: object) -> None:
 def _after_commit(session: Session) -> None:
     for outbox in _outboxes(session):
         outbox._release(session)
+
+
+def _after_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
+    if previous_transaction.nested:  # the end of the outermost one is after_transaction_end's
+        for outbox in _outboxes(session):
+            outbox._roll_back_savepoint(session, previous_transaction)
 
 
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
