@@ -13,8 +13,9 @@ import pytest
 from pydantic import BaseModel
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy import event as sa_event
-from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm.session import JoinTransactionMode
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -244,10 +245,15 @@ async def test_typed_events_and_schemas_go_through_the_outbox_as_through_emit(
 
 
 @pytest.fixture
-async def pg_engine(pg_schema: str) -> AsyncIterator[tuple[str, Callable[[], AsyncSession]]]:
+async def pg_async_engine(pg_schema: str) -> AsyncIterator[AsyncEngine]:
     engine = create_async_engine(POSTGRES_DSN.replace("postgresql://", "postgresql+asyncpg://"))
-    yield pg_schema, lambda: AsyncSession(engine)
+    yield engine
     await engine.dispose()
+
+
+@pytest.fixture
+def pg_engine(pg_schema: str, pg_async_engine: AsyncEngine) -> tuple[str, Callable[[], AsyncSession]]:
+    return pg_schema, lambda: AsyncSession(pg_async_engine)
 
 
 async def test_async_sessions_on_postgres(
@@ -397,3 +403,27 @@ async def test_a_rolled_back_savepoint_discards_the_events_emitted_in_it(
         await bus.store.flush()
         assert await bus.store.pending_count() == 0  # type: ignore[attr-defined]
     assert sorted(recorder.items) == ["after", "before", "in a released savepoint"]
+
+
+@pytest.mark.parametrize("mode", ["conditional_savepoint", "create_savepoint", "rollback_only"])
+async def test_a_session_joined_to_an_outer_transaction_releases_nothing_before_that_commits(
+    pg_schema: str, pg_async_engine: AsyncEngine, recorder: Recorder, mode: JoinTransactionMode
+) -> None:
+    # PostgreSQL: pysqlite's own transaction handling breaks savepoints unless the app works around it
+    bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema=pg_schema), resubmit_after=0.2)
+    outbox = audited_outbox(bus, recorder)  # what the outer commit made durable runs from the log
+    async with bus:
+        for outcome in ("rolled back", "committed"):
+            async with pg_async_engine.connect() as connection:
+                outer = await connection.begin()
+                async with AsyncSession(bind=connection, join_transaction_mode=mode) as session:
+                    await session.begin()
+                    outbox.emit(session, "n", outcome)
+                    await session.commit()  # not the commit that makes the rows durable
+                if outcome == "committed":
+                    await outer.commit()
+                else:
+                    await outer.rollback()
+        await recorder.wait_count(1)
+        await bus.drain()
+    assert recorder.items == ["committed"]

@@ -88,13 +88,14 @@ class _Staged:
     it cannot be, is raised in the caller's code, not at commit), and the innermost transaction
     (a savepoint, maybe) it was emitted in."""
 
-    __slots__ = ("event", "headers", "payload", "transaction")
+    __slots__ = ("connection", "event", "headers", "payload", "transaction")
 
     def __init__(self, event: Event, payload: str, headers: str, transaction: SessionTransaction) -> None:
         self.event = event
         self.payload = payload
         self.headers = headers
         self.transaction = transaction
+        self.connection: Connection | None = None  # the one its deliveries were written through
 
     def within(self, transaction: SessionTransaction) -> bool:
         """Whether the event was emitted in ``transaction``, or in a savepoint inside it."""
@@ -144,7 +145,10 @@ class Outbox:
         The session must be in a transaction (``session.begin()``, or any statement it has run
         since its last commit): an event that belonged to no transaction could not be discarded
         with one. A rollback, or closing the session without a commit, discards it; so does
-        rolling back a savepoint (``begin_nested()``) it was emitted in.
+        rolling back a savepoint (``begin_nested()``) it was emitted in. A session joined to a
+        transaction begun on its connection (``Session(bind=connection)``) commits into that
+        transaction: its events run from the log once that commits, when their lease
+        (``resubmit_after``) runs out, and never if it rolls back.
 
         ``event`` and ``payload`` are what :meth:`EventBus.emit <tidings.EventBus.emit>` takes: a
         name and a payload, or a typed event (named after its class); a ``dict`` payload under a
@@ -217,6 +221,8 @@ class Outbox:
         ]
         if rows:
             connection.execute(text(_INSERT.format(table=self._table, lease=lease_sql)), rows)
+        for item in staged:
+            item.connection = connection
         session.info.setdefault(self._written_key, []).extend(staged)
 
     def _release(self, session: Session) -> None:
@@ -224,6 +230,18 @@ class Outbox:
         if session.in_nested_transaction():  # a savepoint's release: the outer one may still roll back
             return
         for item in session.info.pop(self._written_key, []):
+            if item.connection is not None and item.connection.in_transaction():
+                # A session joined to a transaction begun on its connection (join_transaction_mode)
+                # committed, not that transaction: its rows are durable only when it commits, and
+                # gone if it rolls back. The log runs them once their lease runs out, if they are.
+                logger.debug(
+                    "event %r (id %s) was committed inside an outer transaction: it runs from the "
+                    "event log once that commits",
+                    item.event.name,
+                    item.event.id,
+                    extra=fields(item.event.name, item.event.id),
+                )
+                continue
             self.bus.release(item.event)
 
     def _discard(self, session: Session, transaction: SessionTransaction) -> None:
