@@ -427,3 +427,28 @@ async def test_a_session_joined_to_an_outer_transaction_releases_nothing_before_
         await recorder.wait_count(1)
         await bus.drain()
     assert recorder.items == ["committed"]
+
+
+async def test_an_emit_into_a_transaction_that_has_committed_raises(
+    audited: tuple[EventBus, Outbox, Engine], recorder: Recorder
+) -> None:
+    bus, outbox, engine = audited
+    raised: list[Exception] = []
+
+    def emit_too_late(session: Session) -> None:  # an after_commit hook: nothing can join it now
+        try:
+            outbox.emit(session, "n", "too late")
+        except BusStateError as exc:
+            raised.append(exc)
+
+    async with bus:
+        with Session(engine) as session:
+            sa_event.listen(session, "after_commit", emit_too_late)
+            session.begin()
+            outbox.emit(session, "n", "in time")
+            session.commit()
+        await recorder.wait_count(1)
+        await bus.drain()
+    assert recorder.items == ["in time"]
+    assert len(raised) == 1
+    assert "has committed or failed" in str(raised[0])

@@ -163,12 +163,20 @@ class Outbox:
                 (raised here, before anything is staged).
             SerializationError: the payload cannot be written to the log (your transaction is
                 untouched: this is raised here, not at commit).
-            BusStateError: the session is not in a transaction.
+            BusStateError: the session is not in a transaction, or in one that has committed (an
+                ``after_commit`` hook) or failed (it must be rolled back).
         """
-        if not session.in_transaction():
+        sync_session = session.sync_session if isinstance(session, AsyncSession) else session
+        transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
+        if transaction is None:
             raise BusStateError(
                 "outbox.emit() needs the session to be in a transaction: call session.begin() first "
                 "(the event is written by that transaction's commit, and discarded by its rollback)"
+            )
+        if not transaction.is_active:
+            raise BusStateError(
+                "outbox.emit() needs a transaction that can still commit the event; the session's "
+                "has committed or failed (emit in the transaction that does the work, before its commit)"
             )
         bus = self.bus
         # What bus.emit() does to what it is given, so that an event is the same either way.
@@ -181,9 +189,6 @@ class Outbox:
         if tracing is not None:  # the context of the code that emits, as bus.emit() would take it
             headers = tracing.inject(headers)
         built = Event(name, payload, MappingProxyType(dict(headers)) if headers else EMPTY_HEADERS, time_ns())
-        sync_session = session.sync_session if isinstance(session, AsyncSession) else session
-        transaction = sync_session.get_nested_transaction() or sync_session.get_transaction()
-        assert transaction is not None  # in_transaction() said so
         staged = _Staged(built, *encode_event(built, self._max_payload_bytes), transaction)
         info = sync_session.info
         info.setdefault(self._staged_key, []).append(staged)
