@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -452,3 +453,36 @@ async def test_an_emit_into_a_transaction_that_has_committed_raises(
     assert recorder.items == ["in time"]
     assert len(raised) == 1
     assert "has committed or failed" in str(raised[0])
+
+
+async def test_sessions_committed_in_threads_while_the_relay_renews_leases(
+    audited: tuple[EventBus, Outbox, Engine], recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bus, outbox, engine = audited
+
+    def commit_in_a_thread(payload: int) -> None:  # a sync endpoint's session, in the thread pool
+        def commit() -> None:
+            with Session(engine) as session, session.begin():
+                outbox.emit(session, "n", payload)
+
+        thread = threading.Thread(target=commit)
+        thread.start()
+        thread.join()
+
+    class Registry:  # the runner's, whose resolve() lets a thread commit as the renewal runs
+        def resolve(self, name: str) -> Any:
+            if not committed:
+                committed.append(2)
+                commit_in_a_thread(2)  # it releases its event as the renewal reads the released ones
+            return bus.registry.resolve(name)
+
+    committed: list[int] = []
+    async with bus:
+        commit_in_a_thread(1)  # released from the thread: it waits for the loop to take it
+        monkeypatch.setattr(bus._runner, "registry", Registry())
+        in_flight = bus._runner.in_flight()  # what the relay's next tick renews
+        monkeypatch.undo()
+        assert in_flight
+        await recorder.wait_count(2)
+        await bus.drain()
+    assert sorted(recorder.items) == [1, 2]

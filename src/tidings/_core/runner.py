@@ -1217,7 +1217,9 @@ class Runner:
             for calls in (job.done, job.sync_done, job.late_done):
                 if calls:
                     pairs.extend((event.id, name) for event, name in deliveries_of(list(calls)))
-        for event in self.released.values():  # committed by the outbox, waiting for a response
+        # committed by the outbox, waiting for a response; list(): a session committed in another
+        # thread adds to it meanwhile (copying is one step under the GIL, iterating is not)
+        for event in list(self.released.values()):
             pairs.extend((event.id, spec.name) for spec in resolve(event.name))
         for retry in self.retries:
             spec, arg = retry.call
