@@ -302,16 +302,27 @@ async def test_an_event_emitted_outside_requests_carries_the_context_of_its_emit
     spans: Spans, recorder: Recorder
 ) -> None:
     bus = EventBus(tracing=spans.provider)
-    bus.on("report.requested")(lambda event: recorder.add(event))
+    bus.on("report.*")(lambda event: recorder.add(event))
 
     async with bus:
         with spans.tracer.start_as_current_span("nightly job"):
             bus.emit("report.requested", {"month": 11})
             await bus.emit_now("report.requested", {"month": 12})
         await recorder.wait_count(2)
+        # Emitted with no span current: no parent, not the one of the code that emitted first in the
+        # same tick, nor of a drain's caller (the drain starts what waits at once)
+        with spans.tracer.start_as_current_span("another job"):
+            bus.emit("report.requested", {"month": 13})
+        bus.emit("report.untraced")
+        await recorder.wait_count(4)
+        bus.emit("report.untraced")
+        with spans.tracer.start_as_current_span("shutdown"):
+            await bus.drain()
+        await recorder.wait_count(5)
     job = spans.one("nightly job")
     handlers = spans.named("process report.requested")
-    assert [parent_id(h) for h in handlers] == [span_id(job), span_id(job)]
+    assert [parent_id(h) for h in handlers] == [span_id(job), span_id(job), span_id(spans.one("another job"))]
+    assert [parent_id(h) for h in spans.named("process report.untraced")] == [None, None]
 
 
 async def test_headers_given_to_emit_are_kept_and_a_given_traceparent_wins(

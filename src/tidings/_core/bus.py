@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import logging
 import os
@@ -947,7 +948,11 @@ class EventBus:
         if not records or self._loop is None:
             return
         job = Job(self, records)
-        if not self._runner.start_job(job, None):
+        # Outside events got the context of their emit in _route; starting the job where another
+        # one is current (the first emitter's, which call_soon kept; a drain's caller) would give it
+        # to those emitted with none.
+        start = self._runner.start_job
+        if not (start(job, None) if self.tracing is None else contextvars.Context().run(start, job, None)):
             return  # nobody handles these events: no task
         # Handlers of outside events run in a clean context, not in whichever context emitted first.
         self._runner.spawn(job)
