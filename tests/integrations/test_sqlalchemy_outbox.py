@@ -366,6 +366,9 @@ async def test_events_emitted_by_the_commits_own_flush_or_in_a_savepoint_left_op
         with Session(engine) as session, session.begin():
             session.add(Order(id=1))  # flushed by the commit
         with Session(engine) as session, session.begin():
+            session.add(Order(id=4))
+            session.flush()  # before the commit: staged, written by the commit
+        with Session(engine) as session, session.begin():
             session.begin_nested()  # still open when the block commits: released with it
             session.add(Order(id=2))
             outbox.emit(session, "order.noted", 2)
@@ -374,12 +377,12 @@ async def test_events_emitted_by_the_commits_own_flush_or_in_a_savepoint_left_op
             session.begin_nested()
             outbox.emit(session, "order.noted", 3)
             session.get_transaction().commit()  # type: ignore[union-attr]
-        await recorder.wait_count(4)
+        await recorder.wait_count(5)
         await bus.drain()
-    assert sorted(recorder.items) == [1, 2, 2, 3]
+    assert sorted(recorder.items) == [1, 2, 2, 3, 4]
     assert not [r for r in records.recorder.items if "discarded" in r.getMessage()]
     with engine.connect() as connection:
-        assert connection.execute(text("SELECT id FROM orders")).scalars().all() == [1, 2]
+        assert connection.execute(text("SELECT id FROM orders ORDER BY id")).scalars().all() == [1, 2, 4]
 
 
 async def test_a_rolled_back_savepoint_discards_the_events_emitted_in_it(

@@ -249,10 +249,9 @@ class Outbox:
                 continue
             self.bus.release(item.event)
 
-    def _discard(self, session: Session, transaction: SessionTransaction) -> None:
-        """after_transaction_end: what the transaction did not commit (rolled back, closed) is gone."""
-        if transaction.parent is not None:  # a savepoint or a subtransaction: not the end
-            return
+    def _discard(self, session: Session) -> None:
+        """after_transaction_end of the outermost transaction: what it did not commit (rolled back,
+        closed, emitted after its commit began writing) is gone."""
         self._drop(session.info.pop(self._staged_key, []) + session.info.pop(self._written_key, []))
 
     def _roll_back_savepoint(self, session: Session, savepoint: SessionTransaction) -> None:
@@ -337,7 +336,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
         return
     session.info.pop(_COMMITTING, None)
     for outbox in _outboxes(session):
-        outbox._discard(session, transaction)
+        outbox._discard(session)
     session.info.pop(_OUTBOXES, None)
 
 
