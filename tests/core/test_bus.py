@@ -6,6 +6,7 @@ import asyncio
 import enum
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -24,6 +25,7 @@ from tidings import (
     Limits,
     emit,
 )
+from tidings.store import SQLiteStore
 
 from ..conftest import Recorder, Records
 
@@ -80,6 +82,44 @@ async def test_a_failing_handler_does_not_stop_the_others(
     assert len(logged) == 4
     assert all(r.exc_info is not None for r in logged)  # with the traceback
     assert {r.__dict__["tidings_event"] for r in logged} == {"order.placed"}
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
+async def test_a_handler_error_whose_str_raises_is_reported_and_stops_nothing(
+    tmp_path: Path, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    # str(exc) while reporting raised out of the job: the other handlers never ran, nothing was reported
+    bus = EventBus(on_failure=failures.append, store=SQLiteStore(tmp_path / "log.db"))
+
+    @bus.on("x")
+    async def broken(event: Event) -> None:
+        raise Unprintable()
+
+    @bus.on("x")
+    def broken_sync(event: Event) -> None:
+        raise Unprintable()
+
+    @bus.on("x")
+    async def fine(event: Event) -> None:
+        recorder.add("async")
+
+    @bus.on("x")
+    def fine_sync(event: Event) -> None:
+        recorder.add("sync")
+
+    async with bus:
+        bus.emit("x")
+        await recorder.wait_count(2)
+        await bus.drain()
+        letters = await bus.dead_letters.list()
+    assert sorted(recorder.items) == ["async", "sync"]
+    assert len(failures) == 2
+    assert all("raised Unprintable: <its str() raised RuntimeError>" in str(f) for f in failures)
+    assert sorted(letter.error for letter in letters) == ["Unprintable: <its str() raised RuntimeError>"] * 2
 
 
 async def test_a_hook_that_raises_is_logged_and_does_not_stop_delivery(

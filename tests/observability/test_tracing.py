@@ -576,6 +576,28 @@ async def test_a_failing_sync_handler_is_recorded_in_its_thread(spans: Spans, re
     assert (span.attributes or {})["error.type"] == "ValueError"
 
 
+async def test_a_handler_error_whose_str_raises_still_makes_an_error_span(
+    spans: Spans, recorder: Recorder
+) -> None:
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no message for you")
+
+    bus = EventBus(tracing=spans.provider, on_failure=recorder.add)
+
+    @bus.on("a")
+    async def broken(event: Event) -> None:
+        raise Unprintable()
+
+    async with bus:
+        bus.emit("a")
+        [error] = await recorder.wait_count(1)
+    assert isinstance(error.__cause__, Unprintable)  # its own error, not the tracer's
+    span = spans.one("process a")
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "Unprintable: <its str() raised RuntimeError>"
+
+
 # -- the durable log --------------------------------------------------------------------------------
 
 

@@ -51,7 +51,7 @@ from ..exceptions import (
 from ..store.base import DeadLetter, Delivery, delivery_id
 from .dispatcher import Scope, set_scope
 from .envelope import EMPTY_HEADERS, Event, Prebuilt
-from .logs import fields
+from .logs import described, fields
 from .registry import HandlerSpec, Registry
 from .threads import DaemonThreadPool
 
@@ -710,7 +710,7 @@ class Runner:
             if isinstance(exc, StoreError):
                 error = exc
             else:
-                what = f"{type(exc).__name__}: {exc}"
+                what = described(exc)
                 error = StoreError(f"the event log failed to record {len(deliveries)} deliveries: {what}")
                 error.__cause__ = exc
             logger.error("%s; %d deliveries run without being durable", error, len(deliveries), exc_info=exc)
@@ -730,7 +730,7 @@ class Runner:
         return True
 
     def _handler_failed(self, job: Job, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
-        message = f"handler {spec.name} raised {type(exc).__name__}: {exc}"
+        message = f"handler {spec.name} raised {described(exc)}"
         error = HandlerError(message, events=_events_of(spec, arg), handler=spec.name)
         self.failed(job, (spec, arg), error, exc)
 
@@ -778,7 +778,7 @@ class Runner:
             return
         error.retry_in = delay
         if delay is None:
-            text = f"{type(subject).__name__}: {subject}"
+            text = described(subject)
             trace = "".join(traceback.format_exception(cause)) if cause is not None else ""
             now = DeadLetter.now()
             error.dead_letters = tuple(
@@ -952,7 +952,7 @@ class Runner:
                 raise
             except BaseException as exc:  # a handler's BaseException is its own failure
                 error = HandlerError(
-                    f"handler {spec.name} raised {type(exc).__name__}: {exc}",
+                    f"handler {spec.name} raised {described(exc)}",
                     events=_events_of(spec, arg),
                     handler=spec.name,
                 )

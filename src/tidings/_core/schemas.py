@@ -21,6 +21,7 @@ from typing import Any, Final
 
 from ..exceptions import ConfigurationError, EventValidationError
 from .envelope import Arguments
+from .logs import described
 
 __all__ = ["Schema", "SchemaRegistry", "class_key", "class_keys", "event_name_of", "is_event_class"]
 
@@ -156,7 +157,7 @@ def _problems(exc: Exception) -> list[tuple[str, str]]:
             (".".join(str(part) for part in error.get("loc", ())), str(error.get("msg", "")))
             for error in found
         ]
-    return [("", f"{type(exc).__name__}: {exc}")]
+    return [("", described(exc))]
 
 
 class Schema:

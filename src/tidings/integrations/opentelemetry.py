@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .. import __version__
 from .._core.dispatcher import current_scope
 from .._core.envelope import Prebuilt
-from .._core.logs import fields
+from .._core.logs import described, fields
 
 try:
     from opentelemetry import context as otel_context
@@ -417,8 +417,11 @@ def _start_failed(spec: HandlerSpec) -> None:
 
 
 def _failed(span: Span, exc: Exception) -> None:
-    span.record_exception(exc)
-    _error(span, type(exc).__qualname__, f"{type(exc).__name__}: {exc}")
+    try:
+        span.record_exception(exc)
+    except Exception:  # its __str__ raised, say: the span goes without it, the handler's error stands
+        logger.debug("could not record the exception of a handler call on its span", exc_info=True)
+    _error(span, type(exc).__qualname__, described(exc))
 
 
 def _error(span: Span, kind: str, description: str) -> None:

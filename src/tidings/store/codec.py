@@ -47,6 +47,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .._core.envelope import EMPTY_HEADERS, Arguments, Event, TypedDump
+from .._core.logs import described
 from .._core.schemas import class_keys, is_event_class
 from ..exceptions import SerializationError, StoreError
 
@@ -110,7 +111,7 @@ def _top_level(payload: Any) -> Any:
 
 def _unwritable(event: Event, exc: Exception) -> SerializationError:
     return SerializationError(
-        f"event {event.name!r} ({event.id}) cannot be written to the event log: {type(exc).__name__}: {exc}",
+        f"event {event.name!r} ({event.id}) cannot be written to the event log: {described(exc)}",
         event=event,
     )
 
@@ -212,7 +213,7 @@ def decode_event(event_id: str, name: str, payload: str, headers: str, timestamp
         decoded_headers = json.loads(headers)
         decoded = json.loads(payload)
     except Exception as exc:  # RecursionError too: whatever the row holds, it is refused as one
-        raise _malformed(event_id, name, f"{type(exc).__name__}: {exc}") from exc
+        raise _malformed(event_id, name, described(exc)) from exc
     if type(decoded_headers) is not dict:
         raise _malformed(event_id, name, "its headers are not a JSON object")
     if type(decoded) is dict and len(decoded) == 1 and next(iter(decoded)).startswith(_MARKER_PREFIX):
