@@ -591,15 +591,19 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
             print(f"traceback:\n{found.traceback or '(none)'}", file=out)
             return 0
         _check_selection(args)
+        unknown: list[str] = []
+        if args.ids:  # by key: only these rows are read
+            ids, event, handler = args.ids, args.event, args.handler
+            present = {d.id for d in await store.dead_letters(ids=ids, event=event, handler=handler)}
+            present.update(u.id for u in await store.unreadable(ids=ids, event=event, handler=handler))
+            unknown = [letter_id for letter_id in dict.fromkeys(ids) if letter_id not in present]
         purged = await bus.dead_letters.purge(
             args.ids or None, event=args.event, handler=args.handler, all=args.all
         )
         print(f"purged {purged} dead letter(s)", file=out)
-        unknown = len(set(args.ids)) - purged
-        if args.ids and unknown:  # a typo, or replayed or purged meanwhile: not a silent success
-            print(f"  {unknown} of the ids given: {_no_such(args)}", file=out)
-            return 1
-        return 0
+        for letter_id in unknown:  # a typo, or replayed or purged meanwhile: not a silent success
+            print(f"  not purged ({_no_such(args)}): {letter_id}", file=out)
+        return 1 if unknown else 0
     finally:
         await store.aclose()
 

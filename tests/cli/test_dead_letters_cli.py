@@ -177,9 +177,9 @@ def test_ids_that_are_not_dead_letters_are_named_and_fail(app: ModuleType) -> No
         "replayed 0: 0 succeeded, 0 failed again, 0 skipped\n  not replayed (no such dead letter): nope/x\n",
     )
     status, out = run("dead-letters", "purge", real, "nope/x", "nope/x", "--bus", bus)
-    assert (status, out) == (1, "purged 1 dead letter(s)\n  1 of the ids given: no such dead letter\n")
+    assert (status, out) == (1, "purged 1 dead letter(s)\n  not purged (no such dead letter): nope/x\n")
     status, out = run("dead-letters", "purge", real, "--bus", bus)
-    assert (status, out) == (1, "purged 0 dead letter(s)\n  1 of the ids given: no such dead letter\n")
+    assert (status, out) == (1, f"purged 0 dead letter(s)\n  not purged (no such dead letter): {real}\n")
 
 
 def test_a_multi_line_error_keeps_to_its_row_of_the_table() -> None:
