@@ -417,3 +417,77 @@ async def test_a_request_job_cut_off_before_its_task_ran_lets_later_emits_throug
             reset_scope(token)
         assert await recorder.wait_count(1) == ["late"]
     assert [p.event.name for p in caught.value.pending] == ["req"]
+
+
+async def test_an_emit_now_started_as_the_drain_cuts_off_is_cut_off_at_close(
+    failures: list[HandlerError],
+) -> None:
+    # Found by tests/core/test_accounting.py (seeds 9 and 34): the emit_now() ran its first step
+    # in the tick the cut-off gives its cancellations, so its job escaped the cut-off and ran
+    # after the bus closed; its plain def handler then found no worker threads, and the call
+    # ended in nothing at all (an AssertionError in a task nobody awaited).
+    bus = EventBus(drain_timeout=0, on_failure=failures.append)
+    ran: list[str] = []
+
+    @bus.on("slow")
+    async def slow(event: Event) -> None:
+        await asyncio.Event().wait()  # holds the drain until its bound runs out
+
+    @bus.on("now", name="async_handler")
+    async def async_handler(event: Event) -> None:
+        ran.append("async_handler")
+
+    @bus.on("now", name="sync_handler")
+    def sync_handler(event: Event) -> None:
+        ran.append("sync_handler")
+
+    await bus.start()
+    bus.emit("slow")
+    late = asyncio.create_task(bus.emit_now("now"))  # its first step runs in the cut-off's tick
+    await bus.aclose()
+    errors = await late
+    reported = sorted(f.handler for f in failures if f.event.name == "now")
+    assert ran == []  # nothing runs on a closed bus...
+    assert reported == ["async_handler", "sync_handler"]  # ...and what did not run is reported
+    assert sorted(e.handler for e in errors) == reported  # to emit_now's caller as well
+
+
+async def test_a_request_that_ends_while_the_bus_closes_drops_its_events_by_name(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found by tests/core/test_accounting.py: between the close and the end of aclose() (here:
+    # waiting for an async failure hook), a request's job still started, and ran its handlers on
+    # a closed bus, with no drain to wait for them and no worker threads for its plain def ones.
+    from tidings import BusState, emit
+    from tidings._core.dispatcher import reset_scope, set_scope
+
+    states: list[BusState] = []
+
+    async def hook(error: HandlerError) -> None:  # runs while aclose() waits for it, after the close
+        states.append(bus.state)
+        await bus.run_job(events, request=True)  # the request's response is sent now
+
+    bus = EventBus(drain_timeout=0.01, on_failure=hook)
+    ran: list[str] = []
+
+    @bus.on("slow")
+    async def slow(event: Event) -> None:
+        await asyncio.Event().wait()
+
+    @bus.on("req")
+    async def handler(event: Event) -> None:
+        ran.append(event.name)
+
+    await bus.start()
+    events = bus.open_request()  # what the middleware does for a request
+    token = set_scope(events)
+    try:
+        emit("req")
+    finally:
+        reset_scope(token)
+    bus.emit("slow")
+    with caplog.at_level(logging.ERROR, logger="tidings"):
+        await bus.aclose()
+    assert states == [BusState.CLOSED]
+    assert ran == []
+    assert any("'req' was dropped because the bus is closed" in r.getMessage() for r in caplog.records)

@@ -1350,11 +1350,20 @@ class EventBus:
         with self._lock:
             self._state = BusState.CLOSED
             unregister_running(self)
+        # From now on no job starts: a request that ends after this point drops its events by name
+        # (the runner's own shutdown comes later, after awaits in which requests still end, and a
+        # job started then would run on a closed bus, undrained, and lose its plain def calls
+        # when the worker threads go away).
+        self._runner.closed = True
         # handed over before the close, not taken yet: each is dropped, by name (a request still
         # running drops its buffer's events when it ends, as for any request that outlives the bus)
         self._take_handed_over()
         # accepted after a cut-off took what was there (in the tick its cancellations took)
         leftovers = self._take_outside()
+        # Jobs started in that same tick (an emit_now(), a request's handlers): the cut-off never
+        # saw them and nothing waits for them any more, so they are cut off (and reported) here.
+        # After a drain that finished, there are none.
+        leftovers.extend(self._runner.cut_off())
         if leftovers:
             self._runner.report_unfinished(leftovers, "the bus closed after its drain bound ran out")
         self._runner.abandon_retries()
