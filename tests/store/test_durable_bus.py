@@ -281,6 +281,53 @@ async def test_what_the_drain_bound_cut_off_stays_in_the_log_and_runs_at_next_st
     assert await pending(log) == 0
 
 
+async def test_a_plain_def_call_that_returned_leaves_the_log_though_its_job_is_cut_off(
+    log: Log, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    # Found by tests/core/test_accounting.py (seed 27): the job was cut off while an async call
+    # still ran, so it never awaited its thread hop, and the plain def call that had returned was
+    # never completed: it stayed pending, reported nowhere, to run again after a restart.
+    bus = make_bus(log, failures, drain_timeout=0.05, handler_timeout=None)
+
+    @bus.on("x", name="hangs")
+    async def hangs(event: Event) -> None:
+        await asyncio.Event().wait()
+
+    @bus.on("x", name="returns")
+    def returns(event: Event) -> None:
+        recorder.add("returned")
+
+    async with bus:
+        bus.emit("x")
+        await recorder.wait_count(1)
+    assert [f.handler for f in failures] == ["hangs"]  # the one cut off
+    assert await pending(log) == 1  # it stays; the call that returned does not
+
+
+async def test_an_event_nobody_handles_keeps_no_call_in_the_log_when_its_job_is_cut_off(
+    log: Log, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    # Found by tests/core/test_accounting.py (seed 46): a call that returned had emitted an event
+    # with no handler; its job was cut off with that event still in its buffer, which counted as
+    # "emitted but not in the log yet", so the call stayed pending, to run again after a restart.
+    bus = make_bus(log, failures, drain_timeout=0.05, handler_timeout=None)
+
+    @bus.on("x", name="emits")
+    async def emits(event: Event) -> None:
+        bus.emit("nobody.listens")
+        recorder.add("returned")
+
+    @bus.on("x", name="hangs")
+    async def hangs(event: Event) -> None:
+        await asyncio.Event().wait()
+
+    async with bus:
+        bus.emit("x")
+        await recorder.wait_count(1)
+    assert [f.handler for f in failures] == ["hangs"]  # the one cut off
+    assert await pending(log) == 1  # it stays; the call that returned does not
+
+
 async def test_a_failed_attempt_is_noted_and_continues_after_a_restart(
     log: Log, failures: list[HandlerError]
 ) -> None:

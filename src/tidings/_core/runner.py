@@ -571,12 +571,21 @@ class Runner:
         finally:
             unrecorded = job.buffer
             job.buffer = None  # later emits from this context go straight to the bus
+            if unrecorded and job.durable:
+                # an event nobody handles has no delivery to write: it keeps no call in the log
+                resolve = self.registry.resolve
+                unrecorded = [record for record in unrecorded if resolve(record[0])]
             # A finished call whose emitted events never reached the log stays in it, leased:
             # run again later, it emits them again (at least once beats lost).
             if job.durable:
                 # (and its own calls must be in the log: a job of a late call's events may be
                 # cut off before it recorded them, with that call in `done` already)
                 if (job.done or job.sync_done) and not unrecorded and job.recorded and not recording:
+                    # Cut off (or cancelled) before it awaited its thread hop: the plain def calls
+                    # the hop finished returned all the same, and must leave the log (else they run
+                    # again after a restart, reported nowhere). One the hop finishes from now on was
+                    # reported unfinished, and stays in the log.
+                    job.sync_running = False
                     self._complete(job)
                 if job.record_waiters:  # it ended before its record step (cut off): stop waiting
                     _wake(job.record_waiters)
