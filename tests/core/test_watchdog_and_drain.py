@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -491,3 +494,42 @@ async def test_a_request_that_ends_while_the_bus_closes_drops_its_events_by_name
     assert states == [BusState.CLOSED]
     assert ran == []
     assert any("'req' was dropped because the bus is closed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # its loop's call_soon_threadsafe can be wrapped
+async def test_a_sync_failure_reported_just_before_a_take_over_is_not_reported_unfinished_too(
+    anyio_backend: str, recorder: Recorder
+) -> None:
+    # The thread passed the failure to the loop and was then held up before it marked the call
+    # finished: the loop reported the failure, a drain took the job over, and reported the same
+    # call unfinished as well (two outcomes for one call; seed 40 of the accounting test).
+    bus = EventBus(on_failure=recorder.add)
+
+    @bus.on("x")
+    def broken(event: Event) -> None:
+        raise ValueError("broken")
+
+    passed_on, go_on = threading.Event(), threading.Event()
+    async with bus:
+        loop = asyncio.get_running_loop()
+        schedule = loop.call_soon_threadsafe
+
+        def held_up_after_the_failure(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+            handle = schedule(callback, *args, **kwargs)
+            if getattr(callback, "__name__", "") == "_sync_call_failed":
+                passed_on.set()
+                go_on.wait(5)
+            return handle
+
+        loop.call_soon_threadsafe = held_up_after_the_failure  # type: ignore[method-assign, assignment]
+        try:
+            bus.emit("x")
+            assert await anyio.to_thread.run_sync(passed_on.wait, 5)
+            [failure] = await recorder.wait_count(1)  # the loop reported it; the thread is held up
+            with contextlib.suppress(DrainTimeoutError):
+                await bus.drain(0)  # takes the job over: its hop has not ended
+        finally:
+            go_on.set()
+            loop.call_soon_threadsafe = schedule  # type: ignore[method-assign]
+    assert [type(item) for item in recorder.items] == [HandlerError]
+    assert "raised ValueError: broken" in str(failure)

@@ -545,3 +545,24 @@ async def test_a_parent_stays_in_the_log_when_a_drain_cuts_its_job_off_while_its
         await store.flush()
         # its child never reached the log: it stays, to run again after a restart and emit it again
         assert await store.pending_count() == 1
+
+
+async def test_what_a_drain_with_no_time_left_cuts_off_before_it_is_written_stays_in_the_log(
+    log: Log, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    bus = make_bus(log, failures, drain_timeout=0, resubmit_after=0.2)
+
+    async def handler(event: Event) -> None:
+        recorder.add(event.payload)
+
+    bus.subscribe(handler, "x", name="h")
+    await bus.start()
+    bus.emit("x", 1)  # accepted; its job is cut off before it writes the delivery
+    await bus.aclose()
+    assert recorder.items == []
+    assert [type(f).__name__ for f in failures] == ["HandlerCancelledError"]
+    assert await pending(log) == 1
+    restarted = make_bus(log, resubmit_after=0.2)
+    restarted.subscribe(handler, "x", name="h")
+    async with restarted:
+        assert await recorder.wait_count(1) == [1]

@@ -1281,6 +1281,7 @@ class EventBus:
         pending.extend(runner.cut_off())
         await asyncio.sleep(0)  # deliver the cancellations; the bound is spent, so wait no more
         runner.report_unfinished(pending, "the drain bound ran out")
+        await runner.keep_unfinished(pending)  # with a durable log: all of it stays there
         message = (
             f"bus {self.name!r}: drain bound ran out with {len(pending)} handler call(s) "
             f"unfinished: " + ", ".join(f"{p.handler} <- {p.event.name} ({p.event.id})" for p in pending)
@@ -1328,7 +1329,7 @@ class EventBus:
                 pass  # already logged with every unfinished call
             # closed before anything is awaited: an event emitted in a gap would start a job that
             # nothing drains or reports
-            self._close_runner()
+            await self._runner.keep_unfinished(self._close_runner())  # in the log, as a cut-off's are
             await self._stop_relay()  # it renewed the leases of what the drain waited for
             # what closing reported (and a cut-off) reaches an async failure hook within the bound
             await self._runner.wait_hooks(until)
@@ -1345,8 +1346,8 @@ class EventBus:
                 self._closing = None
                 closing.set_result(None)
 
-    def _close_runner(self) -> None:
-        """Close the bus to new events; report what it accepted and will not handle now."""
+    def _close_runner(self) -> list[PendingDelivery]:
+        """Close the bus to new events; report (and return) what it accepted and will not handle now."""
         with self._lock:
             self._state = BusState.CLOSED
             unregister_running(self)
@@ -1367,6 +1368,7 @@ class EventBus:
         if leftovers:
             self._runner.report_unfinished(leftovers, "the bus closed after its drain bound ran out")
         self._runner.abandon_retries()
+        return leftovers
 
     async def _close_store(self) -> None:
         opening, self._opening = self._opening, None

@@ -36,7 +36,7 @@ import threading
 import traceback
 from asyncio import current_task
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from threading import get_ident
 from time import monotonic, time
 from typing import TYPE_CHECKING, Any, Final
@@ -79,6 +79,9 @@ SyncCall = tuple[HandlerSpec, Any, float, int]  # a sync call in progress: its m
 _FATAL: Final = (KeyboardInterrupt, SystemExit, GeneratorExit)
 _MAX_TICK: Final = 0.5
 _MIN_TICK: Final = 0.005
+# How long shutdown waits, past its drain bound, for the log to take the cut-off deliveries it did
+# not hold yet: a store that is down must not hold up shutdown for good.
+KEEP_BOUND: Final = 1.0
 
 
 def _events_of(spec: HandlerSpec, arg: Any) -> list[Event]:
@@ -114,6 +117,13 @@ def _store_failed(exc: Exception, doing: str, deliveries: Sequence[tuple[str, st
         exc_info=exc,
         extra=fields(None, *deliveries[0]) if len(deliveries) == 1 else fields(None),
     )
+
+
+def _log_refused(refused: Mapping[str, str], deliveries: Sequence[tuple[Event, str]], outcome: str) -> None:
+    """Log each event the log refused to write (by id, with why), and what becomes of it."""
+    names = {event.id: event.name for event, _ in deliveries}
+    for event_id, reason in refused.items():
+        logger.error("%s; %s", reason, outcome, extra=fields(names.get(event_id), event_id))
 
 
 def _wake(waiters: list[asyncio.Future[None]]) -> None:
@@ -729,13 +739,7 @@ class Runner:
             job.record_error = StoreError(
                 f"{len(refused)} event(s) could not be written to the log: " + "; ".join(refused.values())
             )
-            names = {event.id: event.name for event, _ in deliveries}
-            for event_id, reason in refused.items():
-                logger.error(
-                    "%s; it is handled now, but not durably",
-                    reason,
-                    extra=fields(names.get(event_id), event_id),
-                )
+            _log_refused(refused, deliveries, "it is handled now, but not durably")
         return True
 
     def _handler_failed(self, job: Job, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
@@ -971,10 +975,14 @@ class Runner:
                 # no longer touches the job's state), so its end is passed on by itself.
                 self._hand_back(job, call, failure is None, failure, attempt)
                 return
-            if failure is not None:
-                loop.call_soon_threadsafe(self._sync_call_failed, job, call, index, *failure, attempt)
             job.sync_current = None
-            if failure is None and job.sync_done is not None:
+            if failure is not None:
+                # Finished before its failure is passed on: the loop may report the failure and
+                # take the job over before this thread goes on, and must not report it twice.
+                job.sync_index = index + 1
+                loop.call_soon_threadsafe(self._sync_call_failed, job, call, index, *failure, attempt)
+                continue
+            if job.sync_done is not None:
                 job.sync_done.append(call)  # read by the loop once this hop is over
             job.sync_index = index + 1  # finished: a take-over from now on does not report it
         job.sync_index = len(calls)
@@ -1212,6 +1220,31 @@ class Runner:
         for item in pending:
             message = f"handler {item.handler} did not finish: {why}"
             self.report(HandlerCancelledError(message, events=[item.event], handler=item.handler), None)
+
+    async def keep_unfinished(self, pending: Sequence[PendingDelivery]) -> None:
+        """With a durable log: write the cut-off calls it does not hold yet, to run after the next start.
+
+        A job cut off before it wrote its deliveries (a drain with no time left), and events
+        accepted but not taken by a job yet, were reported unfinished; the log is to keep what the
+        drain bound cut off, so they go into it too. A delivery the log holds already is left as it
+        is (its attempts, lease and status). Bounded by :data:`KEEP_BOUND` seconds.
+        """
+        if not self.durable or not pending:
+            return
+        deliveries = [(item.event, item.handler) for item in pending]
+        try:
+            refused = await asyncio.wait_for(self.store.record(deliveries, lease=self.lease), KEEP_BOUND)
+        except Exception as exc:  # the log's failure (or it took too long): they were reported unfinished
+            if isinstance(exc, TimeoutError):
+                exc = StoreError(f"the event log did not answer within {KEEP_BOUND}s")
+            _store_failed(
+                exc,
+                "keep the cut-off deliveries",
+                [(event.id, handler) for event, handler in deliveries],
+                "they were reported unfinished, and may not run after the next start",
+            )
+            return
+        _log_refused(refused, deliveries, "it was cut off and is not kept for the next start")
 
     def in_flight(self) -> list[tuple[str, str]]:
         """(event id, handler) of every delivery of a durable job or retry not finished yet."""
