@@ -557,3 +557,27 @@ async def test_a_sync_handlers_event_joins_its_job_while_another_thread_hands_on
             await child_ran.wait()
         await bus.drain()
     assert jobs["child"] is jobs["parent"]
+
+
+def test_a_plain_def_call_that_fails_after_its_loop_closed_is_logged(records: Records) -> None:
+    # Cut off at shutdown, it ran on in its thread; when it failed, the loop it would report to was
+    # gone, and the failure went nowhere
+    bus = EventBus(drain_timeout=0.01)
+    entered, release = threading.Event(), threading.Event()
+
+    @bus.on("x")
+    def slow(event: Event) -> None:
+        entered.set()
+        release.wait(5)
+        raise ValueError("too late")
+
+    async def main() -> None:
+        await bus.start()
+        bus.emit("x")
+        assert await anyio.to_thread.run_sync(entered.wait, 5)
+        await bus.aclose()
+
+    asyncio.run(main())
+    release.set()
+    record = asyncio.run(records.wait_for("raised ValueError: too late after its event loop closed"))
+    assert record.levelno == logging.ERROR

@@ -119,6 +119,16 @@ def _store_failed(exc: Exception, doing: str, deliveries: Sequence[tuple[str, st
     )
 
 
+def _failed_after_the_loop(handler: str, cause: BaseException) -> None:
+    logger.error(
+        "handler %s raised %s after its event loop closed: it is not retried, nor passed to on_failure",
+        handler,
+        described(cause),
+        exc_info=cause,
+        extra=fields(None, None, handler),
+    )
+
+
 def _log_refused(refused: Mapping[str, str], deliveries: Sequence[tuple[Event, str]], outcome: str) -> None:
     """Log each event the log refused to write (by id, with why), and what becomes of it."""
     names = {event.id: event.name for event, _ in deliveries}
@@ -980,7 +990,11 @@ class Runner:
                 # Finished before its failure is passed on: the loop may report the failure and
                 # take the job over before this thread goes on, and must not report it twice.
                 job.sync_index = index + 1
-                loop.call_soon_threadsafe(self._sync_call_failed, job, call, index, *failure, attempt)
+                try:
+                    loop.call_soon_threadsafe(self._sync_call_failed, job, call, index, *failure, attempt)
+                except RuntimeError:  # its loop closed (the bus was closed meanwhile): said here, then
+                    _failed_after_the_loop(spec.name, failure[1])
+                    return
                 continue
             if job.sync_done is not None:
                 job.sync_done.append(call)  # read by the loop once this hop is over
