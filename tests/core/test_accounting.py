@@ -244,9 +244,9 @@ class Ledger:
 
     def start_thread(self, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, daemon=True)
+        thread.start()  # before it is listed: the end of a run joins what is listed
         with self.lock:
             self.threads.append(thread)
-        thread.start()
 
     @contextmanager
     def hanging_call(self) -> Iterator[None]:
@@ -456,13 +456,14 @@ class Scenario:
             await self.bus.aclose()  # (a no-op once closed)
             self.release.set()  # hung plain def handlers return, so their threads end
             await self.ledger.hanging.wait_count(self.ledger.hung)
-            for thread in self.ledger.threads:
-                await anyio.to_thread.run_sync(thread.join, 5.0)
-            # The bus's worker threads: a hop the drain cut off runs its current call to its end,
-            # then passes on how it ended (a failure reaches the hook after aclose() returned).
+            # The bus's worker threads first (handlers start threads of their own): a hop the drain
+            # cut off runs its current call to its end, then passes on how it ended (a failure
+            # reaches the hook after aclose() returned).
             for pool in pools:
                 for thread in list(pool._threads):
                     await anyio.to_thread.run_sync(thread.join, 5.0)
+            for thread in list(self.ledger.threads):
+                await anyio.to_thread.run_sync(thread.join, 5.0)
             await asyncio.sleep(0)
             await anyio.wait_all_tasks_blocked()  # what the threads handed to the loop (hook calls)
 

@@ -305,14 +305,6 @@ def attempt(ledger: Ledger, token: str, handler: str) -> int:
         return ledger.attempts[token, handler]
 
 
-def start_thread(ledger: Ledger, target: Callable[[], None]) -> None:
-    """``Ledger.start_thread``, started under the lock: a thread the run's end sees is one it can join."""
-    thread = threading.Thread(target=target, daemon=True)
-    with ledger.lock:
-        ledger.threads.append(thread)
-        thread.start()
-
-
 def names(request: Request) -> list[str]:
     """The event names a test request asks its endpoint to emit."""
     return request.query_params.getlist("name")
@@ -457,7 +449,7 @@ class Scenario:
             self._emit_child(handler, depth, emitter)
         if behaviour == "thread_emits" and depth < MAX_DEPTH:
             child = ledger.payload(handler.child, depth + 1)
-            start_thread(ledger, self._thread_emit(handler.child, child))
+            ledger.start_thread(self._thread_emit(handler.child, child))
         if behaviour == "emits_now" and depth < MAX_DEPTH:
             await self._emit_now(handler.child, depth + 1)
         if behaviour != "exit_fails":  # its yield dependency says how the call ended
@@ -481,7 +473,7 @@ class Scenario:
             self._emit_child(handler, depth, emitter)
         if behaviour == "thread_emits" and depth < MAX_DEPTH:
             child = ledger.payload(handler.child, depth + 1)
-            start_thread(ledger, self._thread_emit(handler.child, child))
+            ledger.start_thread(self._thread_emit(handler.child, child))
         if behaviour != "exit_fails":
             returned(ledger, token, name)
 
@@ -799,7 +791,7 @@ class Scenario:
                             self._app_emit(name, self.ledger.payload(name, 0))
                     elif kind == "thread":
                         name, _ = arg
-                        start_thread(self.ledger, self._thread_emit(name, self.ledger.payload(name, 0)))
+                        self.ledger.start_thread(self._thread_emit(name, self.ledger.payload(name, 0)))
                     elif kind == "emit_now":
                         name, in_background = arg
                         if in_background:
@@ -865,7 +857,7 @@ class Scenario:
     async def _emit_late(self) -> None:
         """Emit while the bus shuts down, and after it closed: handled, cut off, or dropped by name."""
         for name in self.plan.late_thread_emits:
-            start_thread(self.ledger, self._thread_emit(name, self.ledger.payload(name, 0)))
+            self.ledger.start_thread(self._thread_emit(name, self.ledger.payload(name, 0)))
         for name in self.plan.late_emits:
             payload = self.ledger.payload(name, 0)
             if self.compat:

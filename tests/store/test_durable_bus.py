@@ -6,13 +6,23 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tidings import DrainTimeoutError, Event, EventBus, HandlerError, Limits, RetryPolicy, StoreError
+from tidings import (
+    DrainTimeoutError,
+    Event,
+    EventBus,
+    HandlerError,
+    Limits,
+    PendingDelivery,
+    RetryPolicy,
+    StoreError,
+)
 from tidings.store import SQLiteStore
 from tidings.store.postgres import PostgresStore
 
@@ -566,3 +576,44 @@ async def test_what_a_drain_with_no_time_left_cuts_off_before_it_is_written_stay
     restarted.subscribe(handler, "x", name="h")
     async with restarted:
         assert await recorder.wait_count(1) == [1]
+
+
+async def test_what_a_job_emits_as_the_drain_cuts_it_off_stays_in_the_log_too(
+    log: Log, recorder: Recorder, failures: list[HandlerError]
+) -> None:
+    # An event that reached the job between its take-over and its task's cancellation (a plain def
+    # handler's, handed over from its thread in that tick) was reported unfinished, not kept
+    bus = make_bus(log, failures, drain_timeout=0, resubmit_after=0.2)
+    started = asyncio.Event()
+
+    async def hangs(event: Event) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async def child(event: Event) -> None:
+        recorder.add(event.payload)
+
+    bus.subscribe(hangs, "parent", name="hangs")
+    bus.subscribe(child, "child", name="child")
+    runner = bus._runner
+    cut_off = runner.cut_off
+
+    def cut_off_as_a_child_arrives() -> list[PendingDelivery]:
+        jobs = list(runner.jobs)  # the drain's cut-off (the close's own finds none left)
+        pending = cut_off()
+        for job in jobs:
+            job.buffer.append(("child", 7, time.time_ns(), None))  # type: ignore[union-attr]  # it has one
+        return pending
+
+    runner.cut_off = cut_off_as_a_child_arrives  # type: ignore[method-assign]
+    await bus.start()
+    bus.emit("parent")
+    await started.wait()
+    await bus.aclose()
+    assert sorted(f.handler for f in failures) == ["child", "hangs"]  # both reported unfinished
+    assert await pending(log) == 2
+    restarted = make_bus(log, resubmit_after=0.2)
+    restarted.subscribe(child, "child", name="child")
+    restarted.subscribe(lambda event: None, "parent", name="hangs")
+    async with restarted:
+        assert await recorder.wait_count(1) == [7]

@@ -299,6 +299,9 @@ class Runner:
         # outbox events handed to the bus whose job has not recorded them yet (their log rows
         # exist; their leases need renewing meanwhile), by id
         self.released: dict[str, Event] = {}
+        # cut-off calls reported unfinished by their own job's task (what it emitted as the drain
+        # cancelled it), for the next keep_unfinished() to write to the log with the drain's own
+        self.unkept: list[PendingDelivery] = []
         # sync calls past their timeout, still running in a thread their job no longer waits for
         # (a dict: reported in the order left behind)
         self.left_behind: dict[tuple[Job, Call], _LeftBehind] = {}
@@ -356,6 +359,7 @@ class Runner:
     def shutdown(self) -> None:
         self.closed = True
         self.released.clear()
+        self.unkept.clear()
         self.left_behind.clear()
         self.abandon_retries()
         if self._watch_handle is not None:
@@ -587,6 +591,8 @@ class Runner:
                 # drain reported the rest; these were emitted while it cancelled us
                 leftovers = Job(job.bus, job.buffer[job.reported_buffer :]).unfinished(self.registry.resolve)
                 self.report_unfinished(leftovers, "the drain bound ran out")
+                if job.durable:  # kept in the log with the rest of the cut-off (keep_unfinished)
+                    self.unkept.extend(leftovers)
             raise
         finally:
             unrecorded = job.buffer
@@ -1243,6 +1249,8 @@ class Runner:
         drain bound cut off, so they go into it too. A delivery the log holds already is left as it
         is (its attempts, lease and status). Bounded by :data:`KEEP_BOUND` seconds.
         """
+        pending = [*self.unkept, *pending]
+        self.unkept.clear()
         if not self.durable or not pending:
             return
         deliveries = [(item.event, item.handler) for item in pending]
