@@ -165,11 +165,6 @@ class Plan:
                 deps = rng.choice(("async", "sync", "yield", "sync_yield"))
             if behaviour == "exit_fails":
                 deps = rng.choice(("yield", "sync_yield"))
-            if not is_async and behaviour == "hangs" and deps != "none":
-                # Unresolved bug: a plain def handler with dependencies past its timeout is made a dead
-                # letter at once, though its thread runs on and may return (test_fastapi_dependencies.py,
-                # the xfail test_a_plain_def_handler_with_dependencies_past_its_timeout_...; seed 116)
-                deps = "none"
             typed = not compat and rng.random() < 0.2
             patterns = () if typed else tuple(rng.sample(PATTERNS, rng.choice((1, 1, 2))))
             retry: RetryPolicy | None = None

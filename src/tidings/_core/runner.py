@@ -49,7 +49,7 @@ from ..exceptions import (
     StoreError,
 )
 from ..store.base import DeadLetter, Delivery, delivery_id
-from .dispatcher import Scope, set_scope
+from .dispatcher import Scope, current_scope, set_scope
 from .envelope import EMPTY_HEADERS, Event, Prebuilt
 from .logs import described, fields
 from .registry import HandlerSpec, Registry
@@ -79,6 +79,12 @@ SyncCall = tuple[HandlerSpec, Any, float, int]  # a sync call in progress: its m
 _FATAL: Final = (KeyboardInterrupt, SystemExit, GeneratorExit)
 _MAX_TICK: Final = 0.5
 _MIN_TICK: Final = 0.005
+# The states of a _ThreadedCall
+_QUEUED: Final = 0
+_RUNNING: Final = 1
+_LEFT_BEHIND: Final = 2
+_GIVEN_UP: Final = 3
+_ENDED: Final = 4
 # How long shutdown waits, past its drain bound, for the log to take the cut-off deliveries it did
 # not hold yet: a store that is down must not hold up shutdown for good.
 KEEP_BOUND: Final = 1.0
@@ -116,6 +122,13 @@ def _store_failed(exc: Exception, doing: str, deliveries: Sequence[tuple[str, st
         outcome,
         exc_info=exc,
         extra=fields(None, *deliveries[0]) if len(deliveries) == 1 else fields(None),
+    )
+
+
+def _raised(spec: HandlerSpec, arg: Any, exc: BaseException) -> HandlerError:
+    """The error of a call that raised ``exc``."""
+    return HandlerError(
+        f"handler {spec.name} raised {described(exc)}", events=_events_of(spec, arg), handler=spec.name
     )
 
 
@@ -173,6 +186,41 @@ class _LeftBehind:
             return records
 
 
+class _ThreadedCall:
+    """The plain def body of an async call, run in a handler thread (:meth:`Runner.call_in_thread`).
+
+    Who settles the call is decided under the lock: the call awaiting it, or, once the timeout
+    left it behind (or before its thread took it, gave it up), its thread on its own.
+    """
+
+    __slots__ = ("failure", "lock", "outcome", "state", "thread")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = _QUEUED
+        self.thread = 0
+        self.outcome: Any = None  # what it returned, once it ended (unless left behind)
+        self.failure: BaseException | None = None  # or what it raised
+
+    def start(self) -> bool:
+        """In its thread: ``False`` if the call gave it up before it started."""
+        with self.lock:
+            if self.state == _GIVEN_UP:
+                return False
+            self.state = _RUNNING
+            self.thread = get_ident()
+            return True
+
+    def end(self, outcome: Any, failure: BaseException | None) -> bool:
+        """In its thread, once it returned or raised: whether the call was left behind meanwhile."""
+        with self.lock:
+            left = self.state == _LEFT_BEHIND
+            self.state = _ENDED
+            if not left:
+                self.outcome, self.failure = outcome, failure
+            return left
+
+
 class _Retry:
     """A failed call waiting for its backoff timer."""
 
@@ -210,6 +258,9 @@ class Job(Scope):
     async_index = 0
     current: Call | None = None
     timed_out = False
+    # `current` ran past its timeout in a thread (call_in_thread) and was left behind there: it is
+    # reported already, and ends by itself
+    current_left_behind = False
     ended_by: BaseException | None = None  # what a timed-out or cut-off call ended with, if not done
     seen: Call | None = None  # the watchdog's note of `current`, and the time it first saw it
     seen_at = 0.0
@@ -759,9 +810,7 @@ class Runner:
         return True
 
     def _handler_failed(self, job: Job, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
-        message = f"handler {spec.name} raised {described(exc)}"
-        error = HandlerError(message, events=_events_of(spec, arg), handler=spec.name)
-        self.failed(job, (spec, arg), error, exc)
+        self.failed(job, (spec, arg), _raised(spec, arg, exc), exc)
 
     def _handler_cancelled(self, job: Job, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
         message = f"handler {spec.name} was cancelled"
@@ -902,7 +951,9 @@ class Runner:
         job.timed_out = False
         task.uncancel()
         cause, job.ended_by = job.ended_by, None
-        if not job.cut_off:  # a cut-off job's unfinished calls, this one included, are reported
+        if job.current_left_behind:  # reported as past its timeout: it ends in its thread
+            job.current_left_behind = False
+        elif not job.cut_off:  # a cut-off job's unfinished calls, this one included, are reported
             message = f"handler {spec.name} timed out after {spec.timeout}s and was cancelled"
             error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
             self.failed(job, (spec, arg), error, cause)
@@ -980,12 +1031,7 @@ class Runner:
                     self._hand_back(job, call, False, None, attempt)
                 raise
             except BaseException as exc:  # a handler's BaseException is its own failure
-                error = HandlerError(
-                    f"handler {spec.name} raised {described(exc)}",
-                    events=_events_of(spec, arg),
-                    handler=spec.name,
-                )
-                failure = (error, exc)
+                failure = (_raised(spec, arg, exc), exc)
             if not running.pop(index, False):
                 # The watchdog left this call behind: the job went on without it (this thread
                 # no longer touches the job's state), so its end is passed on by itself.
@@ -1068,6 +1114,95 @@ class Runner:
             if job.sync_waiter is not None and not job.sync_waiter.done():
                 job.sync_waiter.set_result(None)
 
+    async def call_in_thread(self, work: Callable[[], Any]) -> Any:
+        """Run ``work``, the plain def body of the async call in progress, in the handler threads.
+
+        For an integration whose handler call is async around a plain def handler (FastAPI
+        solves dependencies on the loop). The thread sees the caller's context, so the handler's
+        emits chain. Past the call's timeout, the call is what a plain def call is then: reported
+        as run past its timeout, and left behind in its thread, where its return completes it and
+        its failure is retried or made a dead letter; the await raises ``CancelledError`` as
+        the timeout's (the async part ends: the integration's clean-up runs) and the job goes on.
+        Outside a job's call (no job of this bus is running one in this task), ``work`` simply
+        runs in the threads.
+        """
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        job = current_scope()
+        call = job.current if type(job) is Job and job.bus is self.bus else None
+        if call is None or job.task is not current_task(loop):  # type: ignore[union-attr]
+            return await loop.run_in_executor(self._executor, context.run, work)
+        assert type(job) is Job
+        threaded = _ThreadedCall()
+        future = loop.run_in_executor(
+            self._executor, context.run, self._run_threaded, job, call, job.attempt, threaded, work
+        )
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if not self._thread_call_cancelled(job, call, threaded):
+                raise
+        # It ended as its timeout came, before its end reached this task: how it ended stands.
+        failure, threaded.failure = threaded.failure, None  # (no cycle through its traceback)
+        if failure is not None:
+            raise failure
+        return threaded.outcome
+
+    def _thread_call_cancelled(self, job: Job, call: Call, threaded: _ThreadedCall) -> bool:
+        """The wait of :meth:`call_in_thread` was cancelled: settle the call in its thread.
+
+        Returns:
+            ``True`` if the cancellation was the call's timeout, which came after its thread had
+            ended it: the timeout is taken back (unless someone else cancelled the task too), and
+            the call ends as its thread ended it.
+        """
+        timed_out = job.timed_out and job.current is call and not (job.cut_off or self.closed)
+        left: _LeftBehind | None = None
+        with threaded.lock:
+            state = threaded.state
+            if state == _QUEUED:  # not started: it never will (its timeout is reported as usual)
+                threaded.state = _GIVEN_UP
+            elif state == _RUNNING and timed_out:
+                left = _LeftBehind(call)
+                if job.sync_left_behind is None:
+                    job.sync_left_behind = {}
+                # from now on what its thread emits goes with it (as for a sync call left behind)
+                job.sync_left_behind[threaded.thread] = left
+                threaded.state = _LEFT_BEHIND
+        if left is not None:
+            self._report_past_timeout(job, *call)
+            self.left_behind[job, call] = left
+            job.current_left_behind = True
+            return False
+        if state != _ENDED or not timed_out:
+            return False
+        task = job.task
+        assert task is not None
+        job.timed_out = False
+        task.uncancel()
+        return not task.cancelling()
+
+    def _run_threaded(
+        self, job: Job, call: Call, attempt: int, threaded: _ThreadedCall, work: Callable[[], Any]
+    ) -> Any:
+        """Runs in a worker thread: ``work`` for :meth:`call_in_thread`, or its end handed back."""
+        if not threaded.start():
+            return None
+        try:
+            result = work()
+        except _FATAL as exc:
+            if threaded.end(None, exc):
+                self._hand_back(job, call, False, None, attempt)
+            raise
+        except BaseException as exc:  # a handler's BaseException is its own failure
+            if not threaded.end(None, exc):
+                raise
+            self._hand_back(job, call, False, (_raised(*call, exc), exc), attempt)
+            return None
+        if threaded.end(result, None):
+            self._hand_back(job, call, True, None, attempt)
+        return result
+
     def _left_behind_ended(
         self,
         job: Job,
@@ -1137,19 +1272,23 @@ class Runner:
                 spec, arg, started, _ = sync_call
                 if spec.timeout is not None and now - started > spec.timeout:
                     job.sync_reported = sync_call
-                    message = (
-                        f"handler {spec.name} has run past its timeout of {spec.timeout}s; a plain "
-                        "def handler cannot be interrupted, so it keeps its worker thread until it "
-                        "returns, and the other handlers go on without it"
-                    )
-                    error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
-                    error.attempt = job.attempt
-                    self.report(error, None)
-                    if job.errors is not None:  # emit_now's caller hears of it too
-                        job.errors.append(error)
-                    if job.failed is not None:  # a replay's caller: it did not succeed in time
-                        job.failed.append((spec, arg))
+                    self._report_past_timeout(job, spec, arg)
                     self._leave_behind(job, sync_call)
+
+    def _report_past_timeout(self, job: Job, spec: HandlerSpec, arg: Any) -> None:
+        """Report a plain def call past its timeout, left to run on in its thread: not its outcome."""
+        message = (
+            f"handler {spec.name} has run past its timeout of {spec.timeout}s; a plain "
+            "def handler cannot be interrupted, so it keeps its worker thread until it "
+            "returns, and the other handlers go on without it"
+        )
+        error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
+        error.attempt = job.attempt
+        self.report(error, None)
+        if job.errors is not None:  # emit_now's caller hears of it too
+            job.errors.append(error)
+        if job.failed is not None:  # a replay's caller: it did not succeed in time
+            job.failed.append((spec, arg))
 
     # -- reporting ---------------------------------------------------------------------------------
     def report(self, error: HandlerError, cause: BaseException | None) -> None:

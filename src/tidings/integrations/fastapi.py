@@ -33,8 +33,6 @@ ends, and the minor releases between, are tested.
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import functools
 import inspect
 from contextlib import AsyncExitStack
@@ -52,6 +50,7 @@ if TYPE_CHECKING:
     from .._core.binding import Plan
     from .._core.bus import EventBus
     from .._core.envelope import Event
+    from .._core.runner import Runner
 
 try:
     from fastapi import Depends
@@ -181,13 +180,12 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 async def _in_thread(bus: EventBus, work: Callable[[], Any]) -> Any:
     """Run a plain ``def`` handler in the bus's handler threads, seeing this context (its emits chain).
 
-    Like the runner's own sync handlers, a call cut off by its timeout keeps its thread until it
-    returns; the caller stops waiting for it.
+    As the runner's own plain def calls are: one past its timeout keeps its thread until it
+    returns, and is completed, retried or made a dead letter by how it ends; the await is
+    cancelled at the timeout, so its dependencies close then.
     """
-    runner = getattr(bus, "_runner", None)
-    executor = getattr(runner, "_executor", None)  # None: the loop's default executor
-    context = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(executor, context.run, work)
+    runner: Runner = bus._runner  # its handlers' bodies run as its own calls
+    return await runner.call_in_thread(work)
 
 
 def dependency_call(plan: Plan, bus: EventBus) -> Callable[[Event], Awaitable[None]]:
