@@ -558,9 +558,18 @@ def _check_buses(what: str, buses: tuple[object, ...]) -> None:
 
 
 # -- settling -----------------------------------------------------------------------------------------
-def _is_busy(bus: EventBus) -> bool:
-    """Whether a bus whose loop is not running has work (nothing can finish it until it runs)."""
-    return bool(bus._runner.jobs or bus._waiting())
+def _is_busy(bus: EventBus, until: float) -> bool:
+    """Whether a bus whose loop is not running has work that settling by ``until`` (monotonic) would
+    wait for: nothing can finish it until the loop runs (a call left behind in its thread too: its
+    end is passed to the loop)."""
+    runner = bus._runner
+    return bool(
+        runner.jobs
+        or bus._waiting()
+        or runner.left_behind
+        or runner.hook_tasks
+        or any(retry.due <= until for retry in runner.retries)
+    )
 
 
 def _pending(bus: EventBus) -> list[str]:
@@ -645,9 +654,10 @@ def _unanswered(bus: EventBus, timeout: float) -> TimeoutError:
 
 
 def _stuck(bus: EventBus) -> RuntimeError:
+    hooks = ["a call of the on_failure hook"] * len(bus._runner.hook_tasks)
     return RuntimeError(
         f"bus {bus.name!r} has handler work but its event loop is not running, so it cannot finish: "
-        f"{', '.join(_pending(bus)[:_LISTED])}"
+        f"{', '.join([*_pending(bus), *hooks][:_LISTED])}"
     )
 
 
@@ -701,7 +711,7 @@ async def settle(*buses: EventBus, timeout: float = 5.0) -> None:
             except TimeoutError:
                 future.cancel()
                 raise _unanswered(bus, timeout) from None
-        elif _is_busy(bus):
+        elif _is_busy(bus, deadline):
             raise _stuck(bus)
         else:
             continue
@@ -729,7 +739,7 @@ def settle_sync(*buses: EventBus, timeout: float = 5.0) -> None:
         if loop is None:
             continue
         if not loop.is_running():
-            if _is_busy(bus):
+            if _is_busy(bus, deadline):
                 raise _stuck(bus)
             continue
         future = asyncio.run_coroutine_threadsafe(_settle_here(bus, deadline), loop)

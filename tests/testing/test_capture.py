@@ -457,6 +457,69 @@ def test_a_bus_whose_loop_is_not_running_cannot_settle(bus: EventBus) -> None:
         loop.close()
 
 
+def test_a_bus_whose_loop_is_not_running_cannot_settle_a_retry_or_a_call_left_behind() -> None:
+    failures = Recorder()
+    release = threading.Event()
+    bus = EventBus(on_failure=failures.add, name="stopped")
+
+    @bus.on("flaky", retry=RetryPolicy(max_attempts=2, backoff=30, jitter=False))
+    async def flaky(event: Event) -> None:
+        raise ConnectionError("once")
+
+    @bus.on("hangs", timeout=0.01)
+    def hangs(event: Event) -> None:
+        assert release.wait(5)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(bus.start())
+        bus.emit("flaky")  # fails once: its retry is due in 30 s, on a loop that is not running
+        loop.run_until_complete(failures.wait_count(1))
+        with pytest.raises(RuntimeError, match=r"its event loop is not running.*flaky <- flaky, retry due"):
+            settle_sync(bus, timeout=60)
+        with pytest.raises(RuntimeError, match="its event loop is not running"):
+            asyncio.run(settle(bus, timeout=60))
+        settle_sync(bus, timeout=1)  # due after the timeout: left alone, as on a running loop
+        bus.emit("hangs")  # past its timeout, it runs on in its thread, whose end goes to the loop
+        loop.run_until_complete(failures.wait_count(2))
+        with pytest.raises(RuntimeError, match=r"hangs <- hangs .*, past its timeout, still running"):
+            settle_sync(bus, timeout=1)
+        release.set()
+        loop.run_until_complete(bus.aclose())
+    finally:
+        release.set()
+        loop.close()
+
+
+def test_a_bus_whose_loop_is_not_running_cannot_settle_a_call_of_its_async_failure_hook() -> None:
+    loop = asyncio.new_event_loop()
+    hook_started = Recorder()
+    hook_may_end = asyncio.Event()
+
+    async def on_failure(error: Exception) -> None:
+        hook_started.add(error)
+        await hook_may_end.wait()
+
+    bus = EventBus(on_failure=on_failure, name="stopped")
+
+    @bus.on("fails")
+    async def fails(event: Event) -> None:
+        raise ValueError("reported to the hook")
+
+    try:
+        loop.run_until_complete(bus.start())
+        bus.emit("fails")
+        loop.run_until_complete(hook_started.wait_count(1))
+        with pytest.raises(
+            RuntimeError, match="not running, so it cannot finish: a call of the on_failure hook"
+        ):
+            settle_sync(bus)
+        hook_may_end.set()
+        loop.run_until_complete(bus.aclose())
+    finally:
+        loop.close()
+
+
 async def test_wait_for_returns_an_event_emitted_later(bus: EventBus, events: EventCapture) -> None:
     async def later() -> None:
         await asyncio.sleep(0)
