@@ -43,7 +43,6 @@ from ._core.default import default_bus
 from ._core.dispatcher import normalize_name
 from ._core.envelope import Arguments
 from ._core.registry import is_pattern
-from ._core.runner import _events_of
 from ._core.schemas import event_name_of, is_event_class
 
 if TYPE_CHECKING:
@@ -572,44 +571,16 @@ def _is_busy(bus: EventBus, until: float) -> bool:
     )
 
 
-def _pending(bus: EventBus) -> list[str]:
-    runner = bus._runner
-    resolve = bus.registry.resolve
-    pending = [
-        f"{item.handler} <- {item.event.name} ({item.event.id})"
-        for job in tuple(runner.jobs)
-        for item in job.unfinished(resolve)
-    ]
-    # sync calls past their timeout: their jobs went on, their threads did not stop (settle waits)
-    for _, (spec, arg) in tuple(runner.left_behind):
-        pending += [
-            f"{spec.name} <- {event.name} ({event.id}), past its timeout, still running in its thread"
-            for event in _events_of(spec, arg)
-        ]
-    now = monotonic()
-    for retry in sorted(runner.retries, key=lambda r: r.due):
-        spec, arg = retry.call
-        pending += [
-            f"{spec.name} <- {event.name}, retry due in {retry.due - now:.2g}s"
-            for event in _events_of(spec, arg)
-        ]
-    pending += [f"{record[0]} (not started yet)" for record in bus._outside]
-    pending += [f"{record[0]} (not started yet)" for _, record in tuple(bus._handed_over)]
-    if bus._emits_under_way:  # another thread's emit, its taps not returned yet
-        pending.append(f"{bus._emits_under_way} emit(s) in another thread, still in a tap")
-    return pending
-
-
 async def _settle_here(bus: EventBus, until: float) -> list[str] | None:
     """On the bus's loop: wait until it is idle, or return what is still pending at ``until``."""
     runner = bus._runner
     while bus.state in (BusState.RUNNING, BusState.DRAINING):
         bus._start_waiting()  # we wait on jobs
         if not await runner.wait_idle(until):
-            return _pending(bus)
+            return bus._pending_work()
         await asyncio.sleep(0)  # let emits scheduled by the last handlers (threads) land
         if not await bus._wait_emits_under_way(until):
-            return _pending(bus)
+            return bus._pending_work()
         if not bus._waiting() and runner.idle(until):
             # the failures' reports: an async on_failure hook's calls are bus tasks, as drain knows
             hooks = set(runner.hook_tasks)
@@ -617,7 +588,8 @@ async def _settle_here(bus: EventBus, until: float) -> list[str] | None:
                 return None
             _, running = await asyncio.wait(hooks, timeout=max(0.0, until - monotonic()))
             if running:
-                return [*_pending(bus), *("a call of the on_failure hook, still running" for _ in running)]
+                still = ["a call of the on_failure hook, still running"] * len(running)
+                return [*bus._pending_work(), *still]
             # then again: what the hook emitted, and failures of those events' handlers
     return None
 
@@ -643,7 +615,7 @@ def _settle_error(bus: EventBus, timeout: float, pending: list[str]) -> TimeoutE
 def _unanswered(bus: EventBus, timeout: float) -> TimeoutError:
     """The bus's loop (another thread's) did not answer in time: most likely something blocks it."""
     try:
-        pending = _pending(bus)
+        pending = bus._pending_work()
     except RuntimeError:  # read from this thread while that loop changed it: no list, then
         pending = []
     error = _settle_error(bus, timeout, pending)
@@ -657,7 +629,7 @@ def _stuck(bus: EventBus) -> RuntimeError:
     hooks = ["a call of the on_failure hook"] * len(bus._runner.hook_tasks)
     return RuntimeError(
         f"bus {bus.name!r} has handler work but its event loop is not running, so it cannot finish: "
-        f"{', '.join([*_pending(bus), *hooks][:_LISTED])}"
+        f"{', '.join([*bus._pending_work(), *hooks][:_LISTED])}"
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import threading
 from time import monotonic
 from typing import Any
@@ -581,3 +583,69 @@ def test_a_plain_def_call_that_fails_after_its_loop_closed_is_logged(records: Re
     release.set()
     record = asyncio.run(records.wait_for("raised ValueError: too late after its event loop closed"))
     assert record.levelno == logging.ERROR
+
+
+_EXITS_RUNNING = """
+import asyncio, threading
+from tidings import EventBus
+
+bus = EventBus(name="never-closed")
+
+@bus.on("slow")
+async def slow(event):
+    await asyncio.Event().wait()
+
+@bus.on("later")
+def later(event):
+    pass
+
+@bus.on("idle")
+async def idle(event):
+    pass
+
+async def main():
+    await bus.start()
+    bus.emit("slow", 1)  # its job is still running when the loop closes
+    for _ in range(3):
+        await asyncio.sleep(0)
+    bus.emit("later", 2)  # accepted, its job never runs
+
+asyncio.run(main())
+closed = EventBus(name="closed-properly")
+
+async def properly():
+    async with closed:
+        closed.emit("idle")
+
+asyncio.run(properly())
+
+stopped = EventBus(name="loop-stopped")
+
+@stopped.on("queued")
+async def queued(event):
+    pass
+
+loop = asyncio.new_event_loop()
+loop.run_until_complete(stopped.start())
+stopped.emit("queued", 3)  # accepted as its loop stopped: it waits for the loop to run again
+print("exiting")
+"""
+
+
+def test_a_process_exiting_with_a_bus_never_closed_logs_what_it_leaves_unfinished() -> None:
+    # No drain ran (no lifespan, no `async with bus`): the events it accepted and never finished
+    # are lost, but not in silence.
+    result = subprocess.run(
+        [sys.executable, "-c", _EXITS_RUNNING], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout == "exiting\n"
+    [line] = [line for line in result.stderr.splitlines() if "never-closed" in line]
+    assert "was still running when the process exited" in line
+    assert "later <- later (" in line  # its job never ran
+    assert "slow" not in line  # asyncio.run cancelled its job, which reported it
+    assert any(
+        "handler __main__.slow did not finish: its job was cancelled" in x for x in result.stderr.splitlines()
+    )
+    assert "closed-properly" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if "loop-stopped" in line]
+    assert line.endswith("1 call(s) never finished; they are lost: queued (not started yet)")

@@ -614,8 +614,6 @@ async def test_inline_handlers_restore_a_running_bus() -> None:
 
 # -- the corners ----------------------------------------------------------------------------------------
 async def test_what_is_pending_includes_retries_and_events_not_started(bus: EventBus) -> None:
-    from tidings.testing import _pending
-
     @bus.on("flaky", retry=RetryPolicy(max_attempts=2, backoff=30, jitter=0))
     async def flaky(event: Event) -> None:
         raise ConnectionError("down")
@@ -624,7 +622,7 @@ async def test_what_is_pending_includes_retries_and_events_not_started(bus: Even
         bus.emit("flaky")
         await settle(bus)  # the retry is due after the bound: not waited for
         bus.emit("flaky")  # accepted, not started yet
-        pending = _pending(bus)
+        pending = bus._pending_work()
         assert len(pending) == 2
         assert pending[0].startswith(f"{flaky.__module__}.{flaky.__qualname__} <- flaky, retry due in ")
         assert pending[1] == "flaky (not started yet)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import enum
 import logging
@@ -33,13 +34,14 @@ from .dispatcher import (
     live_buses,
     normalize_name,
     register_running,
+    running_buses,
     unregister_running,
 )
 from .envelope import EMPTY_HEADERS, Arguments, Event, Prebuilt
 from .logs import fields
 from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
 from .registry import HandlerSpec, Registry, is_pattern
-from .runner import FailureHook, Job, Runner, make_event
+from .runner import FailureHook, Job, Runner, _events_of, make_event
 from .schemas import Schema, SchemaRegistry, event_name_of, is_event_class
 
 if TYPE_CHECKING:
@@ -107,6 +109,37 @@ def _app_is_up() -> bool:
 def _consume_error(task: asyncio.Task[None]) -> None:
     if not task.cancelled():
         task.exception()  # logged where it was raised
+
+
+def _report_running_at_exit() -> None:
+    """At interpreter exit: log what each bus still running (never closed) leaves unfinished.
+
+    No drain ran for it (no lifespan shutdown, no ``async with bus``, no ``aclose()``): its jobs,
+    retries and queued events end with the process. They are lost (those a durable log holds run
+    after the next start), but not in silence.
+    """
+    for bus in running_buses():
+        try:
+            pending = bus._pending_work()
+            pending += ["a call of the on_failure hook"] * len(bus._runner.hook_tasks)
+        except RuntimeError:  # its loop's thread (still running, a daemon) changed it as we read
+            pending = ["(its work could not be listed: its event loop was still running)"]
+        if pending:
+            where = (
+                "those the event log holds run after the next start" if bus.store.durable else "they are lost"
+            )
+            logger.error(
+                "bus %r was still running when the process exited (it was never closed: use the app's "
+                "lifespan, `async with bus:` or `await bus.aclose()`), so %d call(s) never finished; %s: %s",
+                bus.name,
+                len(pending),
+                where,
+                ", ".join(pending[:_LISTED_AT_EXIT]) + (", ..." if len(pending) > _LISTED_AT_EXIT else ""),
+            )
+
+
+_LISTED_AT_EXIT: Final = 50
+atexit.register(_report_running_at_exit)
 
 
 class BusState(enum.Enum):
@@ -891,6 +924,34 @@ class EventBus:
             return
         for _, record in stranded:
             self._drop(record, "its event loop has closed")
+
+    def _pending_work(self) -> list[str]:
+        """What the bus accepted and has not finished, one line per call, for reports (reads only)."""
+        runner = self._runner
+        resolve = self._registry.resolve
+        pending = [
+            f"{item.handler} <- {item.event.name} ({item.event.id})"
+            for job in tuple(runner.jobs)
+            for item in job.unfinished(resolve)
+        ]
+        # plain def calls past their timeout: their jobs went on, their threads did not stop
+        for _, (spec, arg) in tuple(runner.left_behind):
+            pending += [
+                f"{spec.name} <- {event.name} ({event.id}), past its timeout, still running in its thread"
+                for event in _events_of(spec, arg)
+            ]
+        now = monotonic()
+        for retry in sorted(runner.retries, key=lambda r: r.due):
+            spec, arg = retry.call
+            pending += [
+                f"{spec.name} <- {event.name}, retry due in {retry.due - now:.2g}s"
+                for event in _events_of(spec, arg)
+            ]
+        pending += [f"{record[0]} (not started yet)" for record in self._outside]
+        pending += [f"{record[0]} (not started yet)" for _, record in tuple(self._handed_over)]
+        if self._emits_under_way:  # another thread's emit, its taps not returned yet
+            pending.append(f"{self._emits_under_way} emit(s) in another thread, still in a tap")
+        return pending
 
     def _waiting(self) -> bool:
         """Whether events were accepted that no job has taken yet (drain and settle wait for them)."""

@@ -94,6 +94,11 @@ def normalize_name(name: object) -> str:
     raise TypeError(f"an event name must be a str or a str-valued Enum, got {type(name).__name__}")
 
 
+def running_buses() -> tuple[EventBus, ...]:
+    """The buses started and not closed, whether or not their event loops are still open."""
+    return tuple(_running_buses)
+
+
 def live_buses() -> list[EventBus]:
     """The buses running on an open event loop (one whose loop was closed under it cannot run).
 
