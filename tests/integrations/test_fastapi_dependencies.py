@@ -11,6 +11,7 @@ and newest supported FastAPI are tested with them.
 import asyncio
 import contextlib
 import inspect
+import logging
 import re
 import sqlite3
 import threading
@@ -41,9 +42,10 @@ from tidings import (
     TidingsMiddleware,
     emit,
 )
+from tidings._core.runner import Runner
 from tidings.store import SQLiteStore
 
-from ..conftest import Recorder
+from ..conftest import Recorder, Records
 
 pytestmark = pytest.mark.anyio
 
@@ -513,6 +515,170 @@ async def test_a_plain_def_handler_with_dependencies_that_ended_as_its_timeout_c
         [failure] = failures.items
         assert type(failure) is HandlerError and isinstance(failure.__cause__, ValueError)
     assert recorder.items == ["ended"]
+
+
+async def test_drain_cut_off_while_a_left_behind_calls_dependencies_close_reports_it_once() -> None:
+    failures = Recorder()
+    release = threading.Event()
+    closing = asyncio.Event()
+    bus = EventBus(on_failure=failures.add, name="test")
+
+    async def session() -> AsyncIterator[str]:
+        try:
+            yield "session"
+        finally:
+            await closing.wait()  # an async close (a database session's): the job awaits it
+
+    @bus.on("slow", timeout=0.05, name="hangs")
+    def hangs(s: Annotated[str, Depends(session)]) -> None:
+        assert release.wait(5)
+
+    try:
+        async with bus:
+            bus.emit("slow", 1)
+            await failures.wait_count(1)  # left behind, its dependency closing
+            assert [handler for _, handler in bus._runner.in_flight()] == []  # in memory: no lease
+            with pytest.raises(DrainTimeoutError) as raised:
+                await bus.drain(0.1)
+            closing.set()
+    finally:
+        release.set()
+    assert [(p.handler, p.event.payload) for p in raised.value.pending] == [("hangs", 1)]
+    assert [type(f).__name__ for f in failures.items] == ["HandlerTimeoutError", "HandlerCancelledError"]
+
+
+async def test_the_background_tasks_of_a_left_behind_call_run_when_its_thread_returns() -> None:
+    failures = Recorder()
+    ran = Recorder()
+    release = threading.Event()
+    bus = EventBus(on_failure=failures.add, name="test")
+
+    async def notifier(tasks: BackgroundTasks) -> str:
+        tasks.add_task(ran.add, "background task")
+        return "notifier"
+
+    @bus.on("slow", timeout=0.05, name="hangs")
+    def hangs(n: Annotated[str, Depends(notifier)]) -> None:
+        assert release.wait(5)
+        ran.add("returned")
+
+    async with bus:
+        bus.emit("slow", 1)
+        await failures.wait_count(1)
+        release.set()
+        await bus.drain()  # waits for them: the call is left behind until they ran
+        assert ran.items == ["returned", "background task"]
+        letters = await bus.dead_letters.list()
+    assert len(failures.items) == 1 and letters == []
+
+
+async def test_a_failing_background_task_of_a_left_behind_call_fails_the_call() -> None:
+    failures = Recorder()
+    release = threading.Event()
+    bus = EventBus(on_failure=failures.add, name="test")
+
+    def fails() -> None:
+        raise ConnectionError("the mail server is down")
+
+    async def notifier(tasks: BackgroundTasks) -> str:
+        tasks.add_task(fails)
+        return "notifier"
+
+    @bus.on("slow", timeout=0.05, name="hangs")
+    def hangs(n: Annotated[str, Depends(notifier)]) -> None:
+        assert release.wait(5)
+
+    async with bus:
+        bus.emit("slow", 1)
+        await failures.wait_count(1)
+        release.set()
+        await failures.wait_count(2)
+        await bus.drain()
+        [letter] = await bus.dead_letters.list()
+    assert isinstance(failures.items[1].__cause__, ConnectionError)
+    assert letter.handler == "hangs" and "the mail server is down" in letter.error
+
+
+async def test_a_failing_clean_up_of_a_left_behind_call_is_logged(records: Records) -> None:
+    failures = Recorder()
+    returned = Recorder()
+    release = threading.Event()
+    bus = EventBus(on_failure=failures.add, name="test")
+
+    async def session() -> AsyncIterator[str]:
+        try:
+            yield "session"
+        finally:
+            raise RuntimeError("the session failed to close")
+
+    @bus.on("slow", timeout=0.05, name="hangs")
+    def hangs(s: Annotated[str, Depends(session)]) -> None:
+        assert release.wait(5)
+        returned.add("returned")
+
+    async with bus:
+        bus.emit("slow", 1)
+        logged = await records.wait_for("what ran after it was left behind past its timeout raised")
+        release.set()
+        await returned.wait_count(1)
+        await bus.drain()
+        letters = await bus.dead_letters.list()
+    assert "RuntimeError: the session failed to close" in logged.getMessage()
+    assert logged.exc_info is not None and logged.levelno == logging.ERROR
+    assert len(failures.items) == 1 and letters == []  # its outcome is its thread's: it returned
+
+
+async def test_a_call_that_ended_as_its_timeout_came_has_a_timeout_of_its_own_for_what_follows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its thread ended it as the timeout came (the race of the test above): the timeout is taken
+    # back, and its background task, well within the timeout, is not cut off by the old one.
+    taken_back: list[bool] = []
+    settle_cancelled = Runner._thread_call_cancelled
+
+    def spy(self: Runner, *args: Any) -> bool:
+        taken_back.append(settle_cancelled(self, *args))
+        return taken_back[-1]
+
+    monkeypatch.setattr(Runner, "_thread_call_cancelled", spy)
+    failures = Recorder()
+    bodies = Recorder()
+    loop = asyncio.get_running_loop()
+    bus = EventBus(on_failure=failures.add, name="test")
+
+    def seen_by_the_watchdog() -> bool:
+        return any(job.seen is not None and job.seen is job.current for job in bus._runner.jobs)
+
+    sent = asyncio.Event()
+
+    async def send_mail() -> None:
+        await asyncio.sleep(0.1)  # half its timeout: the watchdog looks at it twice meanwhile
+        sent.set()
+
+    async def notifier(tasks: BackgroundTasks) -> str:
+        tasks.add_task(send_mail)
+        return "notifier"
+
+    @bus.on("slow", timeout=0.2, retry=RetryPolicy(max_attempts=2, backoff=0.01, jitter=False))
+    def ends_late(n: Annotated[str, Depends(notifier)]) -> None:
+        deadline = time.monotonic() + 5
+        while not seen_by_the_watchdog():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        loop.call_soon_threadsafe(time.sleep, 0.5)  # the loop is busy past the timeout
+        bodies.add("body")
+
+    async with bus:
+        bus.emit("slow")
+        await bodies.wait_count(1)
+        await bus.drain()
+    if not taken_back:
+        # Its end reached it before the timeout did (the asyncio loop, at times): then the loop's
+        # stall counts against the call's timeout, as for any call, which is not what this is about.
+        pytest.skip("the thread's end came first: no timeout to take back")
+    assert taken_back == [True]
+    assert sent.is_set()
+    assert failures.items == [] and bodies.items == ["body"]
 
 
 async def test_a_plain_def_handler_with_dependencies_that_waited_for_a_thread_past_its_timeout_never_runs(

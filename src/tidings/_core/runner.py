@@ -132,6 +132,13 @@ def _raised(spec: HandlerSpec, arg: Any, exc: BaseException) -> HandlerError:
     )
 
 
+def _cancelled_error(spec: HandlerSpec, arg: Any) -> HandlerCancelledError:
+    """The error of a call that was cancelled, not by its timeout nor by a drain."""
+    return HandlerCancelledError(
+        f"handler {spec.name} was cancelled", events=_events_of(spec, arg), handler=spec.name
+    )
+
+
 def _failed_after_the_loop(handler: str, cause: BaseException) -> None:
     logger.error(
         "handler %s raised %s after its event loop closed: it is not retried, nor passed to on_failure",
@@ -163,13 +170,15 @@ class _LeftBehind:
     them. The lock keeps an event from landing in a list already taken.
     """
 
-    __slots__ = ("call", "lock", "open", "records")
+    __slots__ = ("call", "lock", "open", "records", "then")
 
     def __init__(self, call: Call) -> None:
         self.call = call
         self.lock = threading.Lock()
         self.open = True
         self.records: list[Record] = []
+        # what is left of the call once its thread returned (call_in_thread's `then`), in its context
+        self.then: tuple[Callable[[], Awaitable[object]], contextvars.Context] | None = None
 
     def keep(self, record: Record) -> bool:
         """Keep an event the call emitted; ``False`` once closed (it goes the usual way then)."""
@@ -302,7 +311,9 @@ class Job(Scope):
         """Every (event, handler) call this job has not finished, in the order it was due."""
         pending: list[PendingDelivery] = []
         sync_index = self.sync_index if sync_from is None else sync_from
-        for calls, start in ((self.async_calls, self.async_index), (self.sync_calls, sync_index)):
+        # the async call in progress, once left behind in its thread, is Runner.left_behind's
+        async_index = self.async_index + 1 if self.current_left_behind else self.async_index
+        for calls, start in ((self.async_calls, async_index), (self.sync_calls, sync_index)):
             for spec, arg in calls[start:]:
                 pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
         for record in self.buffer or ():
@@ -356,6 +367,9 @@ class Runner:
         # sync calls past their timeout, still running in a thread their job no longer waits for
         # (a dict: reported in the order left behind)
         self.left_behind: dict[tuple[Job, Call], _LeftBehind] = {}
+        # tasks running what is left of such a call once its thread returned (it stays left behind
+        # until they end; held here, as the loop keeps only weak references to tasks)
+        self.rests: set[asyncio.Task[None]] = set()
         # calls of an async def on_failure hook; drain waits for them within its bound, and they
         # are not cancelled at shutdown (the report of what the bound cut off is among them)
         self.hook_tasks: set[asyncio.Task[None]] = set()
@@ -813,9 +827,7 @@ class Runner:
         self.failed(job, (spec, arg), _raised(spec, arg, exc), exc)
 
     def _handler_cancelled(self, job: Job, spec: HandlerSpec, arg: Any, exc: BaseException) -> None:
-        message = f"handler {spec.name} was cancelled"
-        error = HandlerCancelledError(message, events=_events_of(spec, arg), handler=spec.name)
-        self.failed(job, (spec, arg), error, exc)
+        self.failed(job, (spec, arg), _cancelled_error(spec, arg), exc)
 
     def failed(
         self,
@@ -953,6 +965,15 @@ class Runner:
         cause, job.ended_by = job.ended_by, None
         if job.current_left_behind:  # reported as past its timeout: it ends in its thread
             job.current_left_behind = False
+            if cause is not None and not isinstance(cause, asyncio.CancelledError):
+                # its outcome is its thread's: this failure (a dependency's clean-up) is only logged
+                logger.error(
+                    "handler %s: what ran after it was left behind past its timeout raised %s",
+                    spec.name,
+                    described(cause),
+                    exc_info=cause,
+                    extra=fields(None, None, spec.name),
+                )
         elif not job.cut_off:  # a cut-off job's unfinished calls, this one included, are reported
             message = f"handler {spec.name} timed out after {spec.timeout}s and was cancelled"
             error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
@@ -1114,7 +1135,9 @@ class Runner:
             if job.sync_waiter is not None and not job.sync_waiter.done():
                 job.sync_waiter.set_result(None)
 
-    async def call_in_thread(self, work: Callable[[], Any]) -> Any:
+    async def call_in_thread(
+        self, work: Callable[[], Any], then: Callable[[], Awaitable[object]] | None = None
+    ) -> Any:
         """Run ``work``, the plain def body of the async call in progress, in the handler threads.
 
         For an integration whose handler call is async around a plain def handler (FastAPI
@@ -1125,6 +1148,10 @@ class Runner:
         the timeout's (the async part ends: the integration's clean-up runs) and the job goes on.
         Outside a job's call (no job of this bus is running one in this task), ``work`` simply
         runs in the threads.
+
+        ``then`` is what the caller runs once ``work`` returned (FastAPI's background tasks): for
+        a call left behind, the runner runs it when the thread returns, as part of the call (a
+        failure of it is the call's, and the call is completed only after it).
         """
         loop = asyncio.get_running_loop()
         context = contextvars.copy_context()
@@ -1140,7 +1167,7 @@ class Runner:
         try:
             return await future
         except asyncio.CancelledError:
-            if not self._thread_call_cancelled(job, call, threaded):
+            if not self._thread_call_cancelled(job, call, threaded, then):
                 raise
         # It ended as its timeout came, before its end reached this task: how it ended stands.
         failure, threaded.failure = threaded.failure, None  # (no cycle through its traceback)
@@ -1148,7 +1175,13 @@ class Runner:
             raise failure
         return threaded.outcome
 
-    def _thread_call_cancelled(self, job: Job, call: Call, threaded: _ThreadedCall) -> bool:
+    def _thread_call_cancelled(
+        self,
+        job: Job,
+        call: Call,
+        threaded: _ThreadedCall,
+        then: Callable[[], Awaitable[object]] | None,
+    ) -> bool:
         """The wait of :meth:`call_in_thread` was cancelled: settle the call in its thread.
 
         Returns:
@@ -1170,6 +1203,8 @@ class Runner:
                 job.sync_left_behind[threaded.thread] = left
                 threaded.state = _LEFT_BEHIND
         if left is not None:
+            if then is not None:
+                left.then = (then, contextvars.copy_context())
             self._report_past_timeout(job, *call)
             self.left_behind[job, call] = left
             job.current_left_behind = True
@@ -1179,6 +1214,7 @@ class Runner:
         task = job.task
         assert task is not None
         job.timed_out = False
+        job.seen_at = monotonic()  # what the call does next (a clean-up) has a timeout of its own
         task.uncancel()
         return not task.cancelling()
 
@@ -1218,11 +1254,17 @@ class Runner:
         are recorded (a crash in between must not lose them): by its job if that still runs, else
         by a job of their own.
         """
-        if (job, call) not in self.left_behind:  # the drain bound reported it; it stays in the log
+        left = self.left_behind.get((job, call))
+        if left is None:  # the drain bound reported it; it stays in the log
             if failure is not None:
                 self._cut_off_call_ended(job, call[0], failure[1])
             if records:
                 self.bus.adopt(Job(self.bus, records))  # handled, or logged as dropped when closed
+            return
+        if succeeded and left.then is not None:  # the rest of the call first; it stays left behind
+            then, context = left.then
+            left.then = None
+            self._run_rest(job, call, then, attempt, records, context)
             return
         del self.left_behind[job, call]
         if failure is not None:
@@ -1245,6 +1287,34 @@ class Runner:
                 self._complete_calls([call])
         if self._idle_waiters:
             self._wake_idle_waiters()
+
+    def _run_rest(
+        self,
+        job: Job,
+        call: Call,
+        then: Callable[[], Awaitable[object]],
+        attempt: int,
+        records: list[Record],
+        context: contextvars.Context,
+    ) -> None:
+        """Run what is left of a call left behind whose thread returned, then let it end as it did."""
+        assert self.loop is not None
+
+        async def rest() -> None:
+            failure: tuple[HandlerError, BaseException] | None = None
+            try:
+                await then()
+            except asyncio.CancelledError as exc:
+                failure = (_cancelled_error(*call), exc)
+            except _FATAL:
+                raise
+            except BaseException as exc:  # as any failure of the call's own
+                failure = (_raised(*call, exc), exc)
+            self._left_behind_ended(job, call, failure is None, failure, attempt, records)
+
+        task = self.loop.create_task(rest(), context=context)
+        self.rests.add(task)
+        task.add_done_callback(self.rests.discard)
 
     # -- timeouts ----------------------------------------------------------------------------------
     def _watch(self) -> None:

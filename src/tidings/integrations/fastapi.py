@@ -177,15 +177,18 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     )
 
 
-async def _in_thread(bus: EventBus, work: Callable[[], Any]) -> Any:
+async def _in_thread(
+    bus: EventBus, work: Callable[[], Any], then: Callable[[], Awaitable[object]] | None
+) -> Any:
     """Run a plain ``def`` handler in the bus's handler threads, seeing this context (its emits chain).
 
     As the runner's own plain def calls are: one past its timeout keeps its thread until it
     returns, and is completed, retried or made a dead letter by how it ends; the await is
-    cancelled at the timeout, so its dependencies close then.
+    cancelled at the timeout, so its dependencies close then. ``then`` (its background tasks)
+    is the caller's to run after it returned, or the runner's, once a call left behind returns.
     """
     runner: Runner = bus._runner  # its handlers' bodies run as its own calls
-    return await runner.call_in_thread(work)
+    return await runner.call_in_thread(work, then)
 
 
 def dependency_call(plan: Plan, bus: EventBus) -> Callable[[Event], Awaitable[None]]:
@@ -242,7 +245,8 @@ def dependency_call(plan: Plan, bus: EventBus) -> Callable[[Event], Awaitable[No
                 if is_async:
                     result = bind(event, values)
                 else:
-                    result = await _in_thread(bus, functools.partial(bind, event, values))
+                    work = functools.partial(bind, event, values)
+                    result = await _in_thread(bus, work, background_tasks)
                 if inspect.isawaitable(result):
                     await result
                 if background_tasks is not None:
