@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from pydantic import BaseModel
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy import event as sa_event
+from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.orm.session import JoinTransactionMode
@@ -489,3 +491,55 @@ async def test_sessions_committed_in_threads_while_the_relay_renews_leases(
         await recorder.wait_count(2)
         await bus.drain()
     assert sorted(recorder.items) == [1, 2]
+
+
+SECRET = "4111-1111-1111-1111 cvv 737"
+
+
+def formatted(exc: BaseException) -> str:
+    """Everything a log handler writes about ``exc``: the traceback, its chain, the messages."""
+    return "".join(traceback.format_exception(exc)) + repr(exc)
+
+
+async def test_a_failed_outbox_write_fails_the_commit_without_the_payloads_in_the_error(
+    tmp_path: Path, records: Records
+) -> None:
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)  # never started: the event log's table is missing, its INSERT fails
+    bus.subscribe(lambda event: None, "card.saved", name="vault.audit")
+    outbox = Outbox(bus)
+    engine = create_engine(f"sqlite:///{path}")
+    with Session(engine) as session, session.begin():
+        session.execute(text("CREATE TABLE cards (id INTEGER)"))
+    with Session(engine) as session:
+        session.begin()
+        session.execute(text("INSERT INTO cards VALUES (1)"))
+        saved = [outbox.emit(session, "card.saved", {"card": SECRET, "n": n}) for n in range(4)]
+        with pytest.raises(OperationalError, match="no such table") as raised:  # as any failed statement
+            session.commit()
+        session.rollback()  # the commit failed: the transaction must be rolled back, as ever
+        session.execute(text("INSERT INTO cards VALUES (2)"))  # and the session goes on
+        session.commit()
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT id FROM cards")).scalars().all() == [2]
+    engine.dispose()
+    error = raised.value
+    assert SECRET not in formatted(error)
+    assert SECRET not in repr(error.params)
+    assert "INSERT INTO tidings_deliveries" in str(error)  # the statement and the driver's error stay
+    assert f"'card.saved' ({saved[0].id})" in str(error) and "and 1 more" in str(error)
+    assert not [record for record in records.recorder.items if SECRET in record.getMessage()]
+
+
+async def test_a_failed_outbox_write_on_postgres_keeps_the_payloads_out_of_the_error(
+    pg_schema: str, pg_async_engine: AsyncEngine
+) -> None:
+    bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema=pg_schema))  # never opened: no table
+    bus.subscribe(lambda event: None, "card.saved", name="vault.audit")
+    outbox = Outbox(bus)
+    async with AsyncSession(pg_async_engine) as session:
+        with pytest.raises(ProgrammingError, match="does not exist") as raised:
+            async with session.begin():
+                outbox.emit(session, "card.saved", {"card": SECRET})
+        assert not session.in_transaction()  # rolled back by the block, as any failed commit is
+    assert SECRET not in formatted(raised.value)

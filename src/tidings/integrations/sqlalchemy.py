@@ -56,6 +56,7 @@ from ..store.sqlite import SQLiteStore
 try:
     from sqlalchemy import CursorResult, text
     from sqlalchemy import event as sa_event
+    from sqlalchemy.exc import StatementError
     from sqlalchemy.ext.asyncio import AsyncSession
     from sqlalchemy.orm import Session as _Session
 except ImportError as exc:  # pragma: no cover - the extra is installed in the test environment
@@ -225,7 +226,11 @@ class Outbox:
             for spec in self.bus.registry.resolve(item.event.name)
         ]
         if rows:
-            connection.execute(text(_INSERT.format(table=self._table, lease=lease_sql)), rows)
+            try:
+                connection.execute(text(_INSERT.format(table=self._table, lease=lease_sql)), rows)
+            except StatementError as exc:  # the commit fails with it, as with any failed statement
+                _hide_parameters(exc, staged)
+                raise
         for item in staged:
             item.connection = connection
         session.info.setdefault(self._written_key, []).extend(staged)
@@ -275,6 +280,25 @@ class Outbox:
                 event.id,
                 extra=fields(event.name, event.id),
             )
+
+
+def _hide_parameters(exc: StatementError, staged: list[_Staged]) -> None:
+    """Take the events' payloads out of ``exc``, a failed write of their deliveries.
+
+    SQLAlchemy's message lists a failed statement's parameters, and the outbox's are the payloads
+    and headers, which may hold secrets and must not reach a log. The error is otherwise kept as it
+    is (its class, driver error and code), so that code handling the commit's failure (a retry on a
+    serialization failure, say) sees what any failed statement of the transaction would raise.
+    """
+    exc.hide_parameters = True
+    exc.params = None
+    names = ", ".join(f"{item.event.name!r} ({item.event.id})" for item in staged[:3])
+    if len(staged) > 3:
+        names += f" and {len(staged) - 3} more"
+    exc.add_detail(
+        f"tidings outbox: writing the deliveries of events {names} to the event log; the "
+        "statement's parameters are left out: they hold the events' payloads"
+    )
 
 
 _OUTBOXES: Final = "tidings.outboxes"  # session.info: the outboxes that staged events on the session
