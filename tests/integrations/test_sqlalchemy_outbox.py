@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time as clock
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from tidings import (
     SerializationError,
     TidingsMiddleware,
 )
+from tidings.integrations import sqlalchemy as outbox_module
 from tidings.integrations.sqlalchemy import Outbox, arecord_once, record_once
 from tidings.store import SQLiteStore
 from tidings.store.postgres import PostgresStore
@@ -543,3 +545,87 @@ async def test_a_failed_outbox_write_on_postgres_keeps_the_payloads_out_of_the_e
                 outbox.emit(session, "card.saved", {"card": SECRET})
         assert not session.in_transaction()  # rolled back by the block, as any failed commit is
     assert SECRET not in formatted(raised.value)
+
+
+async def test_deliveries_written_before_the_outer_commit_are_leased_from_that_commit(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows a savepoint's release (or a flush after one) writes are in the log once the outer
+    # transaction commits, maybe long after: leased from the write, they would be free for any
+    # instance to take the moment they commit, while this one runs them (a duplicate delivery).
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    outbox = Outbox(bus)
+    held = asyncio.Event()  # a delivery's row goes once handled: keep them until the log is checked
+
+    @bus.on("n", name="audit")
+    async def audit(event: Event) -> None:
+        recorder.add(event.payload)
+        await held.wait()
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Note(Base):
+        __tablename__ = "notes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    engine = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(engine)
+    earlier = 0.0  # how long before the commit the outbox's clock says the work happens
+    monkeypatch.setattr(outbox_module, "time", lambda: clock.time() - earlier)
+    other = SQLiteStore(path)  # another instance on the same log
+    async with bus:
+        await other.open()
+        try:
+            with Session(engine) as session, session.begin():
+                earlier = 2 * bus.resubmit_after  # the transaction stays open for two leases
+                with session.begin_nested():
+                    outbox.emit(session, "n", "in a released savepoint")
+                outbox.emit(session, "n", "staged before a flush after the savepoint")
+                session.add(Note(id=1))
+                session.flush()
+                with session.begin_nested():  # one with no event: nothing to write at its release
+                    session.add(Note(id=2))
+                session.begin_nested()  # left open: the block's commit commits it on its way
+                outbox.emit(session, "n", "in the savepoint open at the commit")
+                earlier = 0.0
+                committing = clock.time()
+            assert await other.claim(limit=10, lease=bus.resubmit_after) == []  # nothing free to take
+            with engine.connect() as connection:
+                leased = text("SELECT lease_until FROM tidings_deliveries")
+                leases: list[float] = list(connection.execute(leased).scalars())
+            assert len(leases) == 3
+            assert all(lease >= committing + bus.resubmit_after for lease in leases)
+        finally:
+            held.set()
+            await other.aclose()
+        await recorder.wait_count(3)
+        await bus.drain()
+    assert sorted(recorder.items) == [
+        "in a released savepoint",
+        "in the savepoint open at the commit",
+        "staged before a flush after the savepoint",
+    ]
+    engine.dispose()
+
+
+async def test_a_released_savepoints_deliveries_are_leased_from_the_outer_commit_on_postgres(
+    pg_schema: str, pg_async_engine: AsyncEngine
+) -> None:
+    bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema=pg_schema))
+    bus.subscribe(lambda event: None, "n", name="audit")
+    outbox = Outbox(bus)
+    table = f'"{pg_schema}".tidings_deliveries'
+    await bus.store.open()  # its table; the bus is not started, so nothing handles (and deletes) the rows
+    try:
+        async with AsyncSession(pg_async_engine) as session:
+            async with session.begin():
+                async with session.begin_nested():
+                    outbox.emit(session, "n", 1)
+                now = "extract(epoch from clock_timestamp())::float8"  # the clock the lease is on
+                released = await session.scalar(text(f"SELECT {now}"))
+            leased = await session.scalar(text(f"SELECT lease_until FROM {table}"))
+    finally:
+        await bus.store.aclose()
+    assert leased >= released + bus.resubmit_after

@@ -82,6 +82,7 @@ _INSERT: Final = (
     "VALUES (:event_id, :handler, :name, :payload, :headers, :timestamp_ns, {lease}) "
     "ON CONFLICT DO NOTHING"
 )
+_RENEW: Final = "UPDATE {table} SET lease_until = {lease} WHERE event_id = :event_id"
 
 
 class _Staged:
@@ -196,15 +197,21 @@ class Outbox:
         info.setdefault(_OUTBOXES, {})[self] = None
         return built
 
-    def _write(self, session: Session) -> None:
+    def _write(self, session: Session, *, renew: bool) -> None:
         """before_commit: insert the staged events' deliveries through the transaction's connection.
 
         A savepoint's commit writes too: its rows then belong to the enclosing transaction, and go
         with it. (Skipping it would lose the events of a savepoint still open when the outermost
         transaction commits: that commit's own before_commit comes while the savepoint is current.)
+
+        A delivery's lease must start when its row is committed: one leased from a savepoint's
+        release would be free for any instance to take as soon as the outer transaction commits,
+        if that stayed open for ``resubmit_after``, while this one runs it too. So the commit of the
+        outermost transaction (``renew``) leases the rows written before it again.
         """
         staged: list[_Staged] = session.info.pop(self._staged_key, [])
-        if not staged:
+        earlier: list[_Staged] = session.info.get(self._written_key, []) if renew else []
+        if not staged and not earlier:
             return
         lease = self.bus.resubmit_after
         connection = session.connection()
@@ -225,12 +232,15 @@ class Outbox:
             for item in staged
             for spec in self.bus.registry.resolve(item.event.name)
         ]
-        if rows:
-            try:
+        try:
+            if earlier:
+                renewed = [{"event_id": item.event.id, **params} for item in earlier]
+                connection.execute(text(_RENEW.format(table=self._table, lease=lease_sql)), renewed)
+            if rows:
                 connection.execute(text(_INSERT.format(table=self._table, lease=lease_sql)), rows)
-            except StatementError as exc:  # the commit fails with it, as with any failed statement
-                _hide_parameters(exc, staged)
-                raise
+        except StatementError as exc:  # the commit fails with it, as with any failed statement
+            _hide_parameters(exc, earlier + staged)
+            raise
         for item in staged:
             item.connection = connection
         session.info.setdefault(self._written_key, []).extend(staged)
@@ -302,7 +312,7 @@ def _hide_parameters(exc: StatementError, staged: list[_Staged]) -> None:
 
 
 _OUTBOXES: Final = "tidings.outboxes"  # session.info: the outboxes that staged events on the session
-_COMMITTING: Final = "tidings.outbox.committing"  # session.info: its transaction has begun to commit
+_COMMITTING: Final = "tidings.outbox.committing"  # session.info: how many of its commits are under way
 _listen_lock = threading.Lock()
 _listening = False
 
@@ -312,9 +322,9 @@ def _listen() -> None:
 
     Listeners added to a session at its first emit would come too late when that emit is part of
     the commit: an ORM event (``after_insert``, ``before_flush``...) fires in the flush a commit
-    runs *after* its ``before_commit``. So every commit marks its session, and a flush of a
-    committing session writes what it staged at once, still inside the transaction. Sessions that
-    never see an outbox event pay a dict lookup per commit and flush.
+    runs *after* its ``before_commit``. So every commit marks its session until it is over, and a
+    flush of a committing session writes what it staged at once, still inside the transaction.
+    Sessions that never see an outbox event pay a dict lookup per commit and flush.
     """
     global _listening
     with _listen_lock:
@@ -333,18 +343,26 @@ def _outboxes(session: Session) -> list[Outbox]:
 
 
 def _before_commit(session: Session) -> None:
-    session.info[_COMMITTING] = True
+    enclosing: int = session.info.get(_COMMITTING, 0)
+    session.info[_COMMITTING] = enclosing + 1
+    # The outermost transaction commits now if no savepoint is open, or if this is a savepoint
+    # that an enclosing transaction's commit commits on its way (that commit's before_commit came
+    # first, while the savepoint was the current transaction).
+    outermost = enclosing > 0 or not session.in_nested_transaction()
     for outbox in _outboxes(session):
-        outbox._write(session)
+        outbox._write(session, renew=outermost)
 
 
 def _after_flush(session: Session, flush_context: object) -> None:
-    if session.info.get(_COMMITTING):  # the commit's own flush: its before_commit has been
+    if session.info.get(_COMMITTING):  # a commit's own flush: its before_commit has been
         for outbox in _outboxes(session):
-            outbox._write(session)
+            outbox._write(session, renew=False)
 
 
 def _after_commit(session: Session) -> None:
+    # That commit is over: a flush after a savepoint's release is no commit's, and leaves what it
+    # staged to the commit that comes (it wrote it at once, leased from the flush, before)
+    session.info[_COMMITTING] = session.info.get(_COMMITTING, 1) - 1
     for outbox in _outboxes(session):
         outbox._release(session)
 
