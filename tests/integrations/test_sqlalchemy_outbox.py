@@ -629,3 +629,61 @@ async def test_a_released_savepoints_deliveries_are_leased_from_the_outer_commit
     finally:
         await bus.store.aclose()
     assert leased >= released + bus.resubmit_after
+
+
+def begin_explicitly(engine: Engine) -> None:
+    """SQLAlchemy's recipe for SQLite savepoints: pysqlite in autocommit, each BEGIN emitted by us."""
+
+    @sa_event.listens_for(engine, "connect")
+    def autocommit(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @sa_event.listens_for(engine, "begin")
+    def begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+
+async def test_the_inbox_through_sqlalchemy_refuses_a_connection_that_commits_each_statement(
+    tmp_path: Path, pg_schema: str, pg_async_engine: AsyncEngine
+) -> None:
+    # There the pair would commit alone, before the work: a delivery whose work then failed would
+    # have it skipped by the next one. Nothing is recorded then, so the next delivery does the work.
+    path = tmp_path / "app.db"
+    SQLiteStore(path)._connect().close()  # the SQLite log's tables, inbox included
+    event = Event("order.paid")
+    autocommit = create_engine(f"sqlite:///{path}", isolation_level="AUTOCOMMIT")
+    with (
+        Session(autocommit) as session,
+        session.begin(),
+        pytest.raises(ConfigurationError, match="autocommit"),
+    ):
+        record_once(session, event, "billing.charge")
+    with autocommit.connect() as connection, pytest.raises(ConfigurationError, match="autocommit"):
+        record_once(connection, event, "billing.charge")
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.connect() as connection:
+        per_connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+        with pytest.raises(ConfigurationError, match="autocommit"):
+            record_once(per_connection, event, "billing.charge")
+    explicit = create_engine(f"sqlite:///{path}")
+    begin_explicitly(explicit)  # pysqlite in autocommit, but in a transaction: accepted
+    with Session(explicit) as session, session.begin():
+        assert record_once(session, event, "billing.charge")
+        session.rollback()  # the work failed: the pair goes with it
+    with Session(engine) as session, session.begin():
+        assert record_once(session, event, "billing.charge")  # the next delivery does the work
+    for each in (autocommit, engine, explicit):
+        each.dispose()
+
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
+    await store.open()  # creates the schema's tidings_inbox
+    await store.aclose()
+    pg_autocommit = pg_async_engine.execution_options(isolation_level="AUTOCOMMIT")
+    async with AsyncSession(pg_autocommit) as async_session, async_session.begin():
+        with pytest.raises(ConfigurationError, match="autocommit"):
+            await arecord_once(async_session, event, "billing.charge", schema=pg_schema)
+    async with pg_async_engine.connect() as async_connection:
+        assert await arecord_once(async_connection, event, "billing.charge", schema=pg_schema)
+        await async_connection.rollback()
+    async with pg_async_engine.begin() as async_connection:
+        assert await arecord_once(async_connection, event, "billing.charge", schema=pg_schema)

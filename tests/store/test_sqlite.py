@@ -195,3 +195,22 @@ async def test_listing_dead_letters_does_not_lock_out_the_writes_of_another_proc
     finally:
         await app.aclose()
         await cli.aclose()
+
+
+def test_the_inbox_refuses_an_autocommit_connection_outside_a_transaction(tmp_path: Path) -> None:
+    # there the pair would commit alone, before the work: work that then failed would be skipped
+    # when the event is delivered again
+    event = Event("order.paid")
+    db = sqlite3.connect(tmp_path / "app.db", isolation_level=None)  # autocommit: no implicit BEGIN
+    inbox.create_table(db)
+    db.execute("CREATE TABLE charges (n INTEGER)")
+    with pytest.raises(ConfigurationError, match="autocommit"):
+        inbox.record_once(db, event, "billing.charge")
+    db.execute("BEGIN")  # a transaction of its own: the pair goes with the work
+    assert inbox.record_once(db, event, "billing.charge")
+    db.execute("INSERT INTO charges VALUES (1)")
+    db.execute("ROLLBACK")  # the work failed
+    db.execute("BEGIN")
+    assert inbox.record_once(db, event, "billing.charge")  # so the next delivery does it
+    db.execute("COMMIT")
+    db.close()

@@ -50,11 +50,12 @@ from .._core.envelope import EMPTY_HEADERS, Event
 from .._core.logs import fields
 from ..exceptions import BusStateError, ConfigurationError
 from ..store.codec import encode_event
+from ..store.inbox import _commits_alone
 from ..store.postgres import PostgresStore
 from ..store.sqlite import SQLiteStore
 
 try:
-    from sqlalchemy import CursorResult, text
+    from sqlalchemy import Connection, CursorResult, text
     from sqlalchemy import event as sa_event
     from sqlalchemy.exc import StatementError
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -67,7 +68,6 @@ except ImportError as exc:  # pragma: no cover - the extra is installed in the t
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from sqlalchemy import Connection
     from sqlalchemy.ext.asyncio import AsyncConnection
     from sqlalchemy.orm import Session, SessionTransaction
 
@@ -389,12 +389,13 @@ _CLAIM: Final = (
 )
 
 
-def _claim(event: Event | str, handler: str, schema: str | None) -> tuple[Any, dict[str, Any]]:
-    if schema is not None and not _IDENTIFIER.match(schema):
-        raise ConfigurationError(f"schema must be a plain SQL identifier, got {schema!r}")
-    table = f'"{schema}".tidings_inbox' if schema else "tidings_inbox"
-    event_id = event if isinstance(event, str) else event.id
-    return text(_CLAIM.format(table=table)), {"event_id": event_id, "handler": handler, "done_at": time()}
+def _commits_each_statement(connection: Connection) -> bool:
+    """Whether ``connection`` commits each statement at once (``isolation_level="AUTOCOMMIT"``, or
+    a driver connection left in autocommit mode), outside any transaction."""
+    driver_connection = connection.connection.dbapi_connection
+    if connection.dialect.name == "sqlite":  # autocommit, unless a BEGIN of the app's own is open
+        return _commits_alone(driver_connection)
+    return getattr(driver_connection, "autocommit", False) is True  # psycopg, asyncpg's adapter...
 
 
 def record_once(
@@ -405,6 +406,12 @@ def record_once(
     Run it first in the transaction that does the handler's work: ``False`` means the work was
     committed before (this delivery is a repeat), so skip it. The ``tidings_inbox`` table is the
     one the SQLite and PostgreSQL logs create (in ``schema``, if the log has one).
+
+    Raises:
+        ConfigurationError: ``schema`` is not a plain SQL identifier; or the connection commits
+            each statement on its own (``isolation_level="AUTOCOMMIT"``), so the pair would be
+            committed before the work, and work that then failed would be skipped when the event
+            is delivered again. Nothing is recorded then.
 
     Example:
         >>> import os, tempfile
@@ -423,13 +430,24 @@ def record_once(
         ...     record_once(session, event, "billing.charge")
         False
     """
-    statement, params = _claim(event, handler, schema)
-    return cast("CursorResult[Any]", session.execute(statement, params)).rowcount == 1
+    if schema is not None and not _IDENTIFIER.match(schema):
+        raise ConfigurationError(f"schema must be a plain SQL identifier, got {schema!r}")
+    connection = session if isinstance(session, Connection) else session.connection()
+    if _commits_each_statement(connection):
+        raise ConfigurationError(
+            "record_once() needs a transaction, and this connection commits each statement on its own "
+            "(autocommit): the inbox row would commit before the work, and a failed work would be "
+            "skipped when the event is delivered again"
+        )
+    table = f'"{schema}".tidings_inbox' if schema else "tidings_inbox"
+    event_id = event if isinstance(event, str) else event.id
+    params = {"event_id": event_id, "handler": handler, "done_at": time()}
+    result = cast("CursorResult[Any]", connection.execute(text(_CLAIM.format(table=table)), params))
+    return result.rowcount == 1
 
 
 async def arecord_once(
     session: AsyncSession | AsyncConnection, event: Event | str, handler: str, *, schema: str | None = None
 ) -> bool:
     """:func:`record_once` for ``AsyncSession`` and ``AsyncConnection``."""
-    statement, params = _claim(event, handler, schema)
-    return cast("CursorResult[Any]", await session.execute(statement, params)).rowcount == 1
+    return await session.run_sync(record_once, event, handler, schema=schema)

@@ -4,7 +4,8 @@ The event log delivers at least once: a process killed after a handler's work bu
 heard of it runs that delivery again. A handler whose work must not happen twice records the
 (event id, handler) pair in the ``tidings_inbox`` table *in the same transaction as its own work*:
 if the pair is there already, the work was done and committed, and the handler skips it; if the
-transaction rolls back, the pair goes with it and the next delivery does the work.
+transaction rolls back, the pair goes with it and the next delivery does the work. (So a connection
+in autocommit mode, outside a transaction it began itself, is refused: the pair would commit alone.)
 
 The :class:`~tidings.store.SQLiteStore` creates the table in its own file; for another database call
 :func:`create_table` once.
@@ -31,7 +32,9 @@ Example:
 from __future__ import annotations
 
 from time import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
+
+from ..exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     import sqlite3
@@ -68,10 +71,29 @@ def record_once(connection: sqlite3.Connection, event: Event | str, handler: str
 
     Returns:
         ``True`` the first time (do the work); ``False`` if the pair was committed before (skip it).
+
+    Raises:
+        ConfigurationError: the connection is in autocommit mode (``isolation_level=None``, or
+            ``autocommit=True``) with no transaction open: the pair would be committed alone, at
+            once, and work that then failed would be skipped when the event is delivered again.
+            Execute ``BEGIN`` first.
     """
+    if _commits_alone(connection):
+        raise ConfigurationError(
+            "record_once() needs a transaction: this sqlite3 connection is in autocommit mode and has "
+            "none open, so the inbox row would commit alone, before the work, and a failed work "
+            "would be skipped when the event is delivered again (execute BEGIN first)"
+        )
     event_id = event if isinstance(event, str) else event.id
     cursor = connection.execute(
         "INSERT OR IGNORE INTO tidings_inbox (event_id, handler, done_at) VALUES (?, ?, ?)",
         (event_id, handler, time()),
     )
     return cursor.rowcount == 1
+
+
+def _commits_alone(connection: Any) -> bool:
+    """Whether a statement on this ``sqlite3`` connection (or a driver's adapter of one) commits at
+    once, on its own: autocommit mode, and no transaction begun explicitly."""
+    autocommit = connection.isolation_level is None or getattr(connection, "autocommit", None) is True
+    return autocommit and not connection.in_transaction
