@@ -40,6 +40,7 @@ from ._core import default as _default
 from ._core.bus import EventBus
 from ._core.registry import is_pattern
 from .exceptions import StoreError, TidingsError
+from .store._rows import naming_unreadable
 from .store.postgres import PostgresStore
 from .store.sqlite import SQLiteStore
 
@@ -594,7 +595,8 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
         unknown: list[str] = []
         if args.ids:  # by key: only these rows are read
             ids, event, handler = args.ids, args.event, args.handler
-            present = {d.id for d in await store.dead_letters(ids=ids, event=event, handler=handler)}
+            with naming_unreadable():  # present, so purged: not to be logged as left out of a list
+                present = {d.id for d in await store.dead_letters(ids=ids, event=event, handler=handler)}
             present.update(u.id for u in await store.unreadable(ids=ids, event=event, handler=handler))
             unknown = [letter_id for letter_id in dict.fromkeys(ids) if letter_id not in present]
         purged = await bus.dead_letters.purge(

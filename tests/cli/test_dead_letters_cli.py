@@ -20,7 +20,7 @@ import pytest
 from tidings.cli import load_bus, main
 from tidings.store import SQLiteStore
 
-from ..conftest import POSTGRES_DSN
+from ..conftest import POSTGRES_DSN, Records
 from ..store.conftest import overwrite_payload
 
 _names = itertools.count()
@@ -234,15 +234,21 @@ def test_show_and_replay_by_id_read_only_that_letter(app: ModuleType, decoded: l
     assert set(decoded) == {event_id}
 
 
+def spoil_billing_letter(bus: str) -> str:
+    """Make the app's billing dead letter one whose event cannot be read back; return its id."""
+    _, listing = run("dead-letters", "list", "--bus", bus, "--json")
+    letter_id: str = next(json.loads(line)["id"] for line in listing.splitlines() if "billing" in line)
+    store = load_bus(bus).store
+    assert isinstance(store, SQLiteStore)
+    asyncio.run(overwrite_payload(store, letter_id.rpartition("/")[0], "not json"))
+    return letter_id
+
+
 def test_a_dead_letter_that_cannot_be_read_back_is_named_by_replay_and_show_and_purged_by_all(
     app: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bus = f"{app.__name__}:bus"
-    _, listing = run("dead-letters", "list", "--bus", bus, "--json")
-    letter_id = next(json.loads(line)["id"] for line in listing.splitlines() if "billing" in line)
-    store = load_bus(bus).store
-    assert isinstance(store, SQLiteStore)
-    asyncio.run(overwrite_payload(store, letter_id.rpartition("/")[0], "not json"))
+    letter_id = spoil_billing_letter(bus)
     why = "cannot be read back from the event log: JSONDecodeError"
 
     status, out = run("dead-letters", "replay", letter_id, "--bus", bus)
@@ -254,3 +260,25 @@ def test_a_dead_letter_that_cannot_be_read_back_is_named_by_replay_and_show_and_
     assert run("dead-letters", "show", letter_id, "--bus", bus) == (2, "")
     assert f"dead letter {letter_id} cannot be shown: event 'invoice.due'" in capsys.readouterr().err
     assert run("dead-letters", "purge", "--all", "--bus", bus) == (0, "purged 2 dead letter(s)\n")
+
+
+def test_replay_all_and_purge_by_id_name_a_dead_letter_that_cannot_be_read_back_once(
+    app: ModuleType, records: Records
+) -> None:
+    # `replay --all` logged it as left out of the listing and again as not replayable; a purge by
+    # id logged it as left out of the list while purging it
+    bus = f"{app.__name__}:bus"
+    letter_id = spoil_billing_letter(bus)
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in records.recorder.items if letter_id in r.getMessage()]
+
+    status, out = run("dead-letters", "replay", "--all", "--bus", bus)
+    assert status == 1
+    [named] = [line for line in out.splitlines() if letter_id in line]
+    assert named.startswith("  not replayed (event 'invoice.due'")
+    [message] = logged()
+    assert message.startswith(f"dead letter {letter_id} cannot be replayed: ")
+    records.recorder.items.clear()
+    assert run("dead-letters", "purge", letter_id, "--bus", bus) == (0, "purged 1 dead letter(s)\n")
+    assert logged() == []

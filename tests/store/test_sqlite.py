@@ -181,9 +181,9 @@ async def test_listing_dead_letters_does_not_lock_out_the_writes_of_another_proc
     def held(rows: Sequence[Sequence[Any]]) -> list[DeadLetter]:  # a long listing, in mid-read
         reading.set()
         release.wait(10)
-        return listed_letters(rows)
+        return listed_letters(rows, log=True)
 
-    monkeypatch.setattr(sqlite_module, "listed_letters", held)
+    monkeypatch.setattr(sqlite_module, "listing", lambda: held)
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(cli.dead_letters)

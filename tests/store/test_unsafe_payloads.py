@@ -292,6 +292,46 @@ async def test_a_dead_letter_that_cannot_be_read_back_is_purged_by_any_filter_an
 # -- the bus --------------------------------------------------------------------------------------
 
 
+async def test_a_dead_letter_that_cannot_be_read_back_is_named_once_by_replay_and_get(
+    log: Log, records: Records
+) -> None:
+    # replay listed the selection (which logged the letter as left out of the list), then asked
+    # for the unreadable letters and logged it again: `tidings dead-letters replay --all` named it
+    # twice; get() logged it and raised naming it
+    store = log()
+    bus = EventBus(store=store)
+    bus.on("x", name="h")(lambda event: None)
+    poisoned, fine = Event("x", 1), Event("x", 2)
+    store.bury([_letter(poisoned), _letter(fine)])
+    await store.flush()
+    await overwrite_payload(store, poisoned.id, "not json")
+    letter_id = f"{poisoned.id}/h"
+
+    def naming() -> list[str]:
+        return [r.getMessage() for r in records.recorder.items if letter_id in r.getMessage()]
+
+    try:
+        await bus.start(resubmit=False)
+        try:
+            for selection in ({"all": True}, {"event": "x"}, {"ids": [letter_id]}):
+                records.recorder.items.clear()
+                result = await bus.dead_letters.replay(**selection)
+                assert [d.id for d in result.unreadable] == [letter_id]
+                [logged] = naming()
+                assert logged.startswith(f"dead letter {letter_id} cannot be replayed: ")
+        finally:
+            await bus.aclose()
+        records.recorder.items.clear()
+        with pytest.raises(StoreError, match=f"dead letter {letter_id} cannot be shown"):
+            await bus.dead_letters.get(letter_id)
+        assert naming() == []  # the error names it
+        assert await bus.dead_letters.list() == []  # the other one was replayed
+        [listed] = naming()  # a listing still logs what it leaves out
+        assert listed.startswith(f"dead letter {letter_id} is left out of the list")
+    finally:
+        await store.aclose()
+
+
 async def test_marker_shaped_payloads_left_by_a_dead_process_are_run_as_they_were(
     log: Log, recorder: Recorder
 ) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..exceptions import BusStateError, ConfigurationError, StoreError
+from ..store._rows import naming_unreadable
 from .logs import fields
 from .runner import call_for
 
@@ -98,7 +99,8 @@ class DeadLetters:
                 back from it (purge it by its id).
         """
         store = self._bus.store
-        found = await store.dead_letters(ids=[letter_id])
+        with naming_unreadable():  # the error names it, the log need not
+            found = await store.dead_letters(ids=[letter_id])
         if found:
             return found[0]
         unreadable = await store.unreadable(ids=[letter_id])
@@ -207,7 +209,8 @@ class DeadLetters:
         self, ids: Sequence[str] | None, event: str | None, handler: str | None, everything: bool
     ) -> builtins.list[DeadLetter]:
         _check_selection(ids, event, handler, everything)
-        return await self._bus.store.dead_letters(ids=ids, event=event, handler=handler)
+        with naming_unreadable():  # _unreadable() names them, once each
+            return await self._bus.store.dead_letters(ids=ids, event=event, handler=handler)
 
     async def _unreadable(
         self,

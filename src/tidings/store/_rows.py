@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from time import time
 from typing import TYPE_CHECKING, Any, Final
@@ -13,7 +16,7 @@ from .base import DeadLetter, Delivery, UnreadableLetter, delivery_id, names_mat
 from .codec import decode_event, encode_event
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterator, Sequence
 
     from .._core.envelope import Event
 
@@ -27,6 +30,8 @@ __all__ = [
     "delivery_rows",
     "letter_keys",
     "listed_letters",
+    "listing",
+    "naming_unreadable",
     "read_letter",
     "selected_rows",
     "split_id",
@@ -45,6 +50,27 @@ NAME_COLUMNS: Final = "event_id, handler, name"
 
 NOT_REVIVED: Final = "is not replayed (it stays a dead letter; purge it by its id)"
 """What :func:`read_letter` logs of a dead letter being revived that cannot be read back."""
+
+_named_by_caller: ContextVar[bool] = ContextVar("tidings.unreadable_named_by_caller", default=False)
+
+
+@contextmanager
+def naming_unreadable() -> Iterator[None]:
+    """Within it, listings of dead letters leave out the rows that cannot be read back without
+    logging them: the caller asks the store for them (``unreadable()``) and names each itself, as
+    a replay does, so that each is named once."""
+    token = _named_by_caller.set(True)
+    try:
+        yield
+    finally:
+        _named_by_caller.reset(token)
+
+
+def listing() -> Callable[[Sequence[Sequence[Any]]], list[DeadLetter]]:
+    """:func:`listed_letters` as the caller asks for it: logging the rows it leaves out, but not
+    within :func:`naming_unreadable`. Call it in the caller's task: a store may decode its rows on
+    a thread, which does not share the task's context."""
+    return functools.partial(listed_letters, log=not _named_by_caller.get())
 
 
 def split_id(letter_id: str) -> tuple[str, str]:
@@ -74,12 +100,15 @@ def _letter(row: Sequence[Any]) -> DeadLetter:
     )
 
 
-def read_letter(row: Sequence[Any], unread: str) -> DeadLetter | None:
-    """A dead letter from a row of :data:`COLUMNS`, or ``None`` (logged, saying ``unread``) if the
-    row cannot be read back: one such row must not keep the others from being read."""
+def read_letter(row: Sequence[Any], unread: str | None) -> DeadLetter | None:
+    """A dead letter from a row of :data:`COLUMNS`, or ``None`` (logged, saying ``unread``, unless
+    that is ``None``) if the row cannot be read back: one such row must not keep the others from
+    being read."""
     try:
         return _letter(row)
     except StoreError as exc:
+        if unread is None:
+            return None
         logger.error(
             "dead letter %s %s: %s",
             delivery_id(row[0], row[1]),
@@ -117,9 +146,10 @@ def chosen_keys(
     return [(row[0], row[1]) for row in selected_rows(rows, event=event, handler=handler)]
 
 
-def listed_letters(rows: Sequence[Sequence[Any]]) -> list[DeadLetter]:
-    """The dead letters of rows of :data:`COLUMNS`, leaving out (and logging) those that cannot be read."""
-    unread = "is left out of the list (purge it by its id)"
+def listed_letters(rows: Sequence[Sequence[Any]], *, log: bool) -> list[DeadLetter]:
+    """The dead letters of rows of :data:`COLUMNS`, leaving out (and, if ``log``, logging) those
+    that cannot be read."""
+    unread = "is left out of the list (purge it by its id)" if log else None
     return [letter for row in rows if (letter := read_letter(row, unread)) is not None]
 
 

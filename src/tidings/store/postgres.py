@@ -26,7 +26,7 @@ from ._rows import (
     dead_letter_rows,
     delivery_rows,
     letter_keys,
-    listed_letters,
+    listing,
     read_letter,
     selected_rows,
     split_id,
@@ -411,7 +411,7 @@ class PostgresStore:
         handler: str | None = None,
     ) -> list[DeadLetter]:
         """The dead letters that pass the filter, oldest event first (by ids: only their rows are read)."""
-        return await self._read_dead(ids, event, handler, listed_letters, "list dead letters")
+        return await self._read_dead(ids, event, handler, listing(), "list dead letters")
 
     async def unreadable(
         self,
