@@ -178,6 +178,27 @@ async def test_dead_letters_are_looked_up_revived_and_purged_by_id(store: Store)
     assert slashed.id not in {d.event.id for d in await store.dead_letters()}
 
 
+async def test_revive_takes_many_dead_letters_in_the_order_given_and_nothing_else(store: Store) -> None:
+    dead = [Event("a", n) for n in range(30)]
+    pending = Event("a", "pending")
+    await store.record([(pending, "h")], lease=3600)
+    store.bury([letter(event) for event in dead])
+    await store.flush()
+    chosen = [f"{event.id}/h" for event in reversed(dead[::2])]
+    asked = [chosen[0], "no/such", f"{pending.id}/h", *chosen[1:], chosen[3], f"{dead[1].id}/other"]
+    revived = await store.revive(asked, lease=0)
+    assert [d.id for d in revived] == chosen  # as given, each once; unknown and pending ids left out
+    assert [(d.event.payload, d.attempts, d.error) for d in revived] == [
+        (n, 3, "ValueError: x") for n in reversed(range(0, 30, 2))
+    ]
+    assert [d.event.payload for d in await store.dead_letters()] == list(range(1, 30, 2))
+    assert await store.revive(chosen, lease=0) == []  # not dead letters any more
+    if store.durable:  # pending again, attempts from zero, leased for 0s: claimable
+        claimed = await store.claim(limit=100, lease=60)
+        assert sorted(d.event.payload for d in claimed) == list(range(0, 30, 2))
+        assert {d.attempts for d in claimed} == {0}
+
+
 async def test_dead_letters_are_purged_by_filter_and_all(store: Store) -> None:
     paid, created = Event("order.paid", 1), Event("user.created", 2)
     store.bury(

@@ -29,7 +29,6 @@ from ._rows import (
     listing,
     read_letter,
     selected_rows,
-    split_id,
     unreadable_letters,
 )
 from .base import DeadLetter, Delivery, UnreadableLetter
@@ -438,43 +437,51 @@ class PostgresStore:
         return await asyncio.to_thread(read, selected_rows(rows, event=event, handler=handler))
 
     async def _dead_rows(
-        self, connection: asyncpg.Connection, keys: Sequence[tuple[str, str]] | None, columns: str
+        self,
+        connection: asyncpg.Connection,
+        keys: Sequence[tuple[str, str]] | None,
+        columns: str,
+        *,
+        lock: bool = False,
     ) -> list[Any]:
         """The rows of ``columns`` of the dead letters with these (event id, handler) keys, by
-        primary key, or of every dead letter (``None``); oldest event first."""
+        primary key, or of every dead letter (``None``); oldest event first. One statement.
+
+        ``lock``: the rows are locked until the transaction ends (``FOR UPDATE``), in that order.
+        """
         where, args = ("", ()) if keys is None else (f"AND {_BY_KEY} ", _key_arrays(keys))
         rows: list[Any] = await connection.fetch(
-            f"SELECT {columns} FROM {self._table} WHERE status = 'dead' {where}ORDER BY event_id, handler",
+            f"SELECT {columns} FROM {self._table} WHERE status = 'dead' {where}ORDER BY event_id, handler"
+            + (" FOR UPDATE" if lock else ""),
             *args,
         )
         return rows
 
     async def revive(self, ids: Sequence[str], *, lease: float) -> list[DeadLetter]:
-        """Turn dead letters back into pending deliveries leased to this process."""
-        keys = [split_id(letter_id) for letter_id in ids]
+        """Turn dead letters back into pending deliveries leased to this process.
+
+        Two statements however many ids there are: one locks and reads their rows, one turns those
+        that read back into pending deliveries (a round trip per id took seconds for thousands).
+        """
+        keys = letter_keys(ids)
 
         async def run(connection: asyncpg.Connection) -> list[DeadLetter]:
-            revived = []
-            for event_id, handler in keys:
-                row = await connection.fetchrow(
-                    f"SELECT {COLUMNS} FROM {self._table} "
-                    f"WHERE event_id = $1 AND handler = $2 AND status = 'dead' FOR UPDATE",
-                    event_id,
-                    handler,
-                )
-                if row is None:
-                    continue
-                letter = read_letter(row, NOT_REVIVED)
-                if letter is None:
-                    continue
+            # locked: a replay of the same letters by another process waits, then finds them pending
+            rows = {
+                (row[0], row[1]): row for row in await self._dead_rows(connection, keys, COLUMNS, lock=True)
+            }
+            revived = [
+                letter
+                for key in keys  # in the order given, each once
+                if key in rows and (letter := read_letter(rows[key], NOT_REVIVED)) is not None
+            ]
+            if revived:
                 await connection.execute(
                     f"UPDATE {self._table} SET status = 'pending', attempts = 0, lease_until = {_NOW} + $3, "
-                    f"error = NULL, traceback = NULL, failed_at = NULL WHERE event_id = $1 AND handler = $2",
-                    event_id,
-                    handler,
+                    f"error = NULL, traceback = NULL, failed_at = NULL WHERE {_BY_KEY}",
+                    *_key_arrays([(letter.event.id, letter.handler) for letter in revived]),
                     lease,
                 )
-                revived.append(letter)
             return revived
 
         result: list[DeadLetter] = await self._call(run, f"revive {len(keys)} dead letter(s)")

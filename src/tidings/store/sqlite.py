@@ -391,7 +391,12 @@ class SQLiteStore:
         return result
 
     async def revive(self, ids: Sequence[str], *, lease: float) -> list[DeadLetter]:
-        """Turn dead letters back into pending deliveries leased to this process."""
+        """Turn dead letters back into pending deliveries leased to this process.
+
+        A statement per id, unlike the PostgreSQL log: here none is a round trip, each finds its
+        row by primary key, and one statement for many ids measured slower (compiling it costs
+        more than the cached statements per id: 0.26 s against 0.09 s for 5,000).
+        """
         keys = [split_id(letter_id) for letter_id in ids]
 
         def run(connection: sqlite3.Connection) -> list[DeadLetter]:
