@@ -506,6 +506,60 @@ def test_the_bus_of_the_fastapi_events_compat_middleware_is_found(write: Callabl
     ]
 
 
+def test_fastapi_events_handler_objects_are_listed_by_their_own_methods(write: Callable[[str], App]) -> None:
+    # their adapters' closures were shown instead: "(tidings.compat.fastapi_events.middleware.
+    # _Adapter.batch.<locals>.handle_batch)", at a line of middleware.py
+    compat = write(
+        """
+        from fastapi import FastAPI
+
+        from tidings.compat.fastapi_events.handlers.base import BaseEventHandler
+        from tidings.compat.fastapi_events.middleware import EventHandlerASGIMiddleware
+
+
+        class Forwarder(BaseEventHandler):
+            async def handle(self, event) -> None: ...
+
+            async def handle_many(self, events) -> None:  # line: forward
+                ...
+
+
+        class SyncForwarder:
+            def handle_many(self, events) -> None:  # line: sync_forward
+                ...
+
+
+        class Auditor(BaseEventHandler):
+            def handle(self, event) -> None:  # line: audit
+                ...
+
+
+        app = FastAPI()
+        app.add_middleware(
+            EventHandlerASGIMiddleware, handlers=[Forwarder(), SyncForwarder(), Auditor()]
+        )
+        """
+    )
+    status, out = run("list", f"{compat.name}:app", "--json")
+    assert status == 0
+    [entry] = json.loads(out)
+    m = compat.name
+    assert [(h["name"], h["function"], h["batch"], h["file"], h["line"]) for h in entry["handlers"]] == [
+        (f"{m}.Forwarder", f"{m}.Forwarder.handle_many", True, compat.path.name, compat.line("forward")),
+        (
+            f"{m}.SyncForwarder",
+            f"{m}.SyncForwarder.handle_many",
+            True,
+            compat.path.name,
+            compat.line("sync_forward"),
+        ),
+        (f"{m}.Auditor", f"{m}.Auditor.handle", False, compat.path.name, compat.line("audit")),
+    ]
+    status, out = run("list", f"{compat.name}:app")
+    assert f"  async batch  {m}.Forwarder ({m}.Forwarder.handle_many)  " in out
+    assert "tidings.compat" not in out and "middleware.py" not in out
+
+
 def test_load_bus_builds_the_middleware_only_when_nothing_else_shows_a_bus(
     write: Callable[[str], App],
 ) -> None:

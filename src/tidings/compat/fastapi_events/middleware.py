@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..._core.bus import EventBus
 from ...asgi.middleware import TidingsMiddleware
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tidings")
 
 __all__ = ["EventHandlerASGIMiddleware"]
+
+_CallT = TypeVar("_CallT", bound="Callable[..., Any]")
 
 
 class EventHandlerASGIMiddleware:
@@ -196,7 +199,7 @@ class _Adapter:
             async def handle_one(event: Envelope) -> None:
                 await handle(event_tuple(event))
 
-            adapter.handle = handle_one
+            adapter.handle = _showing(handle_one, handle)
         else:
 
             def handle_one_sync(event: Envelope) -> None:
@@ -204,7 +207,7 @@ class _Adapter:
                 if result is not None:  # fastapi-events awaited what handle() returned
                     await_result(result)
 
-            adapter.handle = handle_one_sync
+            adapter.handle = _showing(handle_one_sync, handle)
         return adapter
 
     @classmethod
@@ -215,7 +218,7 @@ class _Adapter:
             async def handle_batch(events: list[Envelope]) -> None:
                 await handle_many(events=deque(map(event_tuple, events)))
 
-            adapter.handle_many = handle_batch
+            adapter.handle_many = _showing(handle_batch, handle_many)
         else:
 
             def handle_batch_sync(events: list[Envelope]) -> None:
@@ -223,8 +226,19 @@ class _Adapter:
                 if result is not None:
                     await_result(result)
 
-            adapter.handle_many = handle_batch_sync
+            adapter.handle_many = _showing(handle_batch_sync, handle_many)
         return adapter
 
     def __repr__(self) -> str:
         return f"<fastapi-events handler {self.handler!r}>"
+
+
+def _showing(call: _CallT, method: Callable[..., Any]) -> _CallT:
+    """``call``, marked as standing for the handler object's ``method``: ``tidings list`` follows
+    ``__wrapped__`` to show where that is defined, as for ``LocalHandler``'s functions, rather than
+    this module's closure. Its own signature stays what is read of it (``__signature__``, which
+    ``inspect.signature`` stops at): registration checks it, not the method's, as before.
+    """
+    call.__signature__ = inspect.signature(call)  # type: ignore[attr-defined]  # read by inspect
+    call.__wrapped__ = method  # type: ignore[attr-defined]  # read by inspect.unwrap
+    return call
