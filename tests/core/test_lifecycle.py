@@ -154,6 +154,46 @@ def test_jobs_of_a_loop_that_closed_are_reported_when_the_bus_starts_on_the_next
     assert seen == [2]
 
 
+def test_a_plain_def_failure_on_its_way_to_a_loop_that_stopped_is_reported_on_the_next() -> None:
+    # Its thread passed the failure to the loop, which stopped (then closed) before it ran it: the
+    # next loop the bus starts on reports it (its job, left on the dead loop, counts it as finished).
+    failures: list[HandlerError] = []
+    bus = EventBus(on_failure=failures.append)
+    started = threading.Event()
+    go = threading.Event()
+
+    @bus.on("x")
+    def fails(event: Event) -> None:
+        started.set()
+        assert go.wait(5)
+        raise ValueError("the loop stopped before it heard this")
+
+    first = asyncio.new_event_loop()
+    try:
+        first.run_until_complete(bus.start())
+        bus.emit("x", 1)
+        first.run_until_complete(asyncio.to_thread(started.wait, 5))
+        go.set()  # the loop is not running: the failure waits in its queue
+        deadline = monotonic() + 5
+        while not first._ready:  # type: ignore[attr-defined]  # asyncio's queue of callbacks
+            assert monotonic() < deadline
+            go.wait(0.001)
+    finally:
+        first.close()
+    [pending] = bus._pending_work()  # what a settle, or the process's exit, would say now
+    assert pending.endswith(", failed, its failure not reported yet")
+
+    async def second() -> None:
+        await bus.start()
+        await asyncio.sleep(0)  # what the start queued for this loop
+        assert [(type(f).__name__, f.event.payload, str(f.__cause__)) for f in failures] == [
+            ("HandlerError", 1, "the loop stopped before it heard this")
+        ]
+        await bus.aclose()
+
+    asyncio.run(second())
+
+
 def test_an_async_failure_hook_hears_of_the_jobs_of_a_loop_that_closed() -> None:
     heard: list[str] = []
 

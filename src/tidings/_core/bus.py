@@ -947,6 +947,13 @@ class EventBus:
                 f"{spec.name} <- {event.name}, retry due in {retry.due - now:.2g}s"
                 for event in _events_of(spec, arg)
             ]
+        for callback, args in list(runner.in_transit.values()):
+            if callback == runner._sync_call_failed:  # (job, call, index, error, ...)
+                error = args[3]
+                pending += [
+                    f"{error.handler} <- {event.name} ({event.id}), failed, its failure not reported yet"
+                    for event in error.events
+                ]
         pending += [f"{record[0]} (not started yet)" for record in self._outside]
         pending += [f"{record[0]} (not started yet)" for _, record in tuple(self._handed_over)]
         if self._emits_under_way:  # another thread's emit, its taps not returned yet

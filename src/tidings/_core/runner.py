@@ -31,6 +31,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import itertools
 import logging
 import threading
 import traceback
@@ -376,6 +377,11 @@ class Runner:
         self._hooks_overdue: set[asyncio.Task[None]] = set()  # those a drain named as still running
         self.closed = False  # shut down: nothing is scheduled any more
         self.loop: asyncio.AbstractEventLoop | None = None
+        # what worker threads passed to the loop (a failure, the end of a call left behind) that
+        # it has not run yet, by a key of their own: a loop that stops before running them never
+        # will, so bind() runs them on the next one
+        self.in_transit: dict[int, tuple[Callable[..., None], tuple[Any, ...]]] = {}
+        self._transit_keys = itertools.count()
         self._executor: DaemonThreadPool | None = None
         self._running = 0
         # bind() starts counting slots afresh: a job still running from before (it outlived a drain
@@ -405,6 +411,8 @@ class Runner:
         self.hook_tasks = {task for task in self.hook_tasks if not task.get_loop().is_closed()}
         self._hooks_overdue &= self.hook_tasks
         self.closed = False
+        for key in list(self.in_transit):  # passed to a loop that stopped before running them
+            loop.call_soon(self._arrived, key)
         self._running = 0
         self._slot_generation += 1
         self._slot_waiters.clear()
@@ -1064,7 +1072,7 @@ class Runner:
                 # take the job over before this thread goes on, and must not report it twice.
                 job.sync_index = index + 1
                 try:
-                    loop.call_soon_threadsafe(self._sync_call_failed, job, call, index, *failure, attempt)
+                    self._pass_to_loop(self._sync_call_failed, job, call, index, *failure, attempt)
                 except RuntimeError:  # its loop closed (the bus was closed meanwhile): said here, then
                     _failed_after_the_loop(spec.name, failure[1])
                     return
@@ -1073,6 +1081,27 @@ class Runner:
                 job.sync_done.append(call)  # read by the loop once this hop is over
             job.sync_index = index + 1  # finished: a take-over from now on does not report it
         job.sync_index = len(calls)
+
+    def _pass_to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        """From a worker thread: have the loop run ``callback(*args)``, kept until it does.
+
+        Raises:
+            RuntimeError: the loop has closed (the caller says what is lost).
+        """
+        assert self.loop is not None
+        key = next(self._transit_keys)  # (one step under the GIL, as the dict's set and pop)
+        self.in_transit[key] = (callback, args)
+        try:
+            self.loop.call_soon_threadsafe(self._arrived, key)
+        except RuntimeError:
+            del self.in_transit[key]
+            raise
+
+    def _arrived(self, key: int) -> None:
+        passed = self.in_transit.pop(key, None)
+        if passed is not None:  # else it ran already (scheduled again by bind(), on the next loop)
+            callback, args = passed
+            callback(*args)
 
     def _hand_back(
         self,
@@ -1092,9 +1121,7 @@ class Runner:
         records = [] if left is None else left.close()
         try:
             # after the events it emitted before it was left behind (scheduled the same way)
-            self.loop.call_soon_threadsafe(
-                self._left_behind_ended, job, call, succeeded, failure, attempt, records
-            )
+            self._pass_to_loop(self._left_behind_ended, job, call, succeeded, failure, attempt, records)
         except RuntimeError:  # the loop has closed: nobody waits for this call any more...
             if failure is not None:
                 self._cut_off_call_ended(job, call[0], failure[1])
