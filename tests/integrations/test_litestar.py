@@ -783,6 +783,30 @@ async def test_by_default_a_failed_requests_events_are_delivered(recorder: Recor
         assert await recorder.wait_count(1) == ["crash"]
 
 
+async def test_without_the_plugin_a_hand_added_middleware_delivers_a_failed_requests_events(
+    recorder: Recorder,
+) -> None:
+    # docs/litestar.md, "Requests that fail": Litestar answers the exception inside the app, and only
+    # the plugin's after_exception hook tells the middleware; without it, drop cannot apply.
+    from litestar.middleware import DefineMiddleware
+
+    bus = EventBus(request_errors="drop")
+
+    @bus.on("attempted")
+    async def attempted(event: Event) -> None:
+        recorder.add(event.payload)
+
+    @get("/crash")
+    async def crash() -> None:
+        tidings.emit("attempted", "crash")
+        raise RuntimeError("boom")
+
+    app = Litestar([crash], middleware=[DefineMiddleware(TidingsMiddleware, bus=bus)])
+    async with bus:
+        assert (await call(app, "GET", "/crash"))[0] == 500
+        assert await recorder.wait_count(1) == ["crash"]
+
+
 async def test_request_errors_drop_drops_the_events_of_a_request_that_failed(
     recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
