@@ -687,3 +687,44 @@ async def test_the_inbox_through_sqlalchemy_refuses_a_connection_that_commits_ea
         await async_connection.rollback()
     async with pg_async_engine.begin() as async_connection:
         assert await arecord_once(async_connection, event, "billing.charge", schema=pg_schema)
+
+
+async def test_the_inbox_through_sqlalchemy_on_aiosqlite_and_on_a_connection_that_begins_at_it(
+    tmp_path: Path,
+) -> None:
+    # aiosqlite's DBAPI connection (SQLAlchemy's adapter) has no in_transaction: the check read it
+    # there and raised AttributeError, on the savepoint recipe and on an AUTOCOMMIT engine alike
+    path = tmp_path / "app.db"
+    SQLiteStore(path)._connect().close()  # the SQLite log's tables, inbox included
+    event = Event("order.paid")
+    explicit = create_async_engine(f"sqlite+aiosqlite:///{path}")
+    begin_explicitly(explicit.sync_engine)  # the recipe, on aiosqlite
+    autocommit = create_async_engine(f"sqlite+aiosqlite:///{path}", isolation_level="AUTOCOMMIT")
+    try:
+        async with AsyncSession(explicit) as session, session.begin():
+            assert await arecord_once(session, event, "billing.charge")
+            await session.rollback()  # the work failed: the pair goes with it
+        async with AsyncSession(autocommit) as session, session.begin():
+            with pytest.raises(ConfigurationError, match="autocommit"):
+                await arecord_once(session, event, "billing.charge")
+        async with explicit.connect() as connection:
+            assert await arecord_once(connection, event, "billing.charge")  # the first statement
+            await connection.rollback()
+        async with explicit.connect() as connection:
+            assert await connection.scalar(text("SELECT count(*) FROM tidings_inbox")) == 0
+    finally:
+        await explicit.dispose()
+        await autocommit.dispose()
+    # Commit as you go: the insert, the first statement, would autobegin and so run inside the
+    # recipe's BEGIN; it was refused, the driver showing no transaction before it
+    engine = create_engine(f"sqlite:///{path}")
+    begin_explicitly(engine)
+    with engine.connect() as connection:
+        assert record_once(connection, event, "billing.charge")
+        connection.rollback()
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM tidings_inbox")).scalar() == 0
+        assert record_once(connection, event, "billing.charge")
+        connection.commit()
+        assert not record_once(connection, event, "billing.charge")
+    engine.dispose()

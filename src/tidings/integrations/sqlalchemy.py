@@ -390,12 +390,14 @@ _CLAIM: Final = (
 
 
 def _commits_each_statement(connection: Connection) -> bool:
-    """Whether ``connection`` commits each statement at once (``isolation_level="AUTOCOMMIT"``, or
-    a driver connection left in autocommit mode), outside any transaction."""
-    driver_connection = connection.connection.dbapi_connection
+    """Whether ``connection``, in a transaction as SQLAlchemy sees it, commits each statement at once
+    (``isolation_level="AUTOCOMMIT"``, or a driver connection left in autocommit mode)."""
+    pooled = connection.connection
     if connection.dialect.name == "sqlite":  # autocommit, unless a BEGIN of the app's own is open
-        return _commits_alone(driver_connection)
-    return getattr(driver_connection, "autocommit", False) is True  # psycopg, asyncpg's adapter...
+        # The driver's own connection: sqlite3's, or aiosqlite's, which has what sqlite3's has here
+        # (SQLAlchemy's adapter of it, the DBAPI connection, has no in_transaction)
+        return _commits_alone(pooled.driver_connection)
+    return getattr(pooled.dbapi_connection, "autocommit", False) is True  # psycopg, asyncpg's adapter...
 
 
 def record_once(
@@ -405,7 +407,9 @@ def record_once(
 
     Run it first in the transaction that does the handler's work: ``False`` means the work was
     committed before (this delivery is a repeat), so skip it. The ``tidings_inbox`` table is the
-    one the SQLite and PostgreSQL logs create (in ``schema``, if the log has one).
+    one the SQLite and PostgreSQL logs create (in ``schema``, if the log has one). A ``Connection``
+    not in a transaction yet begins one here, as the insert would (commit-as-you-go): commit it
+    with the work.
 
     Raises:
         ConfigurationError: ``schema`` is not a plain SQL identifier; or the connection commits
@@ -433,6 +437,10 @@ def record_once(
     if schema is not None and not _IDENTIFIER.match(schema):
         raise ConfigurationError(f"schema must be a plain SQL identifier, got {schema!r}")
     connection = session if isinstance(session, Connection) else session.connection()
+    if not connection.in_transaction():
+        # What the insert would do first (SQLAlchemy's autobegin): begun, a connection on the
+        # recipe for SQLite savepoints has run its BEGIN, and shows a transaction in the driver
+        connection.begin()
     if _commits_each_statement(connection):
         raise ConfigurationError(
             "record_once() needs a transaction, and this connection commits each statement on its own "

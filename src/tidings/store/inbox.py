@@ -93,7 +93,7 @@ def record_once(connection: sqlite3.Connection, event: Event | str, handler: str
 
 
 def _commits_alone(connection: Any) -> bool:
-    """Whether a statement on this ``sqlite3`` connection (or a driver's adapter of one) commits at
-    once, on its own: autocommit mode, and no transaction begun explicitly."""
+    """Whether a statement on this ``sqlite3`` connection (or aiosqlite's, which reads these from its
+    ``sqlite3`` one) commits at once, on its own: autocommit mode, and no transaction begun explicitly."""
     autocommit = connection.isolation_level is None or getattr(connection, "autocommit", None) is True
     return autocommit and not connection.in_transaction
