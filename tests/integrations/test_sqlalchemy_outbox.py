@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy import event as sa_event
-from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.orm.session import JoinTransactionMode
@@ -67,6 +67,45 @@ def audited_outbox(bus: EventBus, recorder: Recorder) -> Outbox:
         recorder.add(event.payload)
 
     return Outbox(bus)
+
+
+class NotesBase(DeclarativeBase):
+    pass
+
+
+class Note(NotesBase):
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+@dataclass
+class Held:
+    """A bus on a SQLite log whose handler "audit" gives ``recorder`` the payload of every "n"
+    event and returns once ``released`` is set (a delivery's row goes once handled: this keeps the
+    rows until the log is checked), its outbox, and an engine on the log's database with ``notes``."""
+
+    path: Path
+    bus: EventBus
+    outbox: Outbox
+    engine: Engine
+    released: asyncio.Event
+
+
+@pytest.fixture
+def held(tmp_path: Path, recorder: Recorder) -> Iterator[Held]:
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    released = asyncio.Event()
+
+    @bus.on("n", name="audit")
+    async def audit(event: Event) -> None:
+        recorder.add(event.payload)
+        await released.wait()
+
+    engine = create_engine(f"sqlite:///{path}")
+    NotesBase.metadata.create_all(engine)
+    yield Held(path, bus, Outbox(bus), engine, released)
+    engine.dispose()
 
 
 @dataclass
@@ -413,6 +452,84 @@ async def test_a_rolled_back_savepoint_discards_the_events_emitted_in_it(
     assert sorted(recorder.items) == ["after", "before", "in a released savepoint"]
 
 
+async def test_events_a_rolled_back_savepoint_wrote_but_did_not_emit_are_in_the_log_at_the_commit(
+    held: Held, recorder: Recorder
+) -> None:
+    # A savepoint's release writes every staged event, the enclosing transaction's too. Rows then
+    # rolled back (the savepoint's own flush failing at its release, an enclosing savepoint rolled
+    # back) were still counted as written: the outer commit wrote nothing again, the events were
+    # handled from memory only, and a crash before that lost them (no row in the log).
+    bus, outbox, engine = held.bus, held.outbox, held.engine
+
+    def create_unless_there(session: Session, note: Note) -> bool:  # "get or create", by a savepoint
+        try:
+            with session.begin_nested():
+                outbox.emit(session, "n", "in the failed savepoint")
+                session.add(note)
+        except IntegrityError:
+            return False
+        return True
+
+    async with bus:
+        try:
+            with Session(engine) as session, session.begin():
+                session.add(Note(id=1))
+                session.flush()
+                outbox.emit(session, "n", "before a get-or-create")
+                assert not create_unless_there(session, Note(id=1))  # its flush at the release fails
+                outbox.emit(session, "n", "before an attempt given up")
+                attempt = session.begin_nested()
+                outbox.emit(session, "n", "in the attempt")
+                with session.begin_nested():  # released: writes every staged event
+                    outbox.emit(session, "n", "in a step of the attempt")
+                attempt.rollback()  # the outer transaction goes on, and commits
+            with engine.connect() as connection:
+                events = connection.execute(text("SELECT event_id FROM tidings_deliveries"))
+                logged = len(events.all())
+                notes = connection.execute(text("SELECT count(*) FROM notes")).scalar()
+        finally:
+            held.released.set()
+        await recorder.wait_count(2)
+        await bus.drain()
+    assert (logged, notes) == (2, 1)
+    assert sorted(recorder.items) == ["before a get-or-create", "before an attempt given up"]
+
+
+async def test_events_whose_write_at_a_savepoints_release_failed_are_written_by_the_next_commit(
+    tmp_path: Path,
+) -> None:
+    # The failed write had taken the events off the staged list: the enclosing transaction's,
+    # whose release had nothing to roll back, were then lost from it
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path)
+    bus.subscribe(lambda event: None, "n", name="audit")
+    outbox = Outbox(bus)
+    engine = create_engine(f"sqlite:///{path}")
+    await bus.store.open()  # its table; the bus is not started, so nothing handles (and deletes) the rows
+    try:
+        with Session(engine) as session, session.begin():
+            session.execute(text("CREATE TABLE refusing (flag INTEGER)"))
+            session.execute(
+                text(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON tidings_deliveries "
+                    "WHEN EXISTS (SELECT 1 FROM refusing) BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+            )
+        with Session(engine) as session, session.begin():
+            outer = outbox.emit(session, "n", "outer")
+            session.execute(text("INSERT INTO refusing VALUES (1)"))
+            with pytest.raises(IntegrityError, match="refused"), session.begin_nested():
+                outbox.emit(session, "n", "in the savepoint")
+            session.execute(text("DELETE FROM refusing"))
+        with engine.connect() as connection:
+            written = connection.execute(text("SELECT event_id FROM tidings_deliveries"))
+            logged: list[str] = list(written.scalars())
+    finally:
+        await bus.store.aclose()
+        engine.dispose()
+    assert logged == [outer.id]
+
+
 @pytest.mark.parametrize("mode", ["conditional_savepoint", "create_savepoint", "rollback_only"])
 async def test_a_session_joined_to_an_outer_transaction_releases_nothing_before_that_commits(
     pg_schema: str, pg_async_engine: AsyncEngine, recorder: Recorder, mode: JoinTransactionMode
@@ -548,33 +665,15 @@ async def test_a_failed_outbox_write_on_postgres_keeps_the_payloads_out_of_the_e
 
 
 async def test_deliveries_written_before_the_outer_commit_are_leased_from_that_commit(
-    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+    held: Held, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Rows a savepoint's release (or a flush after one) writes are in the log once the outer
     # transaction commits, maybe long after: leased from the write, they would be free for any
     # instance to take the moment they commit, while this one runs them (a duplicate delivery).
-    path = tmp_path / "app.db"
-    bus = sqlite_bus(path)
-    outbox = Outbox(bus)
-    held = asyncio.Event()  # a delivery's row goes once handled: keep them until the log is checked
-
-    @bus.on("n", name="audit")
-    async def audit(event: Event) -> None:
-        recorder.add(event.payload)
-        await held.wait()
-
-    class Base(DeclarativeBase):
-        pass
-
-    class Note(Base):
-        __tablename__ = "notes"
-        id: Mapped[int] = mapped_column(primary_key=True)
-
-    engine = create_engine(f"sqlite:///{path}")
-    Base.metadata.create_all(engine)
+    bus, outbox, engine = held.bus, held.outbox, held.engine
     earlier = 0.0  # how long before the commit the outbox's clock says the work happens
     monkeypatch.setattr(outbox_module, "time", lambda: clock.time() - earlier)
-    other = SQLiteStore(path)  # another instance on the same log
+    other = SQLiteStore(held.path)  # another instance on the same log
     async with bus:
         await other.open()
         try:
@@ -598,7 +697,7 @@ async def test_deliveries_written_before_the_outer_commit_are_leased_from_that_c
             assert len(leases) == 3
             assert all(lease >= committing + bus.resubmit_after for lease in leases)
         finally:
-            held.set()
+            held.released.set()
             await other.aclose()
         await recorder.wait_count(3)
         await bus.drain()
@@ -607,7 +706,6 @@ async def test_deliveries_written_before_the_outer_commit_are_leased_from_that_c
         "in the savepoint open at the commit",
         "staged before a flush after the savepoint",
     ]
-    engine.dispose()
 
 
 async def test_a_released_savepoints_deliveries_are_leased_from_the_outer_commit_on_postgres(

@@ -90,7 +90,7 @@ class _Staged:
     it cannot be, is raised in the caller's code, not at commit), and the innermost transaction
     (a savepoint, maybe) it was emitted in."""
 
-    __slots__ = ("connection", "event", "headers", "payload", "transaction")
+    __slots__ = ("connection", "event", "headers", "payload", "transaction", "written_in")
 
     def __init__(self, event: Event, payload: str, headers: str, transaction: SessionTransaction) -> None:
         self.event = event
@@ -98,15 +98,21 @@ class _Staged:
         self.headers = headers
         self.transaction = transaction
         self.connection: Connection | None = None  # the one its deliveries were written through
+        # the innermost transaction its deliveries were written in: rolled back, it takes them along
+        self.written_in: SessionTransaction | None = None
 
     def within(self, transaction: SessionTransaction) -> bool:
         """Whether the event was emitted in ``transaction``, or in a savepoint inside it."""
-        current: SessionTransaction | None = self.transaction
-        while current is not None:
-            if current is transaction:
-                return True
-            current = current.parent
-        return False
+        return _inside(self.transaction, transaction)
+
+
+def _inside(inner: SessionTransaction | None, outer: SessionTransaction) -> bool:
+    """Whether ``inner`` is ``outer`` or a transaction (a savepoint) begun inside it."""
+    while inner is not None:
+        if inner is outer:
+            return True
+        inner = inner.parent
+    return False
 
 
 class Outbox:
@@ -203,6 +209,10 @@ class Outbox:
         A savepoint's commit writes too: its rows then belong to the enclosing transaction, and go
         with it. (Skipping it would lose the events of a savepoint still open when the outermost
         transaction commits: that commit's own before_commit comes while the savepoint is current.)
+        It writes every staged event, those emitted outside it too: if the rows are rolled back
+        after all (the savepoint's own flush fails, or an enclosing savepoint is rolled back), the
+        events emitted outside that savepoint are staged again (:meth:`_roll_back_savepoint`), to
+        be written by the next commit.
 
         A delivery's lease must start when its row is committed: one leased from a savepoint's
         release would be free for any instance to take as soon as the outer transaction commits,
@@ -215,6 +225,7 @@ class Outbox:
             return
         lease = self.bus.resubmit_after
         connection = session.connection()
+        written_in = session.get_nested_transaction() or session.get_transaction()
         if connection.dialect.name == "postgresql":
             lease_sql, params = "extract(epoch from clock_timestamp()) + :lease", {"lease": lease}
         else:
@@ -238,11 +249,15 @@ class Outbox:
                 connection.execute(text(_RENEW.format(table=self._table, lease=lease_sql)), renewed)
             if rows:
                 connection.execute(text(_INSERT.format(table=self._table, lease=lease_sql)), rows)
-        except StatementError as exc:  # the commit fails with it, as with any failed statement
-            _hide_parameters(exc, earlier + staged)
+        except BaseException as exc:  # the commit fails with it, as with any failed statement
+            # Not written: staged still, for a commit tried again (a rollback discards them)
+            session.info.setdefault(self._staged_key, [])[:0] = staged
+            if isinstance(exc, StatementError):
+                _hide_parameters(exc, earlier + staged)
             raise
         for item in staged:
             item.connection = connection
+            item.written_in = written_in
         session.info.setdefault(self._written_key, []).extend(staged)
 
     def _release(self, session: Session) -> None:
@@ -271,13 +286,23 @@ class Outbox:
 
     def _roll_back_savepoint(self, session: Session, savepoint: SessionTransaction) -> None:
         """after_soft_rollback of a savepoint: drop what was emitted in it (its rows, if a savepoint
-        inside it wrote them at its release, are rolled back with it)."""
+        inside it wrote them at its release, are rolled back with it), and stage again what was
+        emitted outside it but written in it: its rows are gone, the event is not."""
+        staged: list[_Staged] = []
+        written: list[_Staged] = []
         gone: list[_Staged] = []
-        for key in (self._staged_key, self._written_key):
-            items: list[_Staged] | None = session.info.get(key)
-            if items:
-                gone += [item for item in items if item.within(savepoint)]
-                items[:] = [item for item in items if not item.within(savepoint)]
+        for item in session.info.get(self._staged_key, []):
+            (gone if item.within(savepoint) else staged).append(item)
+        for item in session.info.get(self._written_key, []):
+            if item.within(savepoint):
+                gone.append(item)
+            elif _inside(item.written_in, savepoint):
+                item.connection = item.written_in = None
+                staged.append(item)
+            else:
+                written.append(item)
+        session.info[self._staged_key] = staged
+        session.info[self._written_key] = written
         self._drop(gone)
 
     @staticmethod
