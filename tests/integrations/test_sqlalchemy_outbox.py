@@ -708,6 +708,83 @@ async def test_deliveries_written_before_the_outer_commit_are_leased_from_that_c
     ]
 
 
+def statements_on_the_log(engine: Engine) -> list[str]:
+    """The first word of each statement ``engine`` runs on the log's table, from now on."""
+    seen: list[str] = []
+
+    @sa_event.listens_for(engine, "before_cursor_execute")
+    def record(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "tidings_deliveries" in statement:
+            seen.append(statement.split()[0])
+
+    return seen
+
+
+def unhandled_outbox(path: Path) -> Outbox:
+    """An outbox on a bus, never started, with a handler "audit" for "n", on a log at ``path``."""
+    SQLiteStore(path)._connect().close()  # the log's table
+    bus = sqlite_bus(path)
+    bus.subscribe(lambda event: None, "n", name="audit")
+    return Outbox(bus)
+
+
+def test_a_savepoint_whose_commit_fails_leaves_no_commit_under_way(tmp_path: Path) -> None:
+    # Its before_commit counted a commit under way, and the after_commit that uncounts it never
+    # came: for the rest of the transaction every flush wrote what was staged at once, leased from
+    # then, and every savepoint's release leased again all the rows written (quadratic work).
+    outbox = unhandled_outbox(tmp_path / "app.db")
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    NotesBase.metadata.create_all(engine)
+    statements = statements_on_the_log(engine)
+    with Session(engine) as session, session.begin():
+        session.add(Note(id=1))
+        session.flush()
+        failed = session.begin_nested()
+        session.add(Note(id=1))  # a duplicate: the flush at the release fails
+        with pytest.raises(IntegrityError):
+            failed.commit()
+        failed.rollback()
+        outbox.emit(session, "n", "outer")
+        session.add(Note(id=2))
+        session.flush()  # no commit under way: leaves the event to the commit
+        written_early = list(statements)
+        for n in range(3):
+            with session.begin_nested():  # each release writes its own, and leases nothing again
+                outbox.emit(session, "n", n)
+        at_releases = list(statements)
+    engine.dispose()
+    assert written_early == []
+    assert at_releases == ["INSERT"] * 3
+    assert statements[3:] == ["UPDATE"]  # the commit: leased once again, from it
+
+
+@pytest.mark.parametrize("commit", ["block", "session"])
+def test_the_outer_commit_with_savepoints_open_leases_again_once(tmp_path: Path, commit: str) -> None:
+    # The block's end commits the outer transaction first (its before_commit, while the innermost
+    # savepoint is current), then each savepoint: each of theirs leased every row again;
+    # session.commit() commits the savepoints first, innermost first, then the outer transaction
+    outbox = unhandled_outbox(tmp_path / "app.db")
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    statements = statements_on_the_log(engine)
+    with Session(engine) as session:
+        session.begin()
+        with session.begin_nested():
+            outbox.emit(session, "n", "released")
+        session.begin_nested()
+        outbox.emit(session, "n", "open")
+        session.begin_nested()
+        outbox.emit(session, "n", "open inside it")
+        if commit == "block":
+            session.get_transaction().commit()  # type: ignore[union-attr]
+        else:
+            session.commit()
+    with engine.connect() as connection:
+        logged = connection.execute(text("SELECT count(*) FROM tidings_deliveries")).scalar()
+    engine.dispose()
+    assert statements.count("UPDATE") == 1
+    assert logged == 3
+
+
 async def test_a_released_savepoints_deliveries_are_leased_from_the_outer_commit_on_postgres(
     pg_schema: str, pg_async_engine: AsyncEngine
 ) -> None:

@@ -337,7 +337,9 @@ def _hide_parameters(exc: StatementError, staged: list[_Staged]) -> None:
 
 
 _OUTBOXES: Final = "tidings.outboxes"  # session.info: the outboxes that staged events on the session
-_COMMITTING: Final = "tidings.outbox.committing"  # session.info: how many of its commits are under way
+# session.info: a list, one item per commit of the session under way (its before_commit came, its
+# after_commit not yet): the innermost transaction (a savepoint, maybe) current at its before_commit
+_COMMITTING: Final = "tidings.outbox.committing"
 _listen_lock = threading.Lock()
 _listening = False
 
@@ -368,12 +370,18 @@ def _outboxes(session: Session) -> list[Outbox]:
 
 
 def _before_commit(session: Session) -> None:
-    enclosing: int = session.info.get(_COMMITTING, 0)
-    session.info[_COMMITTING] = enclosing + 1
-    # The outermost transaction commits now if no savepoint is open, or if this is a savepoint
-    # that an enclosing transaction's commit commits on its way (that commit's before_commit came
-    # first, while the savepoint was the current transaction).
-    outermost = enclosing > 0 or not session.in_nested_transaction()
+    root = session.get_transaction()
+    current = session.get_nested_transaction() or root
+    if current is None:  # pragma: no cover - a commit is a transaction's
+        return
+    committing: list[SessionTransaction] = session.info.setdefault(_COMMITTING, [])
+    # The outermost transaction commits now if no savepoint is open (session.commit() commits the
+    # open savepoints first, innermost first, each with its own before_commit and after_commit), or
+    # if this is the last savepoint that the outermost transaction's commit commits on its way:
+    # that commit's before_commit came first, while the innermost savepoint was current, then each
+    # savepoint's, innermost first. Only then: the rows are leased again once per commit.
+    outermost = current is root or (bool(committing) and current.parent is root)
+    committing.append(current)
     for outbox in _outboxes(session):
         outbox._write(session, renew=outermost)
 
@@ -387,13 +395,20 @@ def _after_flush(session: Session, flush_context: object) -> None:
 def _after_commit(session: Session) -> None:
     # That commit is over: a flush after a savepoint's release is no commit's, and leaves what it
     # staged to the commit that comes (it wrote it at once, leased from the flush, before)
-    session.info[_COMMITTING] = session.info.get(_COMMITTING, 1) - 1
+    committing: list[SessionTransaction] = session.info.get(_COMMITTING, [])
+    if committing:
+        committing.pop()
     for outbox in _outboxes(session):
         outbox._release(session)
 
 
 def _after_soft_rollback(session: Session, previous_transaction: SessionTransaction) -> None:
     if previous_transaction.nested:  # the end of the outermost one is after_transaction_end's
+        # A commit that failed there (a savepoint's flush at its release) never gets its
+        # after_commit: left counted, it would make every later flush write at once, and every
+        # later release lease again what was written, for the rest of the transaction
+        committing: list[SessionTransaction] = session.info.get(_COMMITTING, [])
+        committing[:] = [each for each in committing if not _inside(each, previous_transaction)]
         for outbox in _outboxes(session):
             outbox._roll_back_savepoint(session, previous_transaction)
 
