@@ -515,9 +515,10 @@ async def test_a_sync_failure_reported_just_before_a_take_over_is_not_reported_u
         schedule = loop.call_soon_threadsafe
 
         def held_up_after_the_failure(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
-            handle = schedule(callback, *args, **kwargs)
-            # (a thread passes what the loop is to run by a key of bus._runner.in_transit)
+            # (a thread passes what the loop is to run by a key of bus._runner.in_transit; read before
+            # the loop can run it and take it out)
             passed = bus._runner.in_transit.get(args[0]) if args else None
+            handle = schedule(callback, *args, **kwargs)
             if passed is not None and passed[0] == bus._runner._sync_call_failed:
                 passed_on.set()
                 go_on.wait(5)

@@ -636,8 +636,11 @@ async def test_a_call_that_ended_as_its_timeout_came_has_a_timeout_of_its_own_fo
     taken_back: list[bool] = []
     settle_cancelled = Runner._thread_call_cancelled
 
+    moments: list[tuple[str, float]] = []
+
     def spy(self: Runner, *args: Any) -> bool:
         taken_back.append(settle_cancelled(self, *args))
+        moments.append(("taken back", time.monotonic()))
         return taken_back[-1]
 
     monkeypatch.setattr(Runner, "_thread_call_cancelled", spy)
@@ -652,20 +655,27 @@ async def test_a_call_that_ended_as_its_timeout_came_has_a_timeout_of_its_own_fo
     sent = asyncio.Event()
 
     async def send_mail() -> None:
-        await asyncio.sleep(0.1)  # half its timeout: the watchdog looks at it twice meanwhile
+        # until the watchdog has looked at the call again: the old window would have ended it then
+        runner = bus._runner
+        tick = runner._watch_handle
+        deadline = time.monotonic() + 5
+        while runner._watch_handle is tick:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.005)
+        moments.append(("sent", time.monotonic()))
         sent.set()
 
     async def notifier(tasks: BackgroundTasks) -> str:
         tasks.add_task(send_mail)
         return "notifier"
 
-    @bus.on("slow", timeout=0.2, retry=RetryPolicy(max_attempts=2, backoff=0.01, jitter=False))
+    @bus.on("slow", timeout=0.4)  # one attempt: the take-back, if any, is its
     def ends_late(n: Annotated[str, Depends(notifier)]) -> None:
         deadline = time.monotonic() + 5
         while not seen_by_the_watchdog():
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        loop.call_soon_threadsafe(time.sleep, 0.5)  # the loop is busy past the timeout
+        loop.call_soon_threadsafe(time.sleep, 0.6)  # the loop is busy past the timeout
         bodies.add("body")
 
     async with bus:
@@ -674,11 +684,17 @@ async def test_a_call_that_ended_as_its_timeout_came_has_a_timeout_of_its_own_fo
         await bus.drain()
     if not taken_back:
         # Its end reached it before the timeout did (the asyncio loop, at times): then the loop's
-        # stall counts against the call's timeout, as for any call, which is not what this is about.
+        # stall counts against the call's timeout (its background task is cut off), as for any
+        # call, which is not what this is about.
         pytest.skip("the thread's end came first: no timeout to take back")
     assert taken_back == [True]
     assert sent.is_set()
-    assert failures.items == [] and bodies.items == ["body"]
+    start = moments[0][1]
+    assert failures.items == [] and bodies.items == ["body"], (
+        [(what, round(at - start, 3)) for what, at in moments],
+        [(type(f).__name__, f.attempt, round(f.event.timestamp_ns / 1e9, 3)) for f in failures.items],
+        bodies.items,
+    )
 
 
 async def test_a_plain_def_handler_with_dependencies_that_waited_for_a_thread_past_its_timeout_never_runs(
