@@ -6,14 +6,15 @@ import asyncio
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
@@ -559,6 +560,50 @@ async def test_a_timed_out_call_is_an_error_span_of_type_timeout(spans: Spans, r
     assert span.status.status_code is StatusCode.ERROR
     assert (span.attributes or {})["error.type"] == "timeout"
     assert "timed out after 0.05s" in (span.status.description or "")
+
+
+async def _session() -> str:  # (module level: this module's annotations are strings)
+    return "session"
+
+
+@pytest.mark.parametrize("ends", ["returns", "raises", "still runs at shutdown"])
+async def test_a_plain_def_handler_with_dependencies_left_behind_has_one_span_to_its_end(
+    ends: str, spans: Spans, recorder: Recorder
+) -> None:
+    # As a plain def handler's span covers its thread: the span of one with FastAPI dependencies
+    # (an async call around it) ends when its thread does, not at its timeout.
+    bus = EventBus(tracing=spans.provider, on_failure=recorder.add, drain_timeout=0.1)
+    release = threading.Event()
+    returned = Recorder()
+
+    @bus.on("slow", timeout=0.05)
+    def hangs(s: Annotated[str, Depends(_session)]) -> None:
+        assert release.wait(5)
+        returned.add(s)
+        if ends == "raises":
+            raise ValueError("late and wrong")
+
+    try:
+        async with bus:
+            bus.emit("slow")
+            await recorder.wait_count(1)  # past its timeout: left behind
+            assert spans.named("process slow") == []  # still running
+            if ends != "still runs at shutdown":
+                release.set()
+                await returned.wait_count(1)
+                await bus.drain()
+    finally:
+        release.set()
+    span = spans.one("process slow")
+    assert span.events[0].name == "left behind past its timeout"
+    if ends == "returns":
+        assert span.status.status_code is StatusCode.UNSET
+    elif ends == "raises":
+        assert span.status.status_code is StatusCode.ERROR
+        assert (span.attributes or {})["error.type"] == "ValueError"
+        assert [event.name for event in span.events][1:] == ["exception"]
+    else:
+        assert (span.attributes or {})["error.type"] == "unfinished"
 
 
 async def test_a_failing_sync_handler_is_recorded_in_its_thread(spans: Spans, recorder: Recorder) -> None:

@@ -171,7 +171,7 @@ class _LeftBehind:
     them. The lock keeps an event from landing in a list already taken.
     """
 
-    __slots__ = ("call", "lock", "open", "records", "then")
+    __slots__ = ("call", "ended", "lock", "on_end", "open", "records", "then")
 
     def __init__(self, call: Call) -> None:
         self.call = call
@@ -180,6 +180,10 @@ class _LeftBehind:
         self.records: list[Record] = []
         # what is left of the call once its thread returned (call_in_thread's `then`), in its context
         self.then: tuple[Callable[[], Awaitable[object]], contextvars.Context] | None = None
+        # on the loop: how it ended (its failure, or None; and whether it was reported unfinished
+        # instead), and who waits to hear it (the span of an async call left behind, when tracing)
+        self.ended: tuple[BaseException | None, bool] | None = None
+        self.on_end: Callable[[BaseException | None, bool], None] | None = None
 
     def keep(self, record: Record) -> bool:
         """Keep an event the call emitted; ``False`` once closed (it goes the usual way then)."""
@@ -194,6 +198,28 @@ class _LeftBehind:
             self.open = False
             records, self.records = self.records, []
             return records
+
+    def when_ended(self, callback: Callable[[BaseException | None, bool], None]) -> None:
+        """On the loop: call ``callback`` with how the call ended, once it has (now, if it has)."""
+        if self.ended is None:
+            self.on_end = callback
+        else:
+            _tell_end(callback, *self.ended)
+
+    def end(self, failure: BaseException | None, unfinished: bool) -> None:
+        """On the loop: the call ended (or was reported unfinished); tell who waits."""
+        if self.ended is None:
+            self.ended = (failure, unfinished)
+            callback, self.on_end = self.on_end, None
+            if callback is not None:
+                _tell_end(callback, failure, unfinished)
+
+
+def _tell_end(callback: Callable[[BaseException | None, bool], None], *ended: Any) -> None:
+    try:
+        callback(*ended)
+    except Exception:  # an observer's failure (tracing's): never the call's, nor the runner's
+        logger.debug("could not tell how a call left behind ended", exc_info=True)
 
 
 class _ThreadedCall:
@@ -270,7 +296,7 @@ class Job(Scope):
     timed_out = False
     # `current` ran past its timeout in a thread (call_in_thread) and was left behind there: it is
     # reported already, and ends by itself
-    current_left_behind = False
+    current_left: _LeftBehind | None = None
     ended_by: BaseException | None = None  # what a timed-out or cut-off call ended with, if not done
     seen: Call | None = None  # the watchdog's note of `current`, and the time it first saw it
     seen_at = 0.0
@@ -313,7 +339,7 @@ class Job(Scope):
         pending: list[PendingDelivery] = []
         sync_index = self.sync_index if sync_from is None else sync_from
         # the async call in progress, once left behind in its thread, is Runner.left_behind's
-        async_index = self.async_index + 1 if self.current_left_behind else self.async_index
+        async_index = self.async_index if self.current_left is None else self.async_index + 1
         for calls, start in ((self.async_calls, async_index), (self.sync_calls, sync_index)):
             for spec, arg in calls[start:]:
                 pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
@@ -433,6 +459,8 @@ class Runner:
         self.closed = True
         self.released.clear()
         self.unkept.clear()
+        for left in self.left_behind.values():
+            left.end(None, True)
         self.left_behind.clear()
         self.abandon_retries()
         if self._watch_handle is not None:
@@ -971,8 +999,8 @@ class Runner:
         job.timed_out = False
         task.uncancel()
         cause, job.ended_by = job.ended_by, None
-        if job.current_left_behind:  # reported as past its timeout: it ends in its thread
-            job.current_left_behind = False
+        if job.current_left is not None:  # reported as past its timeout: it ends in its thread
+            job.current_left = None
             if cause is not None and not isinstance(cause, asyncio.CancelledError):
                 # its outcome is its thread's: this failure (a dependency's clean-up) is only logged
                 logger.error(
@@ -1234,7 +1262,7 @@ class Runner:
                 left.then = (then, contextvars.copy_context())
             self._report_past_timeout(job, *call)
             self.left_behind[job, call] = left
-            job.current_left_behind = True
+            job.current_left = left
             return False
         if state != _ENDED or not timed_out:
             return False
@@ -1294,6 +1322,7 @@ class Runner:
             self._run_rest(job, call, then, attempt, records, context)
             return
         del self.left_behind[job, call]
+        left.end(None if failure is None else failure[1], False)
         if failure is not None:
             self.failed(job, call, *failure, attempt)
         completing = succeeded and job.durable
@@ -1601,6 +1630,7 @@ class Runner:
         resolve = self.registry.resolve
         for (_, (spec, arg)), left in self.left_behind.items():  # past their timeouts, running on
             pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
+            left.end(None, True)
             # and what they emitted meanwhile; from now on what they emit goes the usual way
             for record in left.close():
                 event = make_event(record)

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 from types import MappingProxyType
@@ -361,10 +362,18 @@ class Tracing:
             token = _attach(context)
             buffer = job.buffer if job is not None else None
             mark = len(buffer) if buffer is not None else 0
+            ends_later = False
             try:
                 return await inner(arg)
             except asyncio.CancelledError:
-                if getattr(job, "timed_out", False):
+                left = getattr(job, "current_left", None)
+                if left is not None:
+                    # past its timeout, a plain def body runs on in its thread (FastAPI dependencies):
+                    # the span covers it, to its end, as a plain def handler's span does
+                    span.add_event("left behind past its timeout", {"tidings.timeout": spec.timeout or 0.0})
+                    left.when_ended(functools.partial(_end_left_behind, span, spec.name))
+                    ends_later = True
+                elif getattr(job, "timed_out", False):
                     _error(span, "timeout", f"handler {spec.name} timed out after {spec.timeout}s")
                 else:
                     _error(span, "cancelled", f"handler {spec.name} was cancelled")
@@ -376,7 +385,8 @@ class Tracing:
                 _detach(token)
                 if buffer is not None and len(buffer) > mark:
                     stamp(buffer, mark, span, context)
-                span.end()
+                if not ends_later:
+                    span.end()
 
         return traced_call
 
@@ -414,6 +424,17 @@ def _start_failed(spec: HandlerSpec) -> None:
         spec.name,
         extra=fields(None, None, spec.name),
     )
+
+
+def _end_left_behind(span: Span, handler: str, failure: BaseException | None, unfinished: bool) -> None:
+    """End the span of a call left behind in its thread past its timeout, as the call ended."""
+    if unfinished:
+        _error(span, "unfinished", f"handler {handler} was still running in its thread at shutdown")
+    elif isinstance(failure, Exception):
+        _failed(span, failure)
+    elif failure is not None:
+        _error(span, type(failure).__qualname__, described(failure))
+    span.end()
 
 
 def _failed(span: Span, exc: Exception) -> None:
