@@ -16,6 +16,7 @@ import os
 import sqlite3
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,7 @@ from tidings import (
 )
 from tidings._core.dispatcher import current_scope
 from tidings.store import SQLiteStore
+from tidings.testing import settle
 
 from ..asgi_calls import http_scope, request_body
 from ..conftest import Recorder
@@ -635,3 +637,72 @@ async def test_a_late_call_whose_events_the_log_failed_to_take_stays_in_it(
     with contextlib.closing(sqlite3.connect(path)) as db:
         rows = db.execute(f"SELECT handler FROM {SQLiteStore.deliveries_table}").fetchall()
     assert ("hangs",) in rows  # (a sibling that finished meanwhile may stay as well: at least once)
+
+
+def test_a_late_call_ending_while_no_loop_is_open_ends_on_the_next_one(recorder: Recorder) -> None:
+    # The bus was never closed and its loop closed (a test client's, say) while the call ran on:
+    # its end waits for the next loop the bus starts on, which completes it (one outcome: it is
+    # not also reported unfinished, and settle and drain do not wait for it).
+    failures = Recorder()
+    release = threading.Event()
+    bus = EventBus(on_failure=failures.add, name="test")
+
+    @bus.on("slow", timeout=0.05)
+    def slow(event: Event) -> None:
+        assert release.wait(5)
+        emit("after")  # since it was left behind: handled on the next loop
+
+    @bus.on("after")
+    async def after(event: Event) -> None:
+        recorder.add("after")
+
+    async def first() -> None:
+        await bus.start()
+        bus.emit("slow", 1)
+        await failures.wait_count(1)  # past its timeout, left behind
+
+    asyncio.run(first())  # the loop closes; the bus was never closed
+    release.set()
+    deadline = time.monotonic() + 5
+    while not bus._runner.in_transit:  # its thread passed its end to a loop that has closed
+        assert time.monotonic() < deadline
+        release.wait(0.001)
+    [pending] = bus._pending_work()
+    assert pending.endswith("past its timeout, ended in its thread, its end not handled yet")
+
+    async def second() -> None:
+        await bus.start()
+        await settle(bus, timeout=5)
+        await recorder.wait_count(1)
+        await bus.drain(5)
+        await bus.aclose()
+
+    asyncio.run(second())
+    assert [type(f).__name__ for f in failures.items] == ["HandlerTimeoutError"]
+    assert bus._runner.left_behind == {}
+
+
+def test_what_the_next_loop_ran_as_the_old_one_refused_it_is_no_error() -> None:
+    # A thread read the old loop; before it could hand it anything, the bus started on the next
+    # loop, which ran what was in transit; then the old loop refused.
+    bus = EventBus(name="test")
+    runner = bus._runner
+    ran: list[int] = []
+
+    class ClosedLoop:
+        def __init__(self, runs_it_first: bool) -> None:
+            self.runs_it_first = runs_it_first
+
+        def call_soon_threadsafe(self, callback: Any, key: int) -> None:
+            if self.runs_it_first:
+                runner._arrived(key)  # the next loop ran it meanwhile
+            raise RuntimeError("Event loop is closed")
+
+    runner.loop = ClosedLoop(runs_it_first=True)  # type: ignore[assignment]
+    runner._pass_to_loop(ran.append, 1)  # the bus is open: kept (and ran)
+    runner.closed = True
+    runner._pass_to_loop(ran.append, 2)  # closed, but it ran: nothing to say
+    runner.loop = ClosedLoop(runs_it_first=False)  # type: ignore[assignment]
+    with pytest.raises(RuntimeError):  # closed and never run: the caller says it is lost
+        runner._pass_to_loop(ran.append, 3)
+    assert ran == [1, 2] and runner.in_transit == {}

@@ -572,6 +572,65 @@ async def test_the_background_tasks_of_a_left_behind_call_run_when_its_thread_re
     assert len(failures.items) == 1 and letters == []
 
 
+async def test_what_the_background_tasks_of_a_left_behind_call_emit_is_recorded_before_it_is_completed(
+    tmp_path: Path,
+) -> None:
+    # Its job has ended by the time its thread returns: what its background task emits is the
+    # call's all the same, and the durable log holds it before the call leaves the log.
+    failures = Recorder()
+    seen = Recorder()
+    release = threading.Event()
+    order: list[tuple[str, list[str]]] = []
+    store = SQLiteStore(tmp_path / "events.db")
+    real_record, real_complete = store.record, store.complete
+
+    async def record(deliveries: Any, *, lease: float) -> Any:
+        refused = await real_record(deliveries, lease=lease)
+        order.append(("recorded", sorted(handler for _, handler in deliveries)))
+        return refused
+
+    def complete(deliveries: Any) -> None:
+        order.append(("completed", sorted(handler for _, handler in deliveries)))
+        real_complete(deliveries)
+
+    store.record = record  # type: ignore[method-assign]
+    store.complete = complete  # type: ignore[method-assign]
+    bus = EventBus(on_failure=failures.add, name="test", store=store)
+
+    def notify() -> None:  # a plain def background task: in FastAPI's thread pool
+        emit("mail.sent")
+
+    async def notifier(tasks: BackgroundTasks) -> str:
+        tasks.add_task(notify)
+        return "notifier"
+
+    @bus.on("slow", timeout=0.05, name="hangs")
+    def hangs(n: Annotated[str, Depends(notifier)]) -> None:
+        assert release.wait(5)
+
+    @bus.on("mail.sent", name="on_mail")
+    async def on_mail(event: Event) -> None:
+        seen.add(event.name)
+
+    async with bus:
+        bus.emit("slow")
+        await failures.wait_count(1)  # left behind past its timeout
+        deadline = time.monotonic() + 5
+        while bus._runner.jobs:  # its job ends without it
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.001)
+        release.set()
+        await seen.wait_count(1)
+        await bus.drain()
+    recorded = next(
+        i for i, (what, handlers) in enumerate(order) if what == "recorded" and "on_mail" in handlers
+    )
+    completed = next(
+        i for i, (what, handlers) in enumerate(order) if what == "completed" and "hangs" in handlers
+    )
+    assert recorded < completed, order
+
+
 async def test_a_failing_background_task_of_a_left_behind_call_fails_the_call() -> None:
     failures = Recorder()
     release = threading.Event()

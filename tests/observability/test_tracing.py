@@ -7,7 +7,7 @@ import logging
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +27,7 @@ from tidings import ConfigurationError, Event, EventBus, HandlerError, RetryPoli
 from tidings.store import SQLiteStore
 from tidings.types import ASGIApp, Receive, Scope, Send
 
-from ..conftest import Recorder
+from ..conftest import Recorder, Records
 from ..e2e.support import lifespan
 
 pytestmark = pytest.mark.anyio
@@ -606,6 +606,41 @@ async def test_a_plain_def_handler_with_dependencies_left_behind_has_one_span_to
         assert (span.attributes or {})["error.type"] == "unfinished"
 
 
+async def _failing_close() -> AsyncIterator[str]:
+    try:
+        yield "session"
+    finally:
+        raise RuntimeError("the session failed to close")
+
+
+async def test_the_span_of_a_left_behind_call_whose_clean_up_fails_lasts_to_its_end(
+    spans: Spans, recorder: Recorder, records: Records
+) -> None:
+    # The clean-up's failure is only logged (the call's outcome is its thread's): its span goes on.
+    bus = EventBus(tracing=spans.provider, on_failure=recorder.add)
+    release = threading.Event()
+    returned = Recorder()
+
+    @bus.on("slow", timeout=0.05)
+    def hangs(s: Annotated[str, Depends(_failing_close)]) -> None:
+        assert release.wait(5)
+        returned.add(s)
+
+    try:
+        async with bus:
+            bus.emit("slow")
+            await records.wait_for("what ran after it was left behind past its timeout raised")
+            assert spans.named("process slow") == []  # still running
+            release.set()
+            await returned.wait_count(1)
+            await bus.drain()
+    finally:
+        release.set()
+    span = spans.one("process slow")
+    assert span.events[0].name == "left behind past its timeout"
+    assert span.status.status_code is StatusCode.UNSET  # it returned
+
+
 async def test_a_failing_sync_handler_is_recorded_in_its_thread(spans: Spans, recorder: Recorder) -> None:
     bus = EventBus(tracing=spans.provider, on_failure=recorder.add)
 
@@ -877,7 +912,6 @@ async def test_tracing_needs_opentelemetry_and_a_valid_setting(monkeypatch: pyte
 async def test_litestar_apps_that_set_up_tracing_in_their_lifespan_are_traced(
     spans: Spans, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from collections.abc import AsyncIterator
     from contextlib import asynccontextmanager
 
     from litestar import Litestar, Request, get

@@ -934,10 +934,18 @@ class EventBus:
             for job in tuple(runner.jobs)
             for item in job.unfinished(resolve)
         ]
+        passed = list(runner.in_transit.values())
+        # ended in their threads, their ends not taken by a loop yet (it stopped first)
+        ended = {(args[0], args[1]) for callback, args in passed if callback == runner._left_behind_ended}
         # plain def calls past their timeout: their jobs went on, their threads did not stop
-        for _, (spec, arg) in tuple(runner.left_behind):
+        for job, (spec, arg) in tuple(runner.left_behind):
+            where = (
+                "ended in its thread, its end not handled yet"
+                if (job, (spec, arg)) in ended
+                else "still running in its thread"
+            )
             pending += [
-                f"{spec.name} <- {event.name} ({event.id}), past its timeout, still running in its thread"
+                f"{spec.name} <- {event.name} ({event.id}), past its timeout, {where}"
                 for event in _events_of(spec, arg)
             ]
         now = monotonic()
@@ -947,7 +955,7 @@ class EventBus:
                 f"{spec.name} <- {event.name}, retry due in {retry.due - now:.2g}s"
                 for event in _events_of(spec, arg)
             ]
-        for callback, args in list(runner.in_transit.values()):
+        for callback, args in passed:
             if callback == runner._sync_call_failed:  # (job, call, index, error, ...)
                 error = args[3]
                 pending += [

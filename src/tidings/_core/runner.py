@@ -1113,8 +1113,11 @@ class Runner:
     def _pass_to_loop(self, callback: Callable[..., None], *args: Any) -> None:
         """From a worker thread: have the loop run ``callback(*args)``, kept until it does.
 
+        A loop that closed under a bus still open (no shutdown ran) leaves it kept: the next loop
+        the bus starts on runs it (:meth:`bind`), and reports of what is pending list it meanwhile.
+
         Raises:
-            RuntimeError: the loop has closed (the caller says what is lost).
+            RuntimeError: the loop has closed and so has the bus (the caller says what is lost).
         """
         assert self.loop is not None
         key = next(self._transit_keys)  # (one step under the GIL, as the dict's set and pop)
@@ -1122,7 +1125,10 @@ class Runner:
         try:
             self.loop.call_soon_threadsafe(self._arrived, key)
         except RuntimeError:
-            del self.in_transit[key]
+            if not self.closed:
+                return  # for the next loop (or it ran there already)
+            if self.in_transit.pop(key, None) is None:
+                return  # the next loop ran it meanwhile
             raise
 
     def _arrived(self, key: int) -> None:
@@ -1357,6 +1363,10 @@ class Runner:
         assert self.loop is not None
 
         async def rest() -> None:
+            # What it emits is the call's, as what its thread emitted: recorded before the call is
+            # completed (its job has most likely ended: its events would go on by themselves).
+            emitted = Job(self.bus, [])
+            set_scope(emitted)  # (this task's own copy of the call's context)
             failure: tuple[HandlerError, BaseException] | None = None
             try:
                 await then()
@@ -1366,7 +1376,10 @@ class Runner:
                 raise
             except BaseException as exc:  # as any failure of the call's own
                 failure = (_raised(*call, exc), exc)
-            self._left_behind_ended(job, call, failure is None, failure, attempt, records)
+            if self.bus._handed_over:  # what its thread pool's threads emitted, not taken yet
+                self.bus._take_handed_over()
+            later, emitted.buffer = emitted.buffer or [], None  # from now on they go on by themselves
+            self._left_behind_ended(job, call, failure is None, failure, attempt, [*records, *later])
 
         task = self.loop.create_task(rest(), context=context)
         self.rests.add(task)

@@ -365,21 +365,22 @@ class Tracing:
             ends_later = False
             try:
                 return await inner(arg)
-            except asyncio.CancelledError:
+            except BaseException as exc:
                 left = getattr(job, "current_left", None)
                 if left is not None:
-                    # past its timeout, a plain def body runs on in its thread (FastAPI dependencies):
-                    # the span covers it, to its end, as a plain def handler's span does
+                    # Past its timeout, a plain def body runs on in its thread (FastAPI dependencies):
+                    # the span covers it, to its end, as a plain def handler's span does. (What ends
+                    # the async part here, a clean-up that raised, say, is not the call's outcome.)
                     span.add_event("left behind past its timeout", {"tidings.timeout": spec.timeout or 0.0})
                     left.when_ended(functools.partial(_end_left_behind, span, spec.name))
                     ends_later = True
-                elif getattr(job, "timed_out", False):
-                    _error(span, "timeout", f"handler {spec.name} timed out after {spec.timeout}s")
-                else:
-                    _error(span, "cancelled", f"handler {spec.name} was cancelled")
-                raise
-            except Exception as exc:
-                _failed(span, exc)
+                elif isinstance(exc, asyncio.CancelledError):
+                    if getattr(job, "timed_out", False):
+                        _error(span, "timeout", f"handler {spec.name} timed out after {spec.timeout}s")
+                    else:
+                        _error(span, "cancelled", f"handler {spec.name} was cancelled")
+                elif isinstance(exc, Exception):
+                    _failed(span, exc)
                 raise
             finally:
                 _detach(token)
