@@ -588,8 +588,7 @@ async def _settle_here(bus: EventBus, until: float) -> list[str] | None:
                 return None
             _, running = await asyncio.wait(hooks, timeout=max(0.0, until - monotonic()))
             if running:
-                still = ["a call of the on_failure hook, still running"] * len(running)
-                return [*bus._pending_work(), *still]
+                return bus._pending_work()  # (those hook calls among it)
             # then again: what the hook emitted, and failures of those events' handlers
     return None
 
@@ -626,10 +625,9 @@ def _unanswered(bus: EventBus, timeout: float) -> TimeoutError:
 
 
 def _stuck(bus: EventBus) -> RuntimeError:
-    hooks = ["a call of the on_failure hook"] * len(bus._runner.hook_tasks)
     return RuntimeError(
         f"bus {bus.name!r} has handler work but its event loop is not running, so it cannot finish: "
-        f"{', '.join([*bus._pending_work(), *hooks][:_LISTED])}"
+        f"{', '.join(bus._pending_work()[:_LISTED])}"
     )
 
 

@@ -121,7 +121,6 @@ def _report_running_at_exit() -> None:
     for bus in running_buses():
         try:
             pending = bus._pending_work()
-            pending += ["a call of the on_failure hook"] * len(bus._runner.hook_tasks)
         except RuntimeError:  # its loop's thread (still running, a daemon) changed it as we read
             pending = ["(its work could not be listed: its event loop was still running)"]
         if pending:
@@ -966,6 +965,10 @@ class EventBus:
         pending += [f"{record[0]} (not started yet)" for _, record in tuple(self._handed_over)]
         if self._emits_under_way:  # another thread's emit, its taps not returned yet
             pending.append(f"{self._emits_under_way} emit(s) in another thread, still in a tap")
+        # the failures' reports: an async on_failure hook's calls (one that ended may still be listed
+        # in hook_tasks until its done-callback runs)
+        running_hooks = sum(not task.done() for task in tuple(runner.hook_tasks))
+        pending += ["a call of the on_failure hook, still running"] * running_hooks
         return pending
 
     def _waiting(self) -> bool:
