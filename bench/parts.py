@@ -15,6 +15,13 @@ the rounds) and the ratio to bare Starlette:
 
 The gaps between the rows are what each part costs. They are for finding what to make cheaper,
 not targets: the variants drop guarantees the shipped middleware gives.
+
+``--instructions`` counts CPU instructions per request instead, under valgrind's callgrind (Debian
+package ``valgrind``): one process per variant and request count, the count per request being the
+difference between a run of 4,000 requests and one of 2,000 (so start-up and imports cancel out).
+Instruction counts do not depend on what else the machine is doing, so two commits can be compared
+on a busy machine; they are not times (a cache miss costs more than an instruction), and wall-clock
+ratios on a slow machine are lower than these.
 """
 
 from __future__ import annotations
@@ -22,8 +29,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from time import thread_time, time_ns
 from typing import Any
@@ -126,14 +140,18 @@ def _floor() -> ASGIApp:
     return _starlette(AppSpec(events=1), floor_emit, [Middleware(_Floor)])
 
 
+_VARIANTS: dict[str, tuple[Callable[[], ASGIApp], int]] = {
+    "bare Starlette": (lambda: build_app("starlette", AppSpec(events=0)), 0),
+    "tidings": (lambda: _variant(TidingsMiddleware), 1),
+    "no run_job": (lambda: _variant(_NoRunJob), 1),
+    "no job": (lambda: _variant(_NoJob), 1),
+    "floor": (_floor, 1),
+}
+"""Each variant's app factory and its events per request."""
+
+
 async def _measure(rounds: int) -> dict[str, list[float]]:
-    apps: dict[str, tuple[ASGIApp, int]] = {
-        "bare Starlette": (build_app("starlette", AppSpec(events=0)), 0),
-        "tidings": (_variant(TidingsMiddleware), 1),
-        "no run_job": (_variant(_NoRunJob), 1),
-        "no job": (_variant(_NoJob), 1),
-        "floor": (_floor(), 1),
-    }
+    apps = {name: (build(), events) for name, (build, events) in _VARIANTS.items()}
     lifespans: list[Lifespan] = []
     drivers: dict[str, tuple[RequestDriver, int]] = {}
     for name, (app, events) in apps.items():
@@ -157,10 +175,83 @@ async def _measure(rounds: int) -> dict[str, list[float]]:
     return samples
 
 
+_COUNTED_REQUESTS = (2000, 4000)  # the two runs whose difference is counted
+_WARM_UP_REQUESTS = 500
+
+
+async def _serve(variant: str, requests: int) -> None:
+    """Run one variant's app for ``requests`` requests after a warm-up (the process callgrind counts)."""
+    build, events = _VARIANTS[variant]
+    app = build()
+    lifespan = Lifespan(app)
+    driver = RequestDriver(app, await lifespan.__aenter__())
+    try:
+        for count in (_WARM_UP_REQUESTS, requests):
+            expected = TALLY.count + count * events
+            await driver.run(count)
+            await TALLY.wait_for(expected)
+    finally:
+        await lifespan.__aexit__(None, None, None)
+
+
+def _instructions(valgrind: str, variant: str, requests: int) -> int:
+    """The instructions one process serving ``requests`` requests of ``variant`` executes, start to end."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [
+            valgrind,
+            "--tool=callgrind",
+            f"--callgrind-out-file={os.path.join(folder, 'callgrind.out')}",
+            sys.executable,
+            "-m",
+            "bench.parts",
+            "--serve",
+            variant,
+            "--requests",
+            str(requests),
+        ]
+        # a fixed hash seed: dict and set layouts, and so the instructions, are the same every run
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise RuntimeError(f"callgrind run of {variant!r} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def _count_instructions() -> dict[str, float]:
+    """Instructions per request of each variant: the difference of two runs, two processes at a time."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("--instructions needs valgrind (Debian package valgrind) on the PATH")
+    jobs = [(variant, requests) for variant in _VARIANTS for requests in _COUNTED_REQUESTS]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        totals = dict(zip(jobs, pool.map(lambda job: _instructions(valgrind, *job), jobs), strict=True))
+    fewer, more = _COUNTED_REQUESTS
+    return {name: (totals[name, more] - totals[name, fewer]) / (more - fewer) for name in _VARIANTS}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.parts", description=__doc__)
     parser.add_argument("--rounds", type=int, default=25, help="timed rounds of 2,000 requests each")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count CPU instructions per request under callgrind instead of timing (about 3 minutes)",
+    )
+    parser.add_argument("--serve", choices=list(_VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=int, default=_COUNTED_REQUESTS[0], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.serve is not None:
+        asyncio.run(_serve(args.serve, args.requests))
+        return
+    if args.instructions:
+        counts = _count_instructions()
+        bare_count = counts["bare Starlette"]
+        print("| variant | instructions/request | ratio to bare Starlette |")
+        print("|---|---|---|")
+        for name, count in counts.items():
+            print(f"| {name} | {count:,.0f} | {bare_count / count:.2f} |")
+        return
     samples = asyncio.run(_measure(args.rounds))
     bare = min(samples["bare Starlette"])
     print("| variant | µs/request, best | first quartile | ratio to bare Starlette (best) |")
