@@ -299,6 +299,49 @@ async def test_chained_events_form_one_trace_through_async_and_sync_handlers(
     assert recorder.items[0].headers["traceparent"] == traceparent_of(reserved)
 
 
+@pytest.mark.parametrize("found", ["given", "detected after the start"])
+async def test_an_event_a_task_started_by_a_handler_emits_after_it_returned_carries_its_span(
+    spans: Spans, recorder: Recorder, monkeypatch: pytest.MonkeyPatch, found: str
+) -> None:
+    # The task runs in a copy of the handler's context, so the handler's span is current in it; its
+    # emit lands in the job's buffer after the handler returned, while the job's next handler runs.
+    bus = EventBus(tracing=spans.provider) if found == "given" else EventBus()
+    gate = asyncio.Event()
+    emitted = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def later() -> None:
+        await gate.wait()
+        emit("stock.reserved")
+        emitted.set()
+
+    @bus.on("order.placed")
+    async def reserve(event: Event) -> None:
+        tasks.append(asyncio.create_task(later()))
+
+    @bus.on("order.placed")
+    async def bill(event: Event) -> None:
+        gate.set()
+        await emitted.wait()
+
+    @bus.on("stock.reserved")
+    async def ship(event: Event) -> None:
+        recorder.add(event)
+
+    async with bus:
+        if found != "given":  # as for a provider the app's startup code sets up (the middleware asks)
+            monkeypatch.setattr(trace, "get_tracer_provider", lambda: spans.provider)
+            assert bus.detect_tracing()
+        await post(fastapi_app(bus, spans, [("order.placed", None)]))
+        await recorder.wait_count(1)
+        await asyncio.gather(*tasks)
+    reserving = next(s for s in spans.named("process order.placed") if "reserve" in str(s.attributes))
+    shipped = spans.one("process stock.reserved")
+    assert parent_id(shipped) == span_id(reserving)
+    assert linked_ids(shipped) == [span_id(reserving)]
+    assert recorder.items[0].headers["traceparent"] == traceparent_of(reserving)
+
+
 async def test_an_event_emitted_outside_requests_carries_the_context_of_its_emitter(
     spans: Spans, recorder: Recorder
 ) -> None:

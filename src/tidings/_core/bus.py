@@ -570,7 +570,16 @@ class EventBus:
     @inspects_emits.setter
     def inspects_emits(self, value: bool) -> None:
         self._inspects_emits = value
-        self.emit_thread = 0 if value else self.loop_thread
+        self._choose_emit_path()
+
+    def _choose_emit_path(self) -> None:
+        """Let :func:`tidings.emit` append to this bus's buffers itself, or send it through :meth:`emit`.
+
+        Its fast path skips :meth:`emit` on the loop's thread. A schema or a tap must see every
+        emit, and tracing must see which task emits (:meth:`_route`): then every emit goes through.
+        """
+        through = self._inspects_emits or self.tracing is not None
+        self.emit_thread = 0 if through else self.loop_thread
 
     def tap(self, callback: Callable[[Event], object]) -> Callable[[], None]:
         """Call ``callback`` with every event emitted on this bus, when it is emitted.
@@ -838,7 +847,18 @@ class EventBus:
             scope = scope.parent if type(scope) is Job else None
         if scope is not None and scope.buffer is not None:
             if threading.get_ident() == self.loop_thread:
-                scope.buffer.append(record)  # its trace context is added with its job's (runner)
+                if (
+                    self.tracing is not None
+                    and type(scope) is Job
+                    and scope.task is not None
+                    and scope.task is not asyncio.current_task(self._loop)
+                    and type(record[3]) is not Prebuilt
+                ):
+                    # A task a handler started (it runs in a copy of the handler's context): the
+                    # span current here is that handler's, not the one of whichever handler the
+                    # job runs now, whose context the runner would give the event
+                    record = (*record[:3], self.tracing.inject(record[3]))
+                scope.buffer.append(record)  # else its trace context is added with its job's (runner)
                 return
             if self.tracing is not None and type(record[3]) is not Prebuilt:
                 record = (*record[:3], self.tracing.inject(record[3]))  # this thread's context
@@ -1163,6 +1183,7 @@ class EventBus:
         """
         if self._tracing_setting is None and self.tracing is None and self._state is BusState.RUNNING:
             self._configure_tracing()
+            self._choose_emit_path()
         return self.tracing is not None
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -1170,7 +1191,7 @@ class EventBus:
         with self._lock:
             self._loop = loop
             self.loop_thread = threading.get_ident()
-            self.emit_thread = 0 if self._inspects_emits else self.loop_thread
+            self._choose_emit_path()
             dead = self._runner.bind(loop)
             self._state = BusState.RUNNING
             self._drain_deadline = None
