@@ -468,6 +468,8 @@ async def test_drain_reports_what_a_call_still_running_has_emitted_since_it_was_
             await failures.wait_count(1)  # left behind
             go_on.set()
             assert await anyio.to_thread.run_sync(emitted.wait, 5)
+            # what settle, or the exit report, would say: the call, and what waits for its end
+            assert [item.split(" (")[0] for item in bus._pending_work()] == ["hangs <- job", "child <- child"]
             with pytest.raises(DrainTimeoutError) as raised:
                 await bus.drain(0.05)  # ...which it does not do within the bound
             assert sorted(p.handler for p in raised.value.pending) == ["child", "hangs"]

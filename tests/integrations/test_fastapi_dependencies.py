@@ -16,7 +16,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -74,6 +74,19 @@ async def post(app: FastAPI, *names: str) -> None:
         for name in names:
             response = await http.post(f"/emit/{name}")
             assert response.status_code == 200, response.text
+
+
+def hangs_with_a_background_task(bus: EventBus, release: threading.Event, task: Callable[[], Any]) -> None:
+    """Register ``hangs`` for "slow": a plain def handler that runs past its timeout of 0.05s until
+    ``release``, whose dependency adds ``task`` to its background tasks."""
+
+    async def notifier(tasks: BackgroundTasks) -> str:
+        tasks.add_task(task)
+        return "notifier"
+
+    @bus.on("slow", timeout=0.05, name="hangs")
+    def hangs(n: Annotated[str, Depends(notifier)]) -> None:
+        assert release.wait(5)
 
 
 # -- module-level dependencies, for the string-annotation tests --------------------------------------
@@ -600,13 +613,7 @@ async def test_what_the_background_tasks_of_a_left_behind_call_emit_is_recorded_
     def notify() -> None:  # a plain def background task: in FastAPI's thread pool
         emit("mail.sent")
 
-    async def notifier(tasks: BackgroundTasks) -> str:
-        tasks.add_task(notify)
-        return "notifier"
-
-    @bus.on("slow", timeout=0.05, name="hangs")
-    def hangs(n: Annotated[str, Depends(notifier)]) -> None:
-        assert release.wait(5)
+    hangs_with_a_background_task(bus, release, notify)
 
     @bus.on("mail.sent", name="on_mail")
     async def on_mail(event: Event) -> None:
@@ -639,13 +646,7 @@ async def test_a_failing_background_task_of_a_left_behind_call_fails_the_call() 
     def fails() -> None:
         raise ConnectionError("the mail server is down")
 
-    async def notifier(tasks: BackgroundTasks) -> str:
-        tasks.add_task(fails)
-        return "notifier"
-
-    @bus.on("slow", timeout=0.05, name="hangs")
-    def hangs(n: Annotated[str, Depends(notifier)]) -> None:
-        assert release.wait(5)
+    hangs_with_a_background_task(bus, release, fails)
 
     async with bus:
         bus.emit("slow", 1)
@@ -685,6 +686,63 @@ async def test_a_failing_clean_up_of_a_left_behind_call_is_logged(records: Recor
     assert "RuntimeError: the session failed to close" in logged.getMessage()
     assert logged.exc_info is not None and logged.levelno == logging.ERROR
     assert len(failures.items) == 1 and letters == []  # its outcome is its thread's: it returned
+
+
+async def test_drain_cut_off_while_the_background_tasks_of_a_left_behind_call_run_cancels_them(
+    records: Records,
+) -> None:
+    # Its thread returned; its background task runs on the loop when the drain bound runs out.
+    # The call is reported unfinished once, with what that task emitted so far; the task is
+    # cancelled by the cut-off, and that cancellation is ours, not a failure of the handler's.
+    failures = Recorder()
+    ran = Recorder()
+    release = threading.Event()
+    bus = EventBus(on_failure=failures.add, name="test", drain_timeout=0)
+
+    async def notify() -> None:
+        emit("mail.queued", 1)
+        ran.add("background task")
+        try:
+            await asyncio.Event().wait()  # a mail server that never answers
+        except asyncio.CancelledError:
+            ran.add("cancelled")
+            raise
+
+    hangs_with_a_background_task(bus, release, notify)
+
+    @bus.on("mail.queued", name="on_mail")
+    async def on_mail(event: Event) -> None:
+        ran.add("on_mail")
+
+    try:
+        async with bus:
+            bus.emit("slow", 1)
+            await failures.wait_count(1)  # left behind past its timeout
+            release.set()
+            await ran.wait_count(1)  # its thread returned; its background task runs
+            call, emitted = bus._pending_work()  # (what settle, or the exit report, would say)
+            assert call.endswith("past its timeout, its thread returned, the rest of the call still running")
+            assert emitted.startswith("on_mail <- mail.queued (")
+            with pytest.raises(DrainTimeoutError) as raised:
+                await bus.drain(0)
+            await ran.wait_count(2)
+            assert bus._pending_work() == []
+    finally:
+        release.set()
+    assert [(p.handler, p.event.name) for p in raised.value.pending] == [
+        ("hangs", "slow"),
+        ("on_mail", "mail.queued"),
+    ]
+    assert ran.items == ["background task", "cancelled"]
+    assert [(type(f).__name__, f.handler) for f in failures.items] == [
+        ("HandlerTimeoutError", "hangs"),
+        ("HandlerCancelledError", "hangs"),
+        ("HandlerCancelledError", "on_mail"),
+    ]
+    assert bus._runner.rests == set()
+    logged = [record.getMessage() for record in records.recorder.items]
+    assert not [message for message in logged if "after it was reported as unfinished" in message], logged
+    assert not [message for message in logged if "was dropped" in message], logged
 
 
 async def test_a_call_that_ended_as_its_timeout_came_has_a_timeout_of_its_own_for_what_follows(

@@ -957,16 +957,22 @@ class EventBus:
         # ended in their threads, their ends not taken by a loop yet (it stopped first)
         ended = {(args[0], args[1]) for callback, args in passed if callback == runner._left_behind_ended}
         # plain def calls past their timeout: their jobs went on, their threads did not stop
-        for job, (spec, arg) in tuple(runner.left_behind):
-            where = (
-                "ended in its thread, its end not handled yet"
-                if (job, (spec, arg)) in ended
-                else "still running in its thread"
-            )
+        for (job, (spec, arg)), left in tuple(runner.left_behind.items()):
+            scope = left.rest_scope
+            if (job, (spec, arg)) in ended:
+                where = "ended in its thread, its end not handled yet"
+            elif scope is not None:
+                where = "its thread returned, the rest of the call still running"
+            else:
+                where = "still running in its thread"
             pending += [
                 f"{spec.name} <- {event.name} ({event.id}), past its timeout, {where}"
                 for event in _events_of(spec, arg)
             ]
+            # what it emitted meanwhile, handled once it ends (copied at once: its thread may append)
+            for record in [*left.records, *(scope.buffer or () if scope is not None else ())]:
+                event = make_event(record)
+                pending += [f"{handler.name} <- {event.name} ({event.id})" for handler in resolve(event.name)]
         now = monotonic()
         for retry in sorted(runner.retries, key=lambda r: r.due):
             spec, arg = retry.call

@@ -171,7 +171,7 @@ class _LeftBehind:
     them. The lock keeps an event from landing in a list already taken.
     """
 
-    __slots__ = ("call", "ended", "lock", "on_end", "open", "records", "then")
+    __slots__ = ("call", "ended", "lock", "on_end", "open", "records", "rest", "rest_scope", "then")
 
     def __init__(self, call: Call) -> None:
         self.call = call
@@ -180,6 +180,10 @@ class _LeftBehind:
         self.records: list[Record] = []
         # what is left of the call once its thread returned (call_in_thread's `then`), in its context
         self.then: tuple[Callable[[], Awaitable[object]], contextvars.Context] | None = None
+        # once its thread returned: the task running that rest, and the scope of what the call
+        # emitted (its thread's events first), still the call's until the rest ends
+        self.rest: asyncio.Task[None] | None = None
+        self.rest_scope: Job | None = None
         # on the loop: how it ended (its failure, or None; and whether it was reported unfinished
         # instead), and who waits to hear it (the span of an async call left behind, when tracing)
         self.ended: tuple[BaseException | None, bool] | None = None
@@ -1323,9 +1327,7 @@ class Runner:
                 self.bus.adopt(Job(self.bus, records))  # handled, or logged as dropped when closed
             return
         if succeeded and left.then is not None:  # the rest of the call first; it stays left behind
-            then, context = left.then
-            left.then = None
-            self._run_rest(job, call, then, attempt, records, context)
+            self._run_rest(left, job, attempt, records)
             return
         del self.left_behind[job, call]
         left.end(None if failure is None else failure[1], False)
@@ -1350,27 +1352,28 @@ class Runner:
         if self._idle_waiters:
             self._wake_idle_waiters()
 
-    def _run_rest(
-        self,
-        job: Job,
-        call: Call,
-        then: Callable[[], Awaitable[object]],
-        attempt: int,
-        records: list[Record],
-        context: contextvars.Context,
-    ) -> None:
+    def _run_rest(self, left: _LeftBehind, job: Job, attempt: int, records: list[Record]) -> None:
         """Run what is left of a call left behind whose thread returned, then let it end as it did."""
         assert self.loop is not None
+        assert left.then is not None
+        then, context = left.then
+        left.then = None
+        call = left.call
+        # What it emits is the call's, as what its thread emitted: recorded before the call is
+        # completed (its job has most likely ended: its events would go on by themselves). Kept on
+        # `left` meanwhile, for a cut-off to report them with the call.
+        emitted = left.rest_scope = Job(self.bus, records)
 
         async def rest() -> None:
-            # What it emits is the call's, as what its thread emitted: recorded before the call is
-            # completed (its job has most likely ended: its events would go on by themselves).
-            emitted = Job(self.bus, [])
             set_scope(emitted)  # (this task's own copy of the call's context)
             failure: tuple[HandlerError, BaseException] | None = None
             try:
                 await then()
             except asyncio.CancelledError as exc:
+                if left.ended is not None:
+                    # the cut-off's own cancellation: it reported the call unfinished, and took
+                    # what it emitted; a handler's failure this is not
+                    return
                 failure = (_cancelled_error(*call), exc)
             except _FATAL:
                 raise
@@ -1379,9 +1382,9 @@ class Runner:
             if self.bus._handed_over:  # what its thread pool's threads emitted, not taken yet
                 self.bus._take_handed_over()
             later, emitted.buffer = emitted.buffer or [], None  # from now on they go on by themselves
-            self._left_behind_ended(job, call, failure is None, failure, attempt, [*records, *later])
+            self._left_behind_ended(job, call, failure is None, failure, attempt, later)
 
-        task = self.loop.create_task(rest(), context=context)
+        task = left.rest = self.loop.create_task(rest(), context=context)
         self.rests.add(task)
         task.add_done_callback(self.rests.discard)
 
@@ -1645,7 +1648,15 @@ class Runner:
             pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
             left.end(None, True)
             # and what they emitted meanwhile; from now on what they emit goes the usual way
-            for record in left.close():
+            records = left.close()
+            rest, scope = left.rest, left.rest_scope
+            if rest is not None and scope is not None:
+                # its thread returned and the rest of the call runs on the loop: unlike the
+                # thread, that can be stopped, as the jobs are
+                records += scope.buffer or ()
+                scope.buffer = None
+                rest.cancel()
+            for record in records:
                 event = make_event(record)
                 pending.extend(PendingDelivery(event, handler.name) for handler in resolve(event.name))
         self.left_behind.clear()
