@@ -21,7 +21,7 @@ from tidings import (
     Limits,
 )
 
-from ..conftest import Recorder
+from ..conftest import Recorder, Records
 
 pytestmark = pytest.mark.anyio
 
@@ -536,3 +536,41 @@ async def test_a_sync_failure_reported_just_before_a_take_over_is_not_reported_u
             loop.call_soon_threadsafe = schedule  # type: ignore[method-assign]
     assert [type(item) for item in recorder.items] == [HandlerError]
     assert "raised ValueError: broken" in str(failure)
+
+
+async def test_a_sync_failure_after_the_take_over_reported_the_call_is_listed_as_only_logged(
+    records: Records,
+) -> None:
+    # The drain bound cut the job off while the call ran, and reported it unfinished. Its failure,
+    # on its way from the thread, is not reported again (no on_failure, no retry, no dead letter):
+    # it is only logged, and that is what a report of pending work says of it meanwhile.
+    started, go, pause = threading.Event(), threading.Event(), threading.Event()
+    failures = Recorder()
+    bus = EventBus(on_failure=failures.add)
+
+    @bus.on("x", name="fails")
+    def fails(event: Event) -> None:
+        started.set()
+        assert go.wait(5)
+        raise ValueError("down")
+
+    async with bus:
+        bus.emit("x")
+        assert await anyio.to_thread.run_sync(started.wait, 5)
+        with pytest.raises(DrainTimeoutError) as raised:
+            await bus.drain(0)
+        go.set()
+        deadline = time.monotonic() + 5
+        while not bus._runner.in_transit:  # blocking: the loop must not run the failure first
+            assert time.monotonic() < deadline
+            pause.wait(0.001)
+        [pending] = bus._pending_work()  # what settle, or the exit report, would say now
+        logged = await records.wait_for("after it was reported as unfinished")
+        letters = await bus.dead_letters.list()
+    assert pending.startswith("fails <- x (")
+    assert pending.endswith(
+        ", reported unfinished (its job was cut off), then failed: its failure only logged"
+    ), pending
+    assert [p.handler for p in raised.value.pending] == ["fails"]
+    assert [(type(f).__name__, f.handler) for f in failures.items] == [("HandlerCancelledError", "fails")]
+    assert "handler fails raised ValueError" in logged.getMessage() and letters == []

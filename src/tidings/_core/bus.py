@@ -982,11 +982,13 @@ class EventBus:
             ]
         for callback, args in passed:
             if callback == runner._sync_call_failed:  # (job, call, index, error, ...)
-                error = args[3]
-                pending += [
-                    f"{error.handler} <- {event.name} ({event.id}), failed, its failure not reported yet"
-                    for event in error.events
-                ]
+                job, _, index, error = args[:4]
+                if job.reported_unfinished(index):
+                    # a cut-off reported it unfinished before it failed: its failure is only logged
+                    what = "reported unfinished (its job was cut off), then failed: its failure only logged"
+                else:
+                    what = "failed, its failure not reported yet"
+                pending += [f"{error.handler} <- {event.name} ({event.id}), {what}" for event in error.events]
         pending += [f"{record[0]} (not started yet)" for record in self._outside]
         pending += [f"{record[0]} (not started yet)" for _, record in tuple(self._handed_over)]
         if self._emits_under_way:  # another thread's emit, its taps not returned yet

@@ -352,6 +352,10 @@ class Job(Scope):
             pending.extend(PendingDelivery(event, spec.name) for spec in resolve(event.name))
         return pending
 
+    def reported_unfinished(self, sync_index: int) -> bool:
+        """Whether its sync call at ``sync_index`` was among those a take-over reported unfinished."""
+        return self.cut_off and sync_index >= self.sync_reported_from
+
     def take_over(self, resolve: Callable[[str], tuple[HandlerSpec, ...]]) -> list[PendingDelivery]:
         """The unfinished calls, for the caller to report: the job runs none of them any more.
 
@@ -936,7 +940,7 @@ class Runner:
     def _sync_call_failed(
         self, job: Job, call: Call, index: int, error: HandlerError, cause: BaseException, attempt: int
     ) -> None:
-        if job.cut_off and index >= job.sync_reported_from:  # reported as unfinished already
+        if job.reported_unfinished(index):
             self._cut_off_call_ended(job, call[0], cause)
         else:
             self.failed(job, call, error, cause, attempt)
