@@ -478,6 +478,45 @@ async def test_drain_reports_what_a_call_still_running_has_emitted_since_it_was_
     assert recorder.items == []  # reported as unfinished, not run behind the report's back
 
 
+async def test_drain_reports_what_a_call_whose_end_is_on_its_way_has_emitted_since_it_was_left_behind(
+    recorder: Recorder,
+) -> None:
+    # Its thread returned and passed its end to the loop, which the drain bound runs out before it
+    # takes: what the call emitted is reported unfinished with it, not handled behind the report.
+    release, pause = threading.Event(), threading.Event()
+    failures = Recorder()
+    bus = EventBus(on_failure=failures.add)
+
+    @bus.on("job", timeout=0.05, name="hangs")
+    def hangs(event: Event) -> None:
+        release.wait(10)
+        emit("child")
+
+    @bus.on("child", name="child")
+    async def child(event: Event) -> None:  # pragma: no cover - cut off before it runs
+        recorder.add("child")
+
+    async with bus:
+        bus.emit("job")
+        await failures.wait_count(1)  # left behind
+        release.set()
+        deadline = time.monotonic() + 5
+        while not bus._runner.in_transit:  # blocking: the loop must not take its end first
+            assert time.monotonic() < deadline
+            pause.wait(0.001)
+        assert [item.split(" (")[0] for item in bus._pending_work()] == ["hangs <- job", "child <- child"]
+        with pytest.raises(DrainTimeoutError) as raised:
+            await bus.drain(0)
+        await bus.drain()  # nothing of it is left to run
+    assert sorted(p.handler for p in raised.value.pending) == ["child", "hangs"]
+    assert [(type(f).__name__, f.handler) for f in failures.items] == [
+        ("HandlerTimeoutError", "hangs"),
+        ("HandlerCancelledError", "hangs"),
+        ("HandlerCancelledError", "child"),
+    ]
+    assert recorder.items == []
+
+
 async def test_a_request_job_with_sync_calls_is_freed_without_the_garbage_collector() -> None:
     # the job keeps its hops' context while it runs; kept after, it would be a cycle (job ->
     # context -> the scope variable -> job) holding the request's context until a collection;
@@ -669,8 +708,9 @@ def test_a_late_call_ending_while_no_loop_is_open_ends_on_the_next_one(recorder:
     while not bus._runner.in_transit:  # its thread passed its end to a loop that has closed
         assert time.monotonic() < deadline
         release.wait(0.001)
-    [pending] = bus._pending_work()
+    pending, emitted = bus._pending_work()
     assert pending.endswith("past its timeout, ended in its thread, its end not handled yet")
+    assert emitted.split(" (")[0].endswith(".after <- after")  # emitted since, waiting for that end
 
     async def second() -> None:
         await bus.start()

@@ -955,11 +955,13 @@ class EventBus:
         ]
         passed = list(runner.in_transit.values())
         # ended in their threads, their ends not taken by a loop yet (it stopped first)
-        ended = {(args[0], args[1]) for callback, args in passed if callback == runner._left_behind_ended}
+        ended = runner.ends_on_their_way()
         # plain def calls past their timeout: their jobs went on, their threads did not stop
-        for (job, (spec, arg)), left in tuple(runner.left_behind.items()):
+        for key, left in tuple(runner.left_behind.items()):
+            spec, arg = left.call
             scope = left.rest_scope
-            if (job, (spec, arg)) in ended:
+            records = [*left.records, *ended.get(key, ())]
+            if key in ended:
                 where = "ended in its thread, its end not handled yet"
             elif scope is not None:
                 where = "its thread returned, the rest of the call still running"
@@ -969,8 +971,10 @@ class EventBus:
                 f"{spec.name} <- {event.name} ({event.id}), past its timeout, {where}"
                 for event in _events_of(spec, arg)
             ]
-            # what it emitted meanwhile, handled once it ends (copied at once: its thread may append)
-            for record in [*left.records, *(scope.buffer or () if scope is not None else ())]:
+            # what it emitted meanwhile, handled once it ends
+            if scope is not None and scope.buffer:
+                records += scope.buffer
+            for record in records:
                 event = make_event(record)
                 pending += [f"{handler.name} <- {event.name} ({event.id})" for handler in resolve(event.name)]
         now = monotonic()

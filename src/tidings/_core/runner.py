@@ -1648,11 +1648,17 @@ class Runner:
                 job.task.cancel()
                 job.task.add_done_callback(functools.partial(self._taken_over_task_ended, job))
         resolve = self.registry.resolve
-        for (_, (spec, arg)), left in self.left_behind.items():  # past their timeouts, running on
+        ends = self.ends_on_their_way()
+        for key, left in self.left_behind.items():  # past their timeouts, running on
+            spec, arg = left.call
             pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
             left.end(None, True)
             # and what they emitted meanwhile; from now on what they emit goes the usual way
             records = left.close()
+            passed = ends.get(key)
+            if passed:  # its thread returned, its end not taken yet: which is to hand nothing on
+                records += passed
+                passed.clear()
             rest, scope = left.rest, left.rest_scope
             if rest is not None and scope is not None:
                 # its thread returned and the rest of the call runs on the loop: unlike the
@@ -1665,6 +1671,15 @@ class Runner:
                 pending.extend(PendingDelivery(event, handler.name) for handler in resolve(event.name))
         self.left_behind.clear()
         return pending
+
+    def ends_on_their_way(self) -> dict[tuple[Job, Call], list[Record]]:
+        """The calls left behind whose threads passed their ends to the loop, which has not taken
+        them yet: with what each emitted since it was left behind (the list its end hands on)."""
+        return {
+            (args[0], args[1]): args[-1]
+            for callback, args in list(self.in_transit.values())  # (copied at once: threads add to it)
+            if callback == self._left_behind_ended
+        }
 
     def _taken_over_task_ended(self, job: Job, task: asyncio.Task[Any]) -> None:
         """Do what ``run_job``'s end does, for a job whose task was cancelled before it ran."""
