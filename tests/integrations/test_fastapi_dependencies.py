@@ -42,10 +42,11 @@ from tidings import (
     TidingsMiddleware,
     emit,
 )
-from tidings._core.runner import Runner
+from tidings._core.runner import Runner, _ThreadedCall
 from tidings.store import SQLiteStore
 
 from ..conftest import Recorder, Records
+from ..take_over import MOMENTS, TakeOverRace
 
 pytestmark = pytest.mark.anyio
 
@@ -636,6 +637,50 @@ async def test_what_the_background_tasks_of_a_left_behind_call_emit_is_recorded_
         i for i, (what, handlers) in enumerate(order) if what == "completed" and "hangs" in handlers
     )
     assert recorded < completed, order
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        pytest.param(m, marks=pytest.mark.xfail(reason="completed before its event is recorded", strict=True))
+        if m in ["routed before", "handed over before", "returning"]
+        else m
+        for m in MOMENTS
+    ],
+)
+async def test_what_a_plain_def_handler_with_dependencies_emits_as_its_timeout_comes_is_recorded_first(
+    moment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The call's emit races Runner._thread_call_cancelled: whoever the event ends up with, the log
+    # holds it before the call leaves the log, and it runs once. "returning": the call ended as
+    # its timeout came, so the timeout is taken back and the call ends as it did.
+    race = TakeOverRace(moment, tmp_path / "events.db")
+    bus = race.bus
+    race.wrap_take_over("_thread_call_cancelled")
+    end = _ThreadedCall.end
+
+    def ended(threaded: _ThreadedCall, outcome: Any, failure: BaseException | None) -> bool:
+        left = end(threaded, outcome, failure)
+        race.returned.set()
+        return left
+
+    monkeypatch.setattr(_ThreadedCall, "end", ended)
+
+    async def session() -> str:
+        return "session"
+
+    @bus.on("slow", timeout=0.05, name="hangs")
+    def hangs(s: Annotated[str, Depends(session)]) -> None:
+        race.emit_child()
+
+    async with bus:
+        await post(make_app(bus), "slow")
+        if moment != "returning":
+            await race.failures.wait_count(1)
+        await race.run_out()
+    race.check("hangs")
+    timeouts = [] if moment == "returning" else [HandlerTimeoutError]
+    assert [type(failure) for failure in race.failures.items] == timeouts
 
 
 async def test_a_failing_background_task_of_a_left_behind_call_fails_the_call() -> None:
