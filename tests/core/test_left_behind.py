@@ -753,15 +753,7 @@ def test_what_the_next_loop_ran_as_the_old_one_refused_it_is_no_error() -> None:
     assert ran == [1, 2] and runner.in_transit == {}
 
 
-@pytest.mark.parametrize(
-    "moment",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(reason="completed before its event is recorded", strict=True))
-        if m in ["routed before"]
-        else m
-        for m in MOMENTS
-    ],
-)
+@pytest.mark.parametrize("moment", MOMENTS)
 async def test_what_a_call_emits_as_the_watchdog_takes_it_over_is_recorded_before_it_is_completed(
     moment: str, tmp_path: Path
 ) -> None:

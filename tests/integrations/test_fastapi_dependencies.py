@@ -639,15 +639,7 @@ async def test_what_the_background_tasks_of_a_left_behind_call_emit_is_recorded_
     assert recorded < completed, order
 
 
-@pytest.mark.parametrize(
-    "moment",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(reason="completed before its event is recorded", strict=True))
-        if m in ["routed before", "handed over before", "returning"]
-        else m
-        for m in MOMENTS
-    ],
-)
+@pytest.mark.parametrize("moment", MOMENTS)
 async def test_what_a_plain_def_handler_with_dependencies_emits_as_its_timeout_comes_is_recorded_first(
     moment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -925,7 +925,16 @@ class EventBus:
         next loop, or reported when it closes.
         """
         stranded: list[tuple[Scope | None, Record]] = []
+        origin = current_scope()
         with self._lock:
+            if type(origin) is Job and origin.sync_left_behind and origin.bus is self:
+                # Asked again under the lock that the take-over's Runner._take_queued takes: the
+                # call may have been left behind since _route asked, and its job may have ended.
+                # So the event is queued before the take-over takes the queue into the job, or it
+                # is the call's: never an outside event that the log gets after the call is done.
+                left = origin.sync_left_behind.get(threading.get_ident())
+                if left is not None and left.keep(record):
+                    return
             closed = self._state is BusState.CLOSED
             if not closed:
                 self._handed_over.append((scope, record))

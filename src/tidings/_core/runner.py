@@ -1196,6 +1196,7 @@ class Runner:
             return
         job.sync_current = None
         self.left_behind[job, left.call] = left
+        self._take_queued()
         rest = index + 1
         if rest < len(job.sync_calls):
             self._start_sync(job, rest)
@@ -1203,6 +1204,18 @@ class Runner:
             job.sync_index = rest
             if job.sync_waiter is not None and not job.sync_waiter.done():
                 job.sync_waiter.set_result(None)
+
+    def _take_queued(self) -> None:
+        """On the loop, as a take-over settles who owns a call: take in what threads queued for it.
+
+        What the call's thread emitted as its job's may still be queued, behind the job's wake-up
+        or behind a job that ends in this very task step: taken in after that, it would find the
+        job ended and go on as an outside event, while the call is completed in the log before
+        that event is recorded. Taken now, it is in the job's buffer while the job still runs.
+        The thread's last look at whether its call was left behind (EventBus._hand_over) is under
+        the lock this takes, so what it queues after this is the call's.
+        """
+        self.bus._take_handed_over()
 
     async def call_in_thread(
         self, work: Callable[[], Any], then: Callable[[], Awaitable[object]] | None = None
@@ -1271,6 +1284,10 @@ class Runner:
                 # from now on what its thread emits goes with it (as for a sync call left behind)
                 job.sync_left_behind[threaded.thread] = left
                 threaded.state = _LEFT_BEHIND
+        if left is not None or (state == _ENDED and timed_out):
+            # what it emitted as the job's (all of it, if it ended first) is in the job's buffer
+            # before this task goes on, and maybe ends the job
+            self._take_queued()
         if left is not None:
             if then is not None:
                 left.then = (then, contextvars.copy_context())
