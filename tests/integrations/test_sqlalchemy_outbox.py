@@ -664,6 +664,43 @@ async def test_a_failed_outbox_write_on_postgres_keeps_the_payloads_out_of_the_e
     assert SECRET not in formatted(raised.value)
 
 
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_a_constraint_the_outbox_write_violates_on_postgres_keeps_the_failing_row_out_of_the_error(
+    pg_schema: str, records: Records, driver: str
+) -> None:
+    # PostgreSQL's DETAIL of a violated CHECK (or NOT NULL) constraint is the failing row, payload
+    # and headers included: asyncpg's error adds it to its text, psycopg's message holds it
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
+    bus = EventBus(store=store)  # never started: nothing handles (and deletes) a row
+    bus.subscribe(lambda event: None, "card.saved", name="vault.audit")
+    outbox = Outbox(bus)
+    await store.open()
+    await store.aclose()
+    engine = create_async_engine(POSTGRES_DSN.replace("postgresql://", f"postgresql+{driver}://"))
+    try:
+        async with engine.begin() as connection:  # a rule of the database's owner that the row breaks
+            await connection.execute(
+                text(
+                    f'ALTER TABLE "{pg_schema}".tidings_deliveries '
+                    "ADD CONSTRAINT short_payloads CHECK (length(payload) < 10)"
+                )
+            )
+        async with AsyncSession(engine) as session:
+            with pytest.raises(IntegrityError) as raised:
+                async with session.begin():
+                    outbox.emit(session, "card.saved", {"card": SECRET})
+            assert not session.in_transaction()  # rolled back by the block, as any failed commit is
+            logged = await session.scalar(text(f'SELECT count(*) FROM "{pg_schema}".tidings_deliveries'))
+    finally:
+        await engine.dispose()
+    error = raised.value
+    assert logged == 0
+    assert SECRET not in formatted(error)
+    assert 'violates check constraint "short_payloads"' in str(error)  # what failed, and where
+    assert getattr(error.orig, "sqlstate", None) == "23514"  # what code handling the failure reads
+    assert not [record for record in records.recorder.items if SECRET in record.getMessage()]
+
+
 async def test_deliveries_written_before_the_outer_commit_are_leased_from_that_commit(
     held: Held, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -327,13 +327,42 @@ def _hide_parameters(exc: StatementError, staged: list[_Staged]) -> None:
     """
     exc.hide_parameters = True
     exc.params = None
+    _hide_database_detail(exc)
     names = ", ".join(f"{item.event.name!r} ({item.event.id})" for item in staged[:3])
     if len(staged) > 3:
         names += f" and {len(staged) - 3} more"
     exc.add_detail(
         f"tidings outbox: writing the deliveries of events {names} to the event log; the "
-        "statement's parameters are left out: they hold the events' payloads"
+        "statement's parameters, and the database's detail of the error, are left out: they hold "
+        "the events' payloads"
     )
+
+
+_LEFT_OUT: Final = "(left out by the tidings outbox: it may hold the events' payloads)"
+
+
+def _hide_database_detail(exc: StatementError) -> None:
+    """Keep only the first line of the messages of ``exc``, its driver's error and what that was
+    raised from.
+
+    PostgreSQL's DETAIL of a violated CHECK or NOT NULL constraint is the failing row, payload and
+    headers included ("Failing row contains (...)"), and its CONTEXT may quote the values too:
+    psycopg's message holds every line the server sent (and SQLAlchemy's copies it), asyncpg's
+    error adds its ``detail`` to its text. The first line, the server's message, names the
+    constraint; the classes and the attributes that code handling the failure reads
+    (``sqlstate``, psycopg's ``diag``, which still has the detail: no log reads it) are kept.
+    """
+    seen: set[int] = set()
+    for error in (exc, exc.orig):
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            for field in ("detail", "context"):  # asyncpg's, which its str() adds to the message
+                if isinstance(getattr(error, field, None), str):
+                    setattr(error, field, _LEFT_OUT)
+            if error.args and isinstance(error.args[0], str) and "\n" in error.args[0].strip():
+                message = error.args[0].strip().split("\n", 1)[0]
+                error.args = (f"{message}\n{_LEFT_OUT}", *error.args[1:])
+            error = error.__cause__ or error.__context__
 
 
 _OUTBOXES: Final = "tidings.outboxes"  # session.info: the outboxes that staged events on the session
