@@ -901,6 +901,47 @@ async def test_the_inbox_through_sqlalchemy_refuses_a_connection_that_commits_ea
         assert await arecord_once(async_connection, event, "billing.charge", schema=pg_schema)
 
 
+@pytest.mark.parametrize("driver", ["sqlite+aiosqlite", "postgresql+asyncpg", "postgresql+psycopg"])
+async def test_a_refused_record_once_leaves_the_callers_connection_and_session_as_they_were(
+    tmp_path: Path, pg_schema: str, driver: str
+) -> None:
+    # The refusal came after the transaction it had begun (the check reads the connection in one):
+    # the caller's connection was left begun, its own begin() then raising "already begun"
+    event = Event("order.paid")
+    schema: str | None = None
+    if driver.startswith("sqlite"):
+        path = tmp_path / "app.db"
+        SQLiteStore(path)._connect().close()  # the SQLite log's tables, inbox included
+        url = f"{driver}:///{path}"
+    else:
+        store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
+        await store.open()  # creates the schema's tidings_inbox
+        await store.aclose()
+        url, schema = POSTGRES_DSN.replace("postgresql://", f"{driver}://"), pg_schema
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    table = f'"{schema}".tidings_inbox' if schema else "tidings_inbox"
+    try:
+        async with engine.connect() as connection:
+            with pytest.raises(ConfigurationError, match="autocommit"):
+                await arecord_once(connection, event, "billing.charge", schema=schema)
+            assert not connection.in_transaction()
+            async with connection.begin():  # begun by the caller: still theirs after the refusal
+                with pytest.raises(ConfigurationError, match="autocommit"):
+                    await arecord_once(connection, event, "billing.charge", schema=schema)
+                assert connection.in_transaction()
+        async with AsyncSession(engine) as session:
+            with pytest.raises(ConfigurationError, match="autocommit"):
+                await arecord_once(session, event, "billing.charge", schema=schema)
+            assert not session.in_transaction()
+            async with session.begin():
+                with pytest.raises(ConfigurationError, match="autocommit"):
+                    await arecord_once(session, event, "billing.charge", schema=schema)
+                assert session.in_transaction()
+                assert await session.scalar(text(f"SELECT count(*) FROM {table}")) == 0  # nothing recorded
+    finally:
+        await engine.dispose()
+
+
 async def test_the_inbox_through_sqlalchemy_on_aiosqlite_and_on_a_connection_that_begins_at_it(
     tmp_path: Path,
 ) -> None:

@@ -55,7 +55,7 @@ from ..store.postgres import PostgresStore
 from ..store.sqlite import SQLiteStore
 
 try:
-    from sqlalchemy import Connection, CursorResult, text
+    from sqlalchemy import Connection, CursorResult, Transaction, text
     from sqlalchemy import event as sa_event
     from sqlalchemy.exc import StatementError
     from sqlalchemy.ext.asyncio import AsyncSession
@@ -484,7 +484,8 @@ def record_once(
         ConfigurationError: ``schema`` is not a plain SQL identifier; or the connection commits
             each statement on its own (``isolation_level="AUTOCOMMIT"``), so the pair would be
             committed before the work, and work that then failed would be skipped when the event
-            is delivered again. Nothing is recorded then.
+            is delivered again. Nothing is recorded then, and nothing begun: a transaction this
+            call began (the session's, the connection's) is rolled back before it raises.
 
     Example:
         >>> import os, tempfile
@@ -505,12 +506,20 @@ def record_once(
     """
     if schema is not None and not _IDENTIFIER.match(schema):
         raise ConfigurationError(f"schema must be a plain SQL identifier, got {schema!r}")
-    connection = session if isinstance(session, Connection) else session.connection()
+    began: Transaction | Session | None = None  # what this call began, ended again if it refuses
+    if isinstance(session, Connection):
+        connection = session
+    else:
+        if not session.in_transaction():
+            began = session
+        connection = session.connection()  # the session's autobegin
     if not connection.in_transaction():
         # What the insert would do first (SQLAlchemy's autobegin): begun, a connection on the
         # recipe for SQLite savepoints has run its BEGIN, and shows a transaction in the driver
-        connection.begin()
+        began = connection.begin()
     if _commits_each_statement(connection):
+        if began is not None:  # left begun, it would refuse the caller's own begin()
+            began.rollback()
         raise ConfigurationError(
             "record_once() needs a transaction, and this connection commits each statement on its own "
             "(autocommit): the inbox row would commit before the work, and a failed work would be "
