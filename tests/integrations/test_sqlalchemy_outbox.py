@@ -843,12 +843,17 @@ async def test_a_released_savepoints_deliveries_are_leased_from_the_outer_commit
     assert leased >= released + bus.resubmit_after
 
 
-def begin_explicitly(engine: Engine) -> None:
-    """SQLAlchemy's recipe for SQLite savepoints: pysqlite in autocommit, each BEGIN emitted by us."""
+def driver_in_autocommit(engine: Engine) -> None:
+    """Each new connection of ``engine`` has its SQLite driver (pysqlite, aiosqlite) in autocommit."""
 
     @sa_event.listens_for(engine, "connect")
     def autocommit(dbapi_connection: Any, record: Any) -> None:
         dbapi_connection.isolation_level = None
+
+
+def begin_explicitly(engine: Engine) -> None:
+    """SQLAlchemy's recipe for SQLite savepoints: pysqlite in autocommit, each BEGIN emitted by us."""
+    driver_in_autocommit(engine)
 
     @sa_event.listens_for(engine, "begin")
     def begin(connection: Any) -> None:
@@ -899,6 +904,46 @@ async def test_the_inbox_through_sqlalchemy_refuses_a_connection_that_commits_ea
         await async_connection.rollback()
     async with pg_async_engine.begin() as async_connection:
         assert await arecord_once(async_connection, event, "billing.charge", schema=pg_schema)
+
+
+@pytest.mark.parametrize("set_by", ["connect_args", "connect_event"])
+async def test_the_inbox_on_aiosqlite_refuses_the_drivers_own_autocommit_and_takes_its_default(
+    tmp_path: Path, set_by: str
+) -> None:
+    # aiosqlite's connection reads isolation_level and in_transaction from its sqlite3 one, so the
+    # driver's own autocommit (isolation_level=None, no BEGIN run) is seen as pysqlite's is
+    path = tmp_path / "app.db"
+    SQLiteStore(path)._connect().close()  # the SQLite log's tables, inbox included
+    event = Event("order.paid")
+    url = f"sqlite+aiosqlite:///{path}"
+    if set_by == "connect_args":  # handed to sqlite3.connect() by aiosqlite
+        autocommit = create_async_engine(url, connect_args={"isolation_level": None})
+    else:  # set on SQLAlchemy's adapter, which sets it on aiosqlite's thread
+        autocommit = create_async_engine(url)
+        driver_in_autocommit(autocommit.sync_engine)
+    default = create_async_engine(url)  # the driver's default: a BEGIN before the insert
+    count = text("SELECT count(*) FROM tidings_inbox")
+    try:
+        async with AsyncSession(autocommit) as session, session.begin():
+            with pytest.raises(ConfigurationError, match="autocommit"):
+                await arecord_once(session, event, "billing.charge")
+        async with autocommit.connect() as connection:
+            with pytest.raises(ConfigurationError, match="autocommit"):
+                await arecord_once(connection, event, "billing.charge")
+            assert await connection.scalar(count) == 0  # nothing committed on its own
+        async with AsyncSession(default) as session:
+            async with session.begin():
+                assert await arecord_once(session, event, "billing.charge")
+                await session.rollback()  # the work failed: the pair goes with it
+            assert await session.scalar(count) == 0
+            await session.rollback()
+            async with session.begin():
+                assert await arecord_once(session, event, "billing.charge")  # the next delivery's
+            async with session.begin():
+                assert not await arecord_once(session, event, "billing.charge")
+    finally:
+        await autocommit.dispose()
+        await default.dispose()
 
 
 @pytest.mark.parametrize("driver", ["sqlite+aiosqlite", "postgresql+asyncpg", "postgresql+psycopg"])
