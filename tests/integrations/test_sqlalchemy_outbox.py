@@ -507,14 +507,7 @@ async def test_events_whose_write_at_a_savepoints_release_failed_are_written_by_
     engine = create_engine(f"sqlite:///{path}")
     await bus.store.open()  # its table; the bus is not started, so nothing handles (and deletes) the rows
     try:
-        with Session(engine) as session, session.begin():
-            session.execute(text("CREATE TABLE refusing (flag INTEGER)"))
-            session.execute(
-                text(
-                    "CREATE TRIGGER refuse BEFORE INSERT ON tidings_deliveries "
-                    "WHEN EXISTS (SELECT 1 FROM refusing) BEGIN SELECT RAISE(ABORT, 'refused'); END"
-                )
-            )
+        refuse_writes_while_flagged(engine)
         with Session(engine) as session, session.begin():
             outer = outbox.emit(session, "n", "outer")
             session.execute(text("INSERT INTO refusing VALUES (1)"))
@@ -793,6 +786,81 @@ def test_a_savepoint_whose_commit_fails_leaves_no_commit_under_way(tmp_path: Pat
     assert written_early == []
     assert at_releases == ["INSERT"] * 3
     assert statements[3:] == ["UPDATE"]  # the commit: leased once again, from it
+
+
+def refuse_writes_while_flagged(engine: Engine) -> None:
+    """The log's table (on SQLite) refuses inserts while the table ``refusing`` has a row: SQLite
+    aborts the statement only, so the transaction, and its savepoint, can go on."""
+    with Session(engine) as session, session.begin():
+        session.execute(text("CREATE TABLE refusing (flag INTEGER)"))
+        session.execute(
+            text(
+                "CREATE TRIGGER refuse BEFORE INSERT ON tidings_deliveries "
+                "WHEN EXISTS (SELECT 1 FROM refusing) BEGIN SELECT RAISE(ABORT, 'refused'); END"
+            )
+        )
+
+
+def test_a_savepoint_whose_outbox_write_fails_then_commits_leaves_no_commit_under_way(tmp_path: Path) -> None:
+    # The write failed inside before_commit, which had counted a commit under way: no after_commit
+    # and no rollback came to uncount it, the savepoint staying open (SQLite aborts the statement
+    # only). Committed again, it uncounted one of the two: every later savepoint's release leased
+    # all the rows written again, for the rest of the transaction.
+    outbox = unhandled_outbox(tmp_path / "app.db")
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    refuse_writes_while_flagged(engine)
+    statements = statements_on_the_log(engine)
+    with Session(engine) as session, session.begin():
+        session.execute(text("INSERT INTO refusing VALUES (1)"))
+        savepoint = session.begin_nested()
+        outbox.emit(session, "n", "in the savepoint")
+        with pytest.raises(IntegrityError, match="refused"):
+            savepoint.commit()
+        session.execute(text("DELETE FROM refusing"))
+        savepoint.commit()  # tried again: written now
+        for n in range(3):
+            with session.begin_nested():  # each release writes its own, and leases nothing again
+                outbox.emit(session, "n", n)
+        at_releases = list(statements)
+    at_commit = statements[len(at_releases) :]
+    with engine.connect() as connection:
+        logged = connection.execute(text("SELECT count(*) FROM tidings_deliveries")).scalar()
+    engine.dispose()
+    assert at_releases == ["INSERT"] * 5  # the refused one, the one tried again, one per release
+    assert at_commit == ["UPDATE"]  # leased once again, from the commit
+    assert logged == 4
+
+
+async def test_events_of_savepoints_whose_commit_failed_are_never_handled_and_nothing_stays_behind(
+    audited: tuple[EventBus, Outbox, Engine], recorder: Recorder
+) -> None:
+    bus, outbox, engine = audited
+    NotesBase.metadata.create_all(engine)
+    async with bus:
+        refuse_writes_while_flagged(engine)
+        with Session(engine) as session:
+            with session.begin():
+                outbox.emit(session, "n", "before")
+                session.execute(text("INSERT INTO refusing VALUES (1)"))
+                with pytest.raises(IntegrityError, match="refused"), session.begin_nested():
+                    outbox.emit(session, "n", "in the savepoint whose write failed")
+                session.execute(text("DELETE FROM refusing"))
+                session.add(Note(id=1))
+                session.flush()
+                failed = session.begin_nested()
+                outbox.emit(session, "n", "in the savepoint whose flush failed")
+                session.add(Note(id=1))
+                with pytest.raises(IntegrityError, match="UNIQUE"):
+                    failed.commit()
+                failed.rollback()
+                outbox.emit(session, "n", "after")
+            left = [key for key in session.info if key.startswith("tidings")]
+        await recorder.wait_count(2)
+        await bus.drain()
+        await bus.store.flush()
+        assert await bus.store.pending_count() == 0  # type: ignore[attr-defined]
+    assert sorted(recorder.items) == ["after", "before"]
+    assert left == []
 
 
 @pytest.mark.parametrize("commit", ["block", "session"])

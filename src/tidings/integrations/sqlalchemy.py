@@ -411,8 +411,14 @@ def _before_commit(session: Session) -> None:
     # savepoint's, innermost first. Only then: the rows are leased again once per commit.
     outermost = current is root or (bool(committing) and current.parent is root)
     committing.append(current)
-    for outbox in _outboxes(session):
-        outbox._write(session, renew=outermost)
+    try:
+        for outbox in _outboxes(session):
+            outbox._write(session, renew=outermost)
+    except BaseException:
+        # That commit fails here, and no after_commit comes for it; nor, on SQLite, which aborts
+        # the statement only, a rollback: its transaction stays open, to be committed again
+        committing.pop()
+        raise
 
 
 def _after_flush(session: Session, flush_context: object) -> None:
