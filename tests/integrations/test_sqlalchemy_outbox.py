@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy import event as sa_event
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.orm.session import JoinTransactionMode
@@ -692,6 +692,51 @@ async def test_a_constraint_the_outbox_write_violates_on_postgres_keeps_the_fail
     assert 'violates check constraint "short_payloads"' in str(error)  # what failed, and where
     assert getattr(error.orig, "sqlstate", None) == "23514"  # what code handling the failure reads
     assert not [record for record in records.recorder.items if SECRET in record.getMessage()]
+
+
+class Declined(Exception):
+    """An error of the app's own, with a ``detail`` for its response, as web frameworks' have."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+@pytest.mark.parametrize("driver", ["sqlite", "postgresql+psycopg"])
+def test_a_failed_outbox_write_leaves_the_exception_being_handled_as_it_was(
+    tmp_path: Path, pg_schema: str, driver: str
+) -> None:
+    # A commit in an except block: a sync driver's error has the exception being handled as its
+    # context. Hiding the database's detail went on along it into the app's own exception: its
+    # message was cut to its first line, its detail replaced, for the app's handler to read.
+    if driver == "sqlite":
+        bus = sqlite_bus(tmp_path / "app.db")  # never started: the log's table is missing
+        url = f"sqlite:///{tmp_path / 'app.db'}"
+    else:
+        bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema=pg_schema))  # never opened: no table
+        url = POSTGRES_DSN.replace("postgresql://", f"{driver}://")
+    bus.subscribe(lambda event: None, "payment.failed", name="billing.notify")
+    outbox = Outbox(bus)
+    engine = create_engine(url)
+    declined = Declined("card declined\nissuer: do not honour", "try another card")
+
+    def pay() -> None:
+        try:
+            raise declined
+        except Declined:
+            with Session(engine) as session, session.begin():
+                outbox.emit(session, "payment.failed", {"card": SECRET})
+
+    try:
+        with pytest.raises(DBAPIError) as raised:
+            pay()
+    finally:
+        engine.dispose()
+    driver_error = raised.value.__cause__
+    assert driver_error is not None and driver_error.__context__ is declined  # raised while handling it
+    assert declined.args == ("card declined\nissuer: do not honour",)
+    assert declined.detail == "try another card"
+    assert SECRET not in formatted(raised.value)
 
 
 async def test_deliveries_written_before_the_outer_commit_are_leased_from_that_commit(

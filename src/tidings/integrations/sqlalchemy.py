@@ -351,6 +351,11 @@ def _hide_database_detail(exc: StatementError) -> None:
     error adds its ``detail`` to its text. The first line, the server's message, names the
     constraint; the classes and the attributes that code handling the failure reads
     (``sqlstate``, psycopg's ``diag``, which still has the detail: no log reads it) are kept.
+
+    Only the errors raised from one another (``raise ... from``: SQLAlchemy's from the driver's,
+    asyncpg's adapter's from asyncpg's) are the failed write's: a ``__context__`` is an exception
+    that was being handled when the commit ran (a sync driver's error gets one), the app's own,
+    which is left as it is.
     """
     seen: set[int] = set()
     for error in (exc, exc.orig):
@@ -362,7 +367,7 @@ def _hide_database_detail(exc: StatementError) -> None:
             if error.args and isinstance(error.args[0], str) and "\n" in error.args[0].strip():
                 message = error.args[0].strip().split("\n", 1)[0]
                 error.args = (f"{message}\n{_LEFT_OUT}", *error.args[1:])
-            error = error.__cause__ or error.__context__
+            error = error.__cause__
 
 
 _OUTBOXES: Final = "tidings.outboxes"  # session.info: the outboxes that staged events on the session
