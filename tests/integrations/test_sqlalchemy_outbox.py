@@ -7,6 +7,7 @@ import threading
 import time as clock
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1059,13 +1060,13 @@ async def test_the_inbox_on_aiosqlite_refuses_the_drivers_own_autocommit_and_tak
         await default.dispose()
 
 
-@pytest.mark.parametrize("driver", ["sqlite+aiosqlite", "postgresql+asyncpg", "postgresql+psycopg"])
-async def test_a_refused_record_once_leaves_the_callers_connection_and_session_as_they_were(
-    tmp_path: Path, pg_schema: str, driver: str
-) -> None:
-    # The refusal came after the transaction it had begun (the check reads the connection in one):
-    # the caller's connection was left begun, its own begin() then raising "already begun"
-    event = Event("order.paid")
+@asynccontextmanager
+async def autocommit_inbox(
+    driver: str, tmp_path: Path, pg_schema: str
+) -> AsyncIterator[tuple[AsyncEngine, str | None, str]]:
+    """An engine in autocommit (``isolation_level="AUTOCOMMIT"``) on ``driver``'s database with
+    the log's inbox (SQLite in ``tmp_path``, or PostgreSQL), the schema to give record_once, and
+    the inbox table's name."""
     schema: str | None = None
     if driver.startswith("sqlite"):
         path = tmp_path / "app.db"
@@ -1077,8 +1078,20 @@ async def test_a_refused_record_once_leaves_the_callers_connection_and_session_a
         await store.aclose()
         url, schema = POSTGRES_DSN.replace("postgresql://", f"{driver}://"), pg_schema
     engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    table = f'"{schema}".tidings_inbox' if schema else "tidings_inbox"
     try:
+        yield engine, schema, f'"{schema}".tidings_inbox' if schema else "tidings_inbox"
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["sqlite+aiosqlite", "postgresql+asyncpg", "postgresql+psycopg"])
+async def test_a_refused_record_once_leaves_the_callers_connection_and_session_as_they_were(
+    tmp_path: Path, pg_schema: str, driver: str
+) -> None:
+    # The refusal came after the transaction it had begun (the check reads the connection in one):
+    # the caller's connection was left begun, its own begin() then raising "already begun"
+    event = Event("order.paid")
+    async with autocommit_inbox(driver, tmp_path, pg_schema) as (engine, schema, table):
         async with engine.connect() as connection:
             with pytest.raises(ConfigurationError, match="autocommit"):
                 await arecord_once(connection, event, "billing.charge", schema=schema)
@@ -1096,8 +1109,32 @@ async def test_a_refused_record_once_leaves_the_callers_connection_and_session_a
                     await arecord_once(session, event, "billing.charge", schema=schema)
                 assert session.in_transaction()
                 assert await session.scalar(text(f"SELECT count(*) FROM {table}")) == 0  # nothing recorded
-    finally:
-        await engine.dispose()
+
+
+@pytest.mark.parametrize("mode", ["conditional_savepoint", "rollback_only"])
+@pytest.mark.parametrize("driver", ["sqlite+aiosqlite", "postgresql+asyncpg", "postgresql+psycopg"])
+async def test_a_refused_record_once_leaves_the_transaction_a_session_joined_to_the_caller(
+    tmp_path: Path, pg_schema: str, driver: str, mode: JoinTransactionMode
+) -> None:
+    # A session that joins a transaction begun on its connection (conditional_savepoint, the
+    # default, joins one with no savepoint as rollback_only) rolls it back with its own. Refused,
+    # record_once rolled back the session's transaction it had begun, and the caller's with it: the
+    # caller's commit then raised "This transaction is inactive".
+    event = Event("order.paid")
+    async with (
+        autocommit_inbox(driver, tmp_path, pg_schema) as (engine, schema, table),
+        engine.connect() as connection,
+    ):
+        transaction = await connection.begin()
+        async with AsyncSession(bind=connection, join_transaction_mode=mode) as session:
+            with pytest.raises(ConfigurationError, match="autocommit"):
+                await arecord_once(session, event, "billing.charge", schema=schema)
+            assert not session.in_transaction()  # what it began is ended
+            assert transaction.is_active  # what the caller began is the caller's
+            async with session.begin():  # the session begins again, as before the call
+                recorded = await session.scalar(text(f"SELECT count(*) FROM {table}"))
+        await transaction.commit()
+    assert recorded == 0
 
 
 async def test_the_inbox_through_sqlalchemy_on_aiosqlite_and_on_a_connection_that_begins_at_it(

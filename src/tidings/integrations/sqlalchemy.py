@@ -496,7 +496,9 @@ def record_once(
             each statement on its own (``isolation_level="AUTOCOMMIT"``), so the pair would be
             committed before the work, and work that then failed would be skipped when the event
             is delivered again. Nothing is recorded then, and nothing begun: a transaction this
-            call began (the session's, the connection's) is rolled back before it raises.
+            call began (the session's, the connection's) is closed before it raises. One that
+            the caller began on the connection a session joins is left as it is, unless the
+            session was given it (``join_transaction_mode="control_fully"``).
 
     Example:
         >>> import os, tempfile
@@ -517,20 +519,24 @@ def record_once(
     """
     if schema is not None and not _IDENTIFIER.match(schema):
         raise ConfigurationError(f"schema must be a plain SQL identifier, got {schema!r}")
-    began: Transaction | Session | None = None  # what this call began, ended again if it refuses
+    began: Transaction | SessionTransaction | None = None  # what this call began, closed if it refuses
     if isinstance(session, Connection):
         connection = session
     else:
-        if not session.in_transaction():
-            began = session
+        autobegun = not session.in_transaction()
         connection = session.connection()  # the session's autobegin
+        if autobegun:
+            began = session.get_transaction()
     if not connection.in_transaction():
         # What the insert would do first (SQLAlchemy's autobegin): begun, a connection on the
         # recipe for SQLite savepoints has run its BEGIN, and shows a transaction in the driver
         began = connection.begin()
     if _commits_each_statement(connection):
         if began is not None:  # left begun, it would refuse the caller's own begin()
-            began.rollback()
+            # Closed, not rolled back: a session's rollback also rolls back a transaction begun on
+            # its connection that it joined (rollback_only, the default's choice when that has no
+            # savepoint), the caller's; its close ends what the session began, and leaves that
+            began.close()
         raise ConfigurationError(
             "record_once() needs a transaction, and this connection commits each statement on its own "
             "(autocommit): the inbox row would commit before the work, and a failed work would be "
