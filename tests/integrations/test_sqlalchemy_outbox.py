@@ -834,14 +834,15 @@ def test_a_savepoint_whose_commit_fails_leaves_no_commit_under_way(tmp_path: Pat
     assert statements[3:] == ["UPDATE"]  # the commit: leased once again, from it
 
 
-def refuse_writes_while_flagged(engine: Engine) -> None:
-    """The log's table (on SQLite) refuses inserts while the table ``refusing`` has a row: SQLite
-    aborts the statement only, so the transaction, and its savepoint, can go on."""
+def refuse_writes_while_flagged(engine: Engine, statement: str = "INSERT") -> None:
+    """The log's table (on SQLite) refuses ``statement`` (INSERT, UPDATE) while the table
+    ``refusing`` has a row: SQLite aborts the statement only, so the transaction, and its
+    savepoint, can go on."""
     with Session(engine) as session, session.begin():
         session.execute(text("CREATE TABLE refusing (flag INTEGER)"))
         session.execute(
             text(
-                "CREATE TRIGGER refuse BEFORE INSERT ON tidings_deliveries "
+                f"CREATE TRIGGER refuse BEFORE {statement} ON tidings_deliveries "
                 "WHEN EXISTS (SELECT 1 FROM refusing) BEGIN SELECT RAISE(ABORT, 'refused'); END"
             )
         )
@@ -873,6 +874,41 @@ def test_a_savepoint_whose_outbox_write_fails_then_commits_leaves_no_commit_unde
         logged = connection.execute(text("SELECT count(*) FROM tidings_deliveries")).scalar()
     engine.dispose()
     assert at_releases == ["INSERT"] * 5  # the refused one, the one tried again, one per release
+    assert at_commit == ["UPDATE"]  # leased once again, from the commit
+    assert logged == 4
+
+
+def test_an_outer_commit_failing_at_its_savepoints_outbox_write_leaves_no_commit_under_way(
+    tmp_path: Path,
+) -> None:
+    # The outer transaction's commit, a savepoint open, counts a commit under way (its
+    # before_commit, which writes), then commits the savepoint, whose before_commit leases the rows
+    # again. That failing, it uncounted its own commit, not the outer one, which failed with it:
+    # counted still while the transaction went on (SQLite aborts the statement only), it made every
+    # later savepoint's release lease all the rows written again.
+    outbox = unhandled_outbox(tmp_path / "app.db")
+    engine = create_engine(f"sqlite:///{tmp_path / 'app.db'}")
+    refuse_writes_while_flagged(engine, "UPDATE")
+    statements = statements_on_the_log(engine)
+    with Session(engine) as session:
+        outer = session.begin()
+        session.execute(text("INSERT INTO refusing VALUES (1)"))
+        savepoint = session.begin_nested()
+        outbox.emit(session, "n", "in the savepoint")
+        with pytest.raises(IntegrityError, match="refused"):
+            outer.commit()  # written; then the savepoint's commit, its lease again refused
+        session.execute(text("DELETE FROM refusing"))
+        savepoint.commit()  # no commit under way: nothing to lease again
+        for n in range(3):
+            with session.begin_nested():  # each release writes its own, and leases nothing again
+                outbox.emit(session, "n", n)
+        at_releases = list(statements)
+        outer.commit()
+    at_commit = statements[len(at_releases) :]
+    with engine.connect() as connection:
+        logged = connection.execute(text("SELECT count(*) FROM tidings_deliveries")).scalar()
+    engine.dispose()
+    assert at_releases == ["INSERT", "UPDATE"] + ["INSERT"] * 3  # written, the refused lease, the releases
     assert at_commit == ["UPDATE"]  # leased once again, from the commit
     assert logged == 4
 

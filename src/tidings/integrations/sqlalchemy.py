@@ -421,8 +421,11 @@ def _before_commit(session: Session) -> None:
             outbox._write(session, renew=outermost)
     except BaseException:
         # That commit fails here, and no after_commit comes for it; nor, on SQLite, which aborts
-        # the statement only, a rollback: its transaction stays open, to be committed again
-        committing.pop()
+        # the statement only, a rollback: its transaction stays open, to be committed again.
+        # Every other commit under way fails with it, uncounted neither: they are the outer
+        # transaction's commit and its savepoints' that called this one (it commits the open
+        # savepoints first), and SQLAlchemy lets the error through each of them
+        committing.clear()
         raise
 
 
