@@ -1417,3 +1417,52 @@ def test_handler_objects_and_batch_handlers_without_dependencies_register() -> N
     bus.subscribe(Forwarder(), "x")
     bus.on("x", batch=True)(batch)
     assert len(bus.registry) == 2
+
+
+def test_the_background_tasks_of_a_left_behind_call_on_a_loop_that_closed_are_reported_on_the_next() -> None:
+    # The bus was never closed and its loop closed (by hand, as a test's) while the call's
+    # background task ran there: that task can never end. The next loop the bus starts on reports
+    # the call unfinished, with what it emitted, rather than wait for it (a drain would wait out
+    # its bound, then fail on cancelling a task of a closed loop).
+    failures = Recorder()
+    release = threading.Event()
+    bus = EventBus(on_failure=failures.add, name="test")
+    running = asyncio.Event()
+
+    async def notify() -> None:
+        emit("mail.queued")
+        running.set()
+        await asyncio.Event().wait()  # a mail server that never answers
+
+    hangs_with_a_background_task(bus, release, notify)
+
+    @bus.on("mail.queued", name="on_mail")
+    async def on_mail(event: Event) -> None:  # pragma: no cover - its event is reported, never run
+        failures.add("on_mail ran")
+
+    async def first() -> None:
+        await bus.start()
+        bus.emit("slow", 1)
+        await failures.wait_count(1)  # left behind past its timeout
+        release.set()
+        await asyncio.wait_for(running.wait(), 5)  # its thread returned; its background task runs
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(first())
+    finally:
+        loop.close()  # with the background task still pending there
+
+    async def second() -> None:
+        await bus.start()
+        await bus.drain(0)  # nothing is left that could finish: no cut-off
+        await bus.aclose()
+
+    asyncio.run(second())
+    assert [(type(f).__name__, f.handler) for f in failures.items] == [
+        ("HandlerTimeoutError", "hangs"),
+        ("HandlerCancelledError", "hangs"),
+        ("HandlerCancelledError", "on_mail"),
+    ]
+    assert "its event loop closed before it finished" in str(failures.items[1])
+    assert bus._runner.left_behind == {} and bus._runner.rests == set()

@@ -1213,7 +1213,7 @@ class EventBus:
             self._loop = loop
             self.loop_thread = threading.get_ident()
             self._choose_emit_path()
-            dead = self._runner.bind(loop)
+            dead, dead_calls = self._runner.bind(loop)
             self._state = BusState.RUNNING
             self._drain_deadline = None
             register_running(self)
@@ -1228,8 +1228,8 @@ class EventBus:
             self._outside_scheduled = bool(self._outside)
             if self._outside:
                 loop.call_soon(self._spawn_outside_job)
-        if dead:  # out of the lock: the failure hook, or a logging handler, may emit
-            self._runner.report_dead(dead)
+        if dead or dead_calls:  # out of the lock: the failure hook, or a logging handler, may emit
+            self._runner.report_dead(dead, dead_calls)
         self._opening = loop.create_task(self._open_store(), name=f"tidings {self.name}: open the store")
         self._opening.add_done_callback(_consume_error)  # a lazy start has nobody awaiting it
 

@@ -430,18 +430,26 @@ class Runner:
         self.tracing: Tracing | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def bind(self, loop: asyncio.AbstractEventLoop) -> list[Job]:
-        """Serve ``loop``; return the jobs of a loop that closed, for :meth:`report_dead` to report.
+    def bind(self, loop: asyncio.AbstractEventLoop) -> tuple[list[Job], list[_LeftBehind]]:
+        """Serve ``loop``; return the jobs and the calls left behind of a loop that closed, for
+        :meth:`report_dead` to report.
 
         Jobs of an event loop that closed under the bus (a test client's, without a lifespan
-        shutdown) can never finish: they are reported at once rather than have drain wait out its
-        bound, but not here: the bus binds under its lock, and the failure hook or a logging
-        handler may emit.
+        shutdown) can never finish, nor can a call left behind whose rest (its background tasks)
+        ran there: they are reported at once rather than have drain wait out its bound (and
+        then fail to cancel a task of a closed loop), but not here: the bus binds under its
+        lock, and the failure hook or a logging handler may emit.
         """
         self.loop = loop  # first: an async failure hook's reports of them run here
         dead = [job for job in self.jobs if job.task is not None and job.task.get_loop().is_closed()]
         for job in dead:
             self.jobs.discard(job)
+        dead_calls: list[_LeftBehind] = []
+        for (job, call), left in tuple(self.left_behind.items()):
+            if left.rest is not None and left.rest.get_loop().is_closed():
+                del self.left_behind[job, call]
+                self.rests.discard(left.rest)
+                dead_calls.append(left)
         self.hook_tasks = {task for task in self.hook_tasks if not task.get_loop().is_closed()}
         self._hooks_overdue &= self.hook_tasks
         self.closed = False
@@ -453,15 +461,24 @@ class Runner:
         self._watch_handle = None
         if self._executor is None:
             self._executor = DaemonThreadPool(self.limits.max_threads, "tidings-handler")
-        return dead
+        return dead, dead_calls
 
-    def report_dead(self, dead: list[Job]) -> None:
-        """Report the unfinished calls of the jobs :meth:`bind` found on a closed loop."""
+    def report_dead(self, dead: list[Job], dead_calls: list[_LeftBehind]) -> None:
+        """Report the unfinished calls of the jobs, and the calls left behind (with what they
+        emitted since), that :meth:`bind` found on a closed loop."""
+        resolve = self.registry.resolve
+        where = "it stays in the event log" if self.durable else "it is lost"
+        why = f"its event loop closed before it finished; {where}"
         for job in dead:
-            where = "it stays in the event log" if job.durable else "it is lost"
-            self.report_unfinished(
-                job.take_over(self.registry.resolve), f"its event loop closed before it finished; {where}"
-            )
+            self.report_unfinished(job.take_over(resolve), why)
+        for left in dead_calls:
+            left.end(None, True)
+            spec, arg = left.call
+            scope = left.rest_scope
+            assert scope is not None  # (it has a rest)
+            records, scope.buffer = scope.buffer or [], None
+            pending = [PendingDelivery(event, spec.name) for event in _events_of(spec, arg)]
+            self.report_unfinished([*pending, *Job(self.bus, records).unfinished(resolve)], why)
 
     def shutdown(self) -> None:
         self.closed = True
