@@ -481,14 +481,34 @@ async def test_drain_reports_what_a_call_still_running_has_emitted_since_it_was_
     assert recorder.items == []  # reported as unfinished, not run behind the report's back
 
 
+@pytest.mark.parametrize("moment", ["on its way", "taken back"])
 async def test_drain_reports_what_a_call_whose_end_is_on_its_way_has_emitted_since_it_was_left_behind(
-    recorder: Recorder,
+    recorder: Recorder, monkeypatch: pytest.MonkeyPatch, moment: str
 ) -> None:
     # Its thread returned and passed its end to the loop, which the drain bound runs out before it
-    # takes: what the call emitted is reported unfinished with it, not handled behind the report.
-    release, pause = threading.Event(), threading.Event()
+    # takes ("taken back": the thread has taken what the call emitted back from the loop's reach,
+    # and not passed its end on yet): what the call emitted is reported unfinished with it, not
+    # handled behind the report once its end reaches the loop.
+    release, pause, taken, reported = (threading.Event() for _ in range(4))
     failures = Recorder()
     bus = EventBus(on_failure=failures.add)
+    runner = bus._runner
+    close, ended, end_handled = _LeftBehind.close, runner._left_behind_ended, asyncio.Event()
+
+    def held_close(left: _LeftBehind, *args: Any) -> list[Any]:
+        records = close(left, *args)
+        if threading.get_ident() != bus.loop_thread:  # the call's thread, as it hands its end back
+            taken.set()
+            assert reported.wait(5)
+        return records
+
+    def handled(*args: Any) -> None:
+        ended(*args)
+        end_handled.set()
+
+    if moment == "taken back":
+        monkeypatch.setattr(_LeftBehind, "close", held_close)
+    runner._left_behind_ended = handled  # type: ignore[method-assign, assignment]
 
     @bus.on("job", timeout=0.05, name="hangs")
     def hangs(event: Event) -> None:
@@ -500,17 +520,27 @@ async def test_drain_reports_what_a_call_whose_end_is_on_its_way_has_emitted_sin
         recorder.add("child")
 
     async with bus:
-        bus.emit("job")
-        await failures.wait_count(1)  # left behind
-        release.set()
-        deadline = time.monotonic() + 5
-        while not bus._runner.in_transit:  # blocking: the loop must not take its end first
-            assert time.monotonic() < deadline
-            pause.wait(0.001)
-        assert [item.split(" (")[0] for item in bus._pending_work()] == ["hangs <- job", "child <- child"]
-        with pytest.raises(DrainTimeoutError) as raised:
-            await bus.drain(0)
-        await bus.drain()  # nothing of it is left to run
+        try:
+            bus.emit("job")
+            await failures.wait_count(1)  # left behind
+            release.set()
+            if moment == "taken back":
+                assert await anyio.to_thread.run_sync(taken.wait, 5)
+            else:
+                deadline = time.monotonic() + 5
+                while not runner.in_transit:  # blocking: the loop must not take its end first
+                    assert time.monotonic() < deadline
+                    pause.wait(0.001)
+                assert [item.split(" (")[0] for item in bus._pending_work()] == [
+                    "hangs <- job",
+                    "child <- child",
+                ]
+            with pytest.raises(DrainTimeoutError) as raised:
+                await bus.drain(0)
+        finally:
+            reported.set()
+        await asyncio.wait_for(end_handled.wait(), 5)  # its end reached the loop...
+        await bus.drain()  # ...and left nothing to run
     assert sorted(p.handler for p in raised.value.pending) == ["child", "hangs"]
     assert [(type(f).__name__, f.handler) for f in failures.items] == [
         ("HandlerTimeoutError", "hangs"),

@@ -196,11 +196,13 @@ class _LeftBehind:
                 self.records.append(record)
             return self.open
 
-    def close(self) -> list[Record]:
-        """What the call emitted; nothing is kept from now on."""
+    def close(self, into: list[Record] | None = None) -> list[Record]:
+        """What the call emitted (added to ``into`` too, under the lock); nothing is kept from now on."""
         with self.lock:
             self.open = False
             records, self.records = self.records, []
+            if into is not None:
+                into += records
             return records
 
     def when_ended(self, callback: Callable[[BaseException | None, bool], None]) -> None:
@@ -1135,11 +1137,15 @@ class Runner:
             job.sync_index = index + 1  # finished: a take-over from now on does not report it
         job.sync_index = len(calls)
 
-    def _pass_to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+    def _pass_to_loop(
+        self, callback: Callable[..., None], *args: Any, fill: Callable[[], object] | None = None
+    ) -> None:
         """From a worker thread: have the loop run ``callback(*args)``, kept until it does.
 
         A loop that closed under a bus still open (no shutdown ran) leaves it kept: the next loop
         the bus starts on runs it (:meth:`bind`), and reports of what is pending list it meanwhile.
+        ``fill`` runs once it is kept, before the loop is told: what it puts into ``args`` is
+        where a reader of what is in transit (:meth:`ends_on_their_way`) finds it.
 
         Raises:
             RuntimeError: the loop has closed and so has the bus (the caller says what is lost).
@@ -1147,6 +1153,8 @@ class Runner:
         assert self.loop is not None
         key = next(self._transit_keys)  # (one step under the GIL, as the dict's set and pop)
         self.in_transit[key] = (callback, args)
+        if fill is not None:
+            fill()
         try:
             self.loop.call_soon_threadsafe(self._arrived, key)
         except RuntimeError:
@@ -1177,10 +1185,16 @@ class Runner:
         assert self.loop is not None
         # the watchdog put it there before it took the call over; this thread may serve a hop next
         left = job.sync_left_behind.pop(get_ident(), None) if job.sync_left_behind else None
-        records = [] if left is None else left.close()
+        records: list[Record] = []
+        # Its end is in transit before it takes what it emitted, into that end, under the lock a
+        # cut-off's close takes: the cut-off either takes them itself, or finds them in the end
+        # (ends_on_their_way, read after it closed the call); never neither, to go on unreported.
+        fill = None if left is None else functools.partial(left.close, records)
         try:
             # after the events it emitted before it was left behind (scheduled the same way)
-            self._pass_to_loop(self._left_behind_ended, job, call, succeeded, failure, attempt, records)
+            self._pass_to_loop(
+                self._left_behind_ended, job, call, succeeded, failure, attempt, records, fill=fill
+            )
         except RuntimeError:  # the loop has closed: nobody waits for this call any more...
             if failure is not None:
                 self._cut_off_call_ended(job, call[0], failure[1])
@@ -1682,13 +1696,15 @@ class Runner:
                 job.task.cancel()
                 job.task.add_done_callback(functools.partial(self._taken_over_task_ended, job))
         resolve = self.registry.resolve
+        # past their timeouts, running on; and what they emitted meanwhile (from now on what they
+        # emit goes the usual way)
+        closed = [(key, left, left.close()) for key, left in self.left_behind.items()]
+        # read once they are closed: a thread that took its call's events first passed them on
         ends = self.ends_on_their_way()
-        for key, left in self.left_behind.items():  # past their timeouts, running on
+        for key, left, records in closed:
             spec, arg = left.call
             pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
             left.end(None, True)
-            # and what they emitted meanwhile; from now on what they emit goes the usual way
-            records = left.close()
             passed = ends.get(key)
             if passed:  # its thread returned, its end not taken yet: which is to hand nothing on
                 records += passed
