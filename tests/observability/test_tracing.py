@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
 import httpx
 import pytest
-from fastapi import Depends, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
@@ -647,6 +648,59 @@ async def test_a_plain_def_handler_with_dependencies_left_behind_has_one_span_to
         assert [event.name for event in span.events][1:] == ["exception"]
     else:
         assert (span.attributes or {})["error.type"] == "unfinished"
+
+
+async def _background_tasks(tasks: BackgroundTasks) -> BackgroundTasks:
+    return tasks
+
+
+@pytest.mark.parametrize("job", ["still runs", "ended"])
+async def test_what_the_background_tasks_of_a_left_behind_call_emit_carries_its_span(
+    job: str, spans: Spans, recorder: Recorder
+) -> None:
+    # They run on the loop once its thread returned, as part of the call: what they emit is the
+    # call's, under its span, whether its job still runs by then (the events join it) or not.
+    bus = EventBus(tracing=spans.provider, on_failure=recorder.add)
+    release = threading.Event()
+    emitted = asyncio.Event()
+    seen = Recorder()
+
+    async def notify() -> None:
+        emit("mail.sent")
+        emitted.set()
+
+    @bus.on("slow", timeout=0.05, name="hangs")
+    def hangs(tasks: Annotated[BackgroundTasks, Depends(_background_tasks)]) -> None:
+        tasks.add_task(notify)
+        assert release.wait(5)
+
+    if job == "still runs":
+
+        @bus.on("slow", name="keeps")
+        async def keeps(event: Event) -> None:  # the job runs until the background task emitted
+            await emitted.wait()
+
+    @bus.on("mail.sent")
+    async def on_mail(event: Event) -> None:
+        seen.add(event)
+
+    try:
+        async with bus:
+            bus.emit("slow")
+            await recorder.wait_count(1)  # past its timeout: left behind
+            if job == "ended":
+                await anyio.wait_all_tasks_blocked()
+                assert not bus._runner.jobs
+            release.set()
+            await seen.wait_count(1)
+            await bus.drain()
+    finally:
+        release.set()
+    hung = next(span for span in spans.named("process slow") if "hangs" in str(span.attributes))
+    mail = spans.one("process mail.sent")
+    assert parent_id(mail) == span_id(hung)
+    assert seen.items[0].headers["traceparent"] == traceparent_of(hung)
+    assert [type(failure).__name__ for failure in recorder.items] == ["HandlerTimeoutError"]
 
 
 async def _failing_close() -> AsyncIterator[str]:

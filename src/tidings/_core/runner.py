@@ -1434,6 +1434,10 @@ class Runner:
             if self.bus._handed_over:  # what its thread pool's threads emitted, not taken yet
                 self.bus._take_handed_over()
             later, emitted.buffer = emitted.buffer or [], None  # from now on they go on by themselves
+            if self.tracing is not None and later:
+                # under the call's span, current here: its job (if it still runs) would give them
+                # the context of whichever of its handlers runs when they join it
+                later = self.tracing.prepare(later)
             self._left_behind_ended(job, call, failure is None, failure, attempt, later)
 
         task = left.rest = self.loop.create_task(rest(), context=context)
