@@ -196,13 +196,16 @@ class _LeftBehind:
                 self.records.append(record)
             return self.open
 
-    def close(self, into: list[Record] | None = None) -> list[Record]:
-        """What the call emitted (added to ``into`` too, under the lock); nothing is kept from now on."""
+    def close(self, then: Callable[[list[Record]], object] | None = None) -> list[Record]:
+        """What the call emitted; nothing is kept from now on.
+
+        ``then`` gets them first, under the lock: a close elsewhere waits until it has returned.
+        """
         with self.lock:
             self.open = False
             records, self.records = self.records, []
-            if into is not None:
-                into += records
+            if then is not None:
+                then(records)
             return records
 
     def when_ended(self, callback: Callable[[BaseException | None, bool], None]) -> None:
@@ -1138,23 +1141,31 @@ class Runner:
         job.sync_index = len(calls)
 
     def _pass_to_loop(
-        self, callback: Callable[..., None], *args: Any, fill: Callable[[], object] | None = None
+        self, callback: Callable[..., None], *args: Any, taking: _LeftBehind | None = None
     ) -> None:
         """From a worker thread: have the loop run ``callback(*args)``, kept until it does.
 
         A loop that closed under a bus still open (no shutdown ran) leaves it kept: the next loop
         the bus starts on runs it (:meth:`bind`), and reports of what is pending list it meanwhile.
-        ``fill`` runs once it is kept, before the loop is told: what it puts into ``args`` is
-        where a reader of what is in transit (:meth:`ends_on_their_way`) finds it.
+        ``taking`` is a call left behind whose events go with it, into the list that ends ``args``:
+        taken and kept in one step under the call's lock, so that a cut-off closing the call
+        either takes them itself or finds them kept (:meth:`ends_on_their_way`), never neither.
 
         Raises:
             RuntimeError: the loop has closed and so has the bus (the caller says what is lost).
         """
         assert self.loop is not None
         key = next(self._transit_keys)  # (one step under the GIL, as the dict's set and pop)
-        self.in_transit[key] = (callback, args)
-        if fill is not None:
-            fill()
+        if taking is None:
+            self.in_transit[key] = (callback, args)
+        else:
+            into: list[Record] = args[-1]
+
+            def keep(records: list[Record]) -> None:
+                into.extend(records)
+                self.in_transit[key] = (callback, args)
+
+            taking.close(keep)
         try:
             self.loop.call_soon_threadsafe(self._arrived, key)
         except RuntimeError:
@@ -1185,15 +1196,11 @@ class Runner:
         assert self.loop is not None
         # the watchdog put it there before it took the call over; this thread may serve a hop next
         left = job.sync_left_behind.pop(get_ident(), None) if job.sync_left_behind else None
-        records: list[Record] = []
-        # Its end is in transit before it takes what it emitted, into that end, under the lock a
-        # cut-off's close takes: the cut-off either takes them itself, or finds them in the end
-        # (ends_on_their_way, read after it closed the call); never neither, to go on unreported.
-        fill = None if left is None else functools.partial(left.close, records)
+        records: list[Record] = []  # what it emitted since, taken with its end in transit
         try:
             # after the events it emitted before it was left behind (scheduled the same way)
             self._pass_to_loop(
-                self._left_behind_ended, job, call, succeeded, failure, attempt, records, fill=fill
+                self._left_behind_ended, job, call, succeeded, failure, attempt, records, taking=left
             )
         except RuntimeError:  # the loop has closed: nobody waits for this call any more...
             if failure is not None:
