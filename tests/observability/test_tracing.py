@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import anyio
 import httpx
 import pytest
-from fastapi import BackgroundTasks, Depends, FastAPI
+from fastapi import Depends, FastAPI
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
@@ -30,6 +30,7 @@ from tidings.types import ASGIApp, Receive, Scope, Send
 
 from ..conftest import Recorder, Records
 from ..e2e.support import lifespan
+from ..integrations.test_fastapi_dependencies import hangs_with_a_background_task
 
 pytestmark = pytest.mark.anyio
 
@@ -650,10 +651,6 @@ async def test_a_plain_def_handler_with_dependencies_left_behind_has_one_span_to
         assert (span.attributes or {})["error.type"] == "unfinished"
 
 
-async def _background_tasks(tasks: BackgroundTasks) -> BackgroundTasks:
-    return tasks
-
-
 @pytest.mark.parametrize("job", ["still runs", "ended"])
 async def test_what_the_background_tasks_of_a_left_behind_call_emit_carries_its_span(
     job: str, spans: Spans, recorder: Recorder
@@ -669,10 +666,7 @@ async def test_what_the_background_tasks_of_a_left_behind_call_emit_carries_its_
         emit("mail.sent")
         emitted.set()
 
-    @bus.on("slow", timeout=0.05, name="hangs")
-    def hangs(tasks: Annotated[BackgroundTasks, Depends(_background_tasks)]) -> None:
-        tasks.add_task(notify)
-        assert release.wait(5)
+    hangs_with_a_background_task(bus, release, notify)
 
     if job == "still runs":
 
