@@ -29,6 +29,7 @@ from starlette.routing import Route
 from tidings import (
     BusStateError,
     ConfigurationError,
+    DrainTimeoutError,
     Event,
     EventBus,
     EventValidationError,
@@ -604,6 +605,49 @@ async def test_sessions_committed_in_threads_while_the_relay_renews_leases(
         await recorder.wait_count(2)
         await bus.drain()
     assert sorted(recorder.items) == [1, 2]
+
+
+async def test_committed_events_a_drain_cut_off_run_from_the_log_while_the_bus_keeps_running(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "app.db"
+    bus = sqlite_bus(path, resubmit_after=0.3)
+    outbox = Outbox(bus)
+    engine = create_engine(f"sqlite:///{path}")
+    committed: list[Event] = []
+
+    @bus.on("order.paid", name="billing.invoice")
+    async def invoice(event: Event) -> None:
+        if not committed:  # its first run commits, then hangs until the drain cuts it off
+            with Session(engine) as session, session.begin():
+                committed.append(outbox.emit(session, "invoice.due", event.payload))
+            recorder.add(("invoice", event.id))
+            await asyncio.Event().wait()
+        recorder.add(("invoice", event.id))
+
+    @bus.on("invoice.due", name="mail.send")
+    async def send(event: Event) -> None:
+        recorder.add(("send", event.id))
+
+    async with bus:
+        bus.emit("order.paid", {"order": 1})
+        (_, paid), *_ = await recorder.wait_count(1)
+        # released into the job's buffer, which the cut-off reports: still leased by the outbox
+        with pytest.raises(DrainTimeoutError) as cut:
+            await bus.drain(0)
+        due = committed[0]
+        assert {(p.handler, p.event.id) for p in cut.value.pending} == {
+            ("billing.invoice", paid),
+            ("mail.send", due.id),
+        }
+        # neither is renewed any more: their leases run out and the relay runs both again
+        await recorder.wait_for(lambda items: ("send", due.id) in items and len(items) == 3)
+        await bus.drain()
+        await bus.store.flush()
+        assert await bus.store.pending_count() == 0  # type: ignore[attr-defined]
+        assert bus._runner.released == {}
+    assert sorted(recorder.items) == [("invoice", paid), ("invoice", paid), ("send", due.id)]
+    engine.dispose()
 
 
 SECRET = "4111-1111-1111-1111 cvv 737"

@@ -399,7 +399,8 @@ class Runner:
         self.jobs: set[Job] = set()
         self.retries: set[_Retry] = set()
         # outbox events handed to the bus whose job has not recorded them yet (their log rows
-        # exist; their leases need renewing meanwhile), by id
+        # exist; their leases need renewing meanwhile), by id; until a job takes them, or they are
+        # dropped or reported unfinished (the log runs them again once their lease is out)
         self.released: dict[str, Event] = {}
         # cut-off calls reported unfinished by their own job's task (what it emitted as the drain
         # cancelled it), for the next keep_unfinished() to write to the log with the drain's own
@@ -1580,8 +1581,16 @@ class Runner:
         self.report_unfinished(pending, "its job was cancelled")
 
     def report_unfinished(self, pending: Iterable[PendingDelivery], why: str) -> None:
-        """Report each call that will not finish to the failure hook (and the log)."""
+        """Report each call that will not finish to the failure hook (and the log).
+
+        A committed outbox event among them that no job had taken yet is no longer this bus's to
+        run: its lease is not renewed any more, so that once it runs out the log hands it to a
+        relay again (this bus's, while it runs), rather than it waiting for the process to stop.
+        """
+        released = self.released
         for item in pending:
+            if released:
+                released.pop(item.event.id, None)
             message = f"handler {item.handler} did not finish: {why}"
             self.report(HandlerCancelledError(message, events=[item.event], handler=item.handler), None)
 
