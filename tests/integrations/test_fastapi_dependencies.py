@@ -45,6 +45,7 @@ from tidings import (
 )
 from tidings._core.runner import Runner, _ThreadedCall
 from tidings.store import SQLiteStore
+from tidings.testing import settle
 
 from ..conftest import Recorder, Records
 from ..take_over import MOMENTS, TakeOverRace
@@ -781,6 +782,104 @@ async def test_drain_cut_off_while_the_background_tasks_of_a_left_behind_call_ru
     logged = [record.getMessage() for record in records.recorder.items]
     assert not [message for message in logged if "after it was reported as unfinished" in message], logged
     assert not [message for message in logged if "was dropped" in message], logged
+
+
+@pytest.mark.parametrize("waiter", ["drain", "settle"])
+async def test_the_background_tasks_of_a_left_behind_call_wait_in_a_drain_for_the_rest_not_for_the_call(
+    waiter: str,
+) -> None:
+    # As a handler's own drain does not wait for its own job, the background tasks of a call left
+    # behind past its timeout, part of that call, do not wait for the call: only for other work.
+    failures = Recorder()
+    ran = Recorder()
+    release = threading.Event()
+    other_may_end = asyncio.Event()
+    bus = EventBus(on_failure=failures.add, name="test")
+
+    async def notify() -> None:
+        emit("mail.queued", 1)  # the call's: handled once the call ends
+        ran.add("draining")
+        if waiter == "drain":
+            await bus.drain(5)
+        else:
+            await settle(bus, timeout=5)
+        ran.add("drained")
+
+    hangs_with_a_background_task(bus, release, notify)
+
+    @bus.on("other", name="other")
+    async def other(event: Event) -> None:
+        ran.add("other started")
+        await other_may_end.wait()
+        ran.add("other ended")
+
+    @bus.on("mail.queued", name="on_mail")
+    async def on_mail(event: Event) -> None:
+        ran.add("on_mail")
+
+    try:
+        async with bus:
+            bus.emit("slow", 1)
+            await failures.wait_count(1)  # left behind past its timeout
+            bus.emit("other")
+            await ran.wait_count(1)
+            release.set()
+            await ran.wait_count(2)  # its thread returned; its background task waits for "other"
+            other_may_end.set()
+            await ran.wait_count(5, timeout=4)  # before the bound of 5 s: it did not wait for itself
+            await bus.drain()
+            letters = await bus.dead_letters.list()
+    finally:
+        release.set()
+    assert ran.items == ["other started", "draining", "other ended", "drained", "on_mail"]
+    assert [(type(f).__name__, f.handler) for f in failures.items] == [("HandlerTimeoutError", "hangs")]
+    assert letters == []
+
+
+async def test_a_drain_cut_off_in_the_background_tasks_of_a_left_behind_call_cuts_off_the_rest_only() -> None:
+    # The cut-off of a drain those tasks run cancels and reports the other work, not the call
+    # they are part of (as a handler's drain cuts off every job but its own): the call ends as it does.
+    failures = Recorder()
+    ran = Recorder()
+    release = threading.Event()
+    bus = EventBus(on_failure=failures.add, name="test")
+
+    async def notify() -> None:
+        try:
+            await bus.drain(0.1)
+        except DrainTimeoutError as exc:
+            ran.add([(p.handler, p.event.name) for p in exc.pending])
+        ran.add("background task ended")
+
+    hangs_with_a_background_task(bus, release, notify)
+
+    @bus.on("other", name="other")
+    async def other(event: Event) -> None:
+        ran.add("other started")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            ran.add("other cancelled")
+            raise
+
+    try:
+        async with bus:
+            bus.emit("slow", 1)
+            await failures.wait_count(1)  # left behind past its timeout
+            bus.emit("other")
+            await ran.wait_count(1)
+            release.set()
+            await ran.wait_count(4)
+            await bus.drain()
+            letters = await bus.dead_letters.list()
+    finally:
+        release.set()
+    assert ran.items == ["other started", "other cancelled", [("other", "other")], "background task ended"]
+    assert [(type(f).__name__, f.handler) for f in failures.items] == [
+        ("HandlerTimeoutError", "hangs"),
+        ("HandlerCancelledError", "other"),
+    ]
+    assert letters == []  # the call returned, and its background task too: it succeeded
 
 
 async def test_a_call_that_ended_as_its_timeout_came_has_a_timeout_of_its_own_for_what_follows(

@@ -1366,7 +1366,9 @@ class EventBus:
         """Wait until every pending and in-flight handler call has finished.
 
         Events emitted while draining (by handlers, say) are handled too. When ``timeout`` runs
-        out, the unfinished calls are cancelled, logged one by one, and raised.
+        out, the unfinished calls are cancelled, logged one by one, and raised. Called by a
+        handler, it neither waits for nor cuts off that handler's own job (nor, called by the
+        background tasks of a FastAPI handler left behind past its timeout, that call).
 
         Args:
             timeout: seconds to wait; defaults to the bus's ``drain_timeout``.

@@ -1649,22 +1649,27 @@ class Runner:
     # -- drain -------------------------------------------------------------------------------------
     def idle(self, until: float = 0.0) -> bool:
         """Whether no job runs other than the caller's own, no call left behind past its timeout
-        runs on, and no retry is due by ``until``."""
+        runs on (but the caller's own: the rest of one is part of it), and no retry is due by
+        ``until``."""
         current = asyncio.current_task()
         return (
             all(job.task is current for job in self.jobs)
-            and not self.left_behind
+            and all(left.rest is current for left in self.left_behind.values())
             and all(r.due > until for r in self.retries)
         )
 
     async def wait_hooks(self, until: float) -> bool:
         """Wait until the calls of an async failure hook running now have ended, or ``until``.
 
-        Not from a job or a hook call itself: a hook may wait for the job (a drain of its own),
-        and would wait for itself.
+        Not from a job, the rest of a call left behind or a hook call itself: a hook may wait for
+        the job or the call (a drain of its own), and would wait for itself.
         """
         current = asyncio.current_task()
-        if current in self.hook_tasks or any(job.task is current for job in self.jobs):
+        if (
+            current in self.hook_tasks
+            or current in self.rests
+            or any(job.task is current for job in self.jobs)
+        ):
             return True
         tasks = set(self.hook_tasks)
         if not tasks:
@@ -1700,7 +1705,8 @@ class Runner:
         return True
 
     def cut_off(self) -> list[PendingDelivery]:
-        """Take every job off (but the caller's own): list its unfinished calls, then cancel it.
+        """Take every job and call left behind off (but the caller's own): list its unfinished
+        calls, then cancel it.
 
         The list is made here, before any cancellation runs, so it holds the calls of jobs whose
         task never started and of handlers that swallow cancellation as well.
@@ -1717,8 +1723,10 @@ class Runner:
                 job.task.add_done_callback(functools.partial(self._taken_over_task_ended, job))
         resolve = self.registry.resolve
         # past their timeouts, running on; and what they emitted meanwhile (from now on what they
-        # emit goes the usual way)
-        closed = [(key, left, left.close()) for key, left in self.left_behind.items()]
+        # emit goes the usual way). Not the call whose rest drains: it runs on, as the caller's job would.
+        closed = [
+            (key, left, left.close()) for key, left in self.left_behind.items() if left.rest is not current
+        ]
         # read once they are closed: a thread that took its call's events first passed them on
         ends = self.ends_on_their_way()
         for key, left, records in closed:
@@ -1739,7 +1747,7 @@ class Runner:
             for record in records:
                 event = make_event(record)
                 pending.extend(PendingDelivery(event, handler.name) for handler in resolve(event.name))
-        self.left_behind.clear()
+            del self.left_behind[key]
         return pending
 
     def ends_on_their_way(self) -> dict[tuple[Job, Call], list[Record]]:
