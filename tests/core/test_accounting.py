@@ -3,10 +3,12 @@
 Each seed generates a scenario: a bus (in memory, or on a SQLite log), a mix of handlers (async
 and plain ``def``; exact names and wildcards; handlers that return, raise, fail only on their
 first attempts under a ``RetryPolicy``, hang past a small timeout, emit chained events, emit from
-a thread of their own or through ``emit_now``), a sequence of emits (from the loop, from threads,
-through ``emit_now``, from requests through ``TidingsMiddleware``; some while the bus shuts down),
-perhaps a drain in the middle, and a shutdown whose drain bound is sometimes generous and sometimes
-tiny. Every emitted event carries a unique token in its payload.
+a thread of their own or through ``emit_now``; plain ``def`` ones that hang may emit before their
+timeout as well as once released, and some run about as long as their timeout, emitting on either
+side of it, so that their emits meet the timeout's take-over of the call), a sequence of emits
+(from the loop, from threads, through ``emit_now``, from requests through ``TidingsMiddleware``;
+some while the bus shuts down), perhaps a drain in the middle, and a shutdown whose drain bound is
+sometimes generous and sometimes tiny. Every emitted event carries a unique token in its payload.
 
 What each (event, handler) call that was due ended in is then counted, and each must have exactly
 one terminal outcome:
@@ -37,10 +39,11 @@ import os
 import random
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
@@ -80,7 +83,7 @@ NAMES = ("order.placed", "order.paid", "user.created", "audit.log", "unheard.of"
 PATTERNS = (*NAMES[:4], "order.*", "*", "user.?reated")
 MAX_DEPTH = 2  # chained events beyond this depth are not emitted: a scenario stays small
 
-Behaviour = Literal["returns", "raises", "flaky", "hangs", "chains", "thread_emits", "emits_now"]
+Behaviour = Literal["returns", "raises", "flaky", "hangs", "chains", "thread_emits", "emits_now", "overruns"]
 Step = tuple[str, Any]
 
 
@@ -106,6 +109,8 @@ class HandlerPlan:
     timeout: float | None = None
     child: str = NAMES[0]  # what a chaining handler (or a hung sync one, once released) emits
     via: Literal["bus", "tidings"] = "bus"  # how a chaining handler emits
+    early: bool = False  # a plain def "hangs" or "overruns": it emits its child before its timeout too
+    runs_for: float = 0.0  # "overruns" (plain def): how long it runs, either side of its timeout
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,7 @@ class Plan:
             else:
                 steps.append((kind, None))
         hangs_sync = any(h.behaviour == "hangs" and not h.is_async for h in handlers)
+        handlers = overrunning(seed, handlers)
         if hangs_sync:
             # Hung calls may hold every worker thread until they are released: the plain def calls
             # queued behind them wait for a thread (documented), and so would a caller awaiting them.
@@ -205,6 +211,32 @@ class Plan:
             late_emits=tuple(rng.choice(NAMES) for _ in range(rng.choice((0, 0, 2, 4)))),
             late_thread_emits=tuple(rng.choice(NAMES) for _ in range(rng.choice((0, 1)))),
         )
+
+
+def overrunning(seed: int, handlers: list[HandlerPlan]) -> list[HandlerPlan]:
+    """Plain def handlers that meet their timeout's take-over with their emits, by a second random stream.
+
+    One that hangs may emit before its timeout as well as once released; one that returns or
+    chains may instead run for about its timeout, so that its emits fall on either side of the
+    take-over, or in it. (A stream of its own: the rest of each seed's scenario stays as it was.)
+    """
+    rng = random.Random(f"overruns-{seed}")
+    changed: list[HandlerPlan] = []
+    for handler in handlers:
+        if not handler.is_async and handler.behaviour in ("returns", "chains") and rng.random() < 0.25:
+            timeout = rng.choice((0.02, 0.04))
+            handler = replace(
+                handler,
+                name=handler.name.replace(handler.behaviour, "overruns"),
+                behaviour="overruns",
+                timeout=timeout,
+                runs_for=timeout * rng.uniform(0.6, 1.4),
+                retry=None,
+            )
+        if handler.behaviour in ("hangs", "overruns") and not handler.is_async:
+            handler = replace(handler, early=rng.random() < 0.5)
+        changed.append(handler)
+    return changed
 
 
 # -- what happened -----------------------------------------------------------------------------------
@@ -366,10 +398,19 @@ class Scenario:
                 raise RuntimeError(f"{handler.name} fails")
             if behaviour == "flaky" and ledger.attempt(event, handler.name) <= handler.fail_attempts:
                 raise ConnectionError(f"{handler.name} fails this attempt")
-            if behaviour == "hangs":
+            if behaviour in ("hangs", "overruns"):
                 with ledger.hanging_call():
-                    assert self.release.wait(30), "never released"
-                    self._emit_child(handler, event)  # after its job went on without it
+                    if behaviour == "hangs":
+                        if handler.early:
+                            self._emit_child(handler, event)  # as its job's, while the job waits for it
+                        assert self.release.wait(30), "never released"
+                        self._emit_child(handler, event)  # after its job went on without it
+                    elif depth_of(event) < MAX_DEPTH:  # (one that emits nothing has no emit to race with)
+                        if handler.early:
+                            self._emit_child(handler, event)  # as its job's, or as the timeout takes it over
+                        time.sleep(handler.runs_for)  # its work: about as long as its timeout
+                        if not handler.early:
+                            self._emit_child(handler, event)  # as it returns, or after it was left behind
                     ledger.returned_from(event, handler.name)
                 return
             if behaviour == "chains":
@@ -655,7 +696,8 @@ def describe(plan: Plan) -> str:
         f"late_thread={plan.late_thread_emits}",
     ]
     lines += [
-        f"  handler {h.name} on {h.patterns} child={h.child} via={h.via} retry={h.retry}"
+        f"  handler {h.name} on {h.patterns} child={h.child} via={h.via} retry={h.retry} "
+        f"timeout={h.timeout} early={h.early} runs_for={h.runs_for:.3f}"
         for h in plan.handlers
     ]
     lines += [f"  step {kind} {arg}" for kind, arg in plan.steps]

@@ -9,7 +9,9 @@ a FastAPI app, in one of two set-ups the seed picks:
   that raises afterwards), a task that outlives the request, typed events (a Pydantic model); some
   raise, some raise ``HTTPException``. Handlers are registered by name, wildcard or class (the typed
   event), and may take FastAPI dependencies (``async def``, plain ``def``, ``yield`` ones, one that
-  raises before the handler, a ``yield`` one that raises on exit after the handler returned);
+  raises before the handler, a ``yield`` one that raises on exit after the handler returned, one
+  that adds a background task to ``BackgroundTasks``: the rest of the call, which may emit, take a
+  few turns of the loop or run in FastAPI's thread pool, and raise on the call's first attempts);
 * **compat**: the fastapi-events layer (``tidings.compat.fastapi_events``): its
   ``EventHandlerASGIMiddleware`` with ``bus=``, ``dispatch()`` (names, a model with
   ``__event_name__``, ``middleware_id=`` from threads), functions registered with
@@ -18,7 +20,10 @@ a FastAPI app, in one of two set-ups the seed picks:
 
 Handlers return, raise, fail their first attempts under a retry policy, hang past a timeout, chain
 events (by ``bus.emit``, ``tidings.emit``, a typed event, the emitter their dependency gives, or
-``dispatch``), emit from a thread, or ``await bus.emit_now``. The app's lifespan starts the bus (or
+``dispatch``), emit from a thread, or ``await bus.emit_now``. Plain ``def`` ones past their
+timeout are left behind in their thread (their background tasks run once it returns); they may emit
+before their timeout as well as after it, and some run about as long as their timeout, so that their
+emits meet its take-over of the call. The app's lifespan starts the bus (or
 the test does, by hand) and emits in its startup and shutdown code; events are emitted while the bus
 shuts down, within a drain bound that is sometimes generous and sometimes tiny.
 
@@ -34,6 +39,7 @@ import asyncio
 import functools
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -65,9 +71,10 @@ pytestmark = pytest.mark.anyio
 
 Api = Literal["native", "compat"]
 Behaviour = Literal[
-    "returns", "raises", "flaky", "hangs", "chains", "thread_emits", "emits_now", "dep_fails", "exit_fails"
-]
-Deps = Literal["none", "async", "sync", "yield", "sync_yield"]
+    "returns", "raises", "flaky", "hangs", "chains", "thread_emits", "emits_now", "dep_fails", "exit_fails",
+    "overruns",
+]  # fmt: skip
+Deps = Literal["none", "async", "sync", "yield", "sync_yield", "background"]
 Via = Literal["bus", "tidings", "typed", "emitter", "dispatch", "dispatch_model"]
 Step = tuple[str, Any]
 NATIVE_PATHS = (
@@ -107,6 +114,16 @@ def anyio_backend(seed: int) -> tuple[str, dict[str, Any]]:
 
 
 @dataclass(frozen=True)
+class RestPlan:
+    """The background task a "background" dependency adds: the rest of the call, after the handler."""
+
+    is_async: bool  # else a plain def one, in FastAPI's thread pool
+    emits: bool  # the handler's child, the way the handler emits it (below the depth limit)
+    fail_attempts: int  # how many first attempts of the call it fails
+    turns: int  # an async one: the turns of the loop it takes first (a drain may cut it off meanwhile)
+
+
+@dataclass(frozen=True)
 class HandlerPlan:
     name: str
     patterns: tuple[str, ...]
@@ -119,6 +136,9 @@ class HandlerPlan:
     timeout: float | None = None  # native only
     child: str = NAMES[0]
     via: Via = "bus"
+    early: bool = False  # a plain def "hangs" or "overruns": it emits its child before its timeout too
+    runs_for: float = 0.0  # "overruns" (plain def, native): how long it runs, either side of its timeout
+    rest: RestPlan | None = None  # deps == "background"
 
 
 @dataclass(frozen=True)
@@ -198,19 +218,16 @@ class Plan:
                     via=rng.choice(vias),
                 )
             )
+        handlers = with_rests(seed, compat, handlers)
         hangs = any(h.behaviour == "hangs" for h in handlers)
         if compat and hangs:
-            # The bus's timeout is tiny then, and applies to every compat handler: a plain def one with
-            # dependencies could pass it while its thread runs (the unresolved bug above).
+            # The bus's timeout is tiny then, and applies to every compat handler: a plain def one
+            # past it is left behind, and its yield dependencies are closed by the timeout's
+            # cancellation, so an "exit_fails" one's exit, which says how its call ended, never runs.
             handlers = [
-                h
-                if h.is_async or h.deps == "none" or h.behaviour == "dep_fails"
-                else replace(
-                    h,
-                    deps="none",
-                    behaviour="returns" if h.behaviour == "exit_fails" else h.behaviour,
-                    name=f"{h.name}_nodeps",
-                )
+                replace(h, behaviour="returns", name=f"{h.name}_returns")
+                if not h.is_async and h.behaviour == "exit_fails"
+                else h
                 for h in handlers
             ]
         handler_timeout: float | None = 0.5  # native: an emits_now handler may wait for a worker thread
@@ -286,7 +303,60 @@ class Plan:
         )
 
 
+def with_rests(seed: int, compat: bool, handlers: list[HandlerPlan]) -> list[HandlerPlan]:
+    """Calls left behind past their timeout, their emits and their background tasks (a second stream).
+
+    Plain def handlers that hang may emit before their timeout as well as once released; native
+    plain def ones that return or chain may instead run for about their timeout (its take-over
+    meets their emits). Some handlers get a "background" dependency, most of all those that are
+    left behind: their background task runs once their thread returned. (A random stream of its
+    own: the rest of each seed's scenario stays as it was.)
+    """
+    rng = random.Random(f"rests-{seed}")
+    changed: list[HandlerPlan] = []
+    for handler in handlers:
+        behaviour = handler.behaviour
+        if not compat and not handler.is_async and behaviour in ("returns", "chains") and rng.random() < 0.25:
+            timeout = rng.choice((0.02, 0.04))
+            behaviour = "overruns"
+            handler = replace(
+                handler,
+                name=handler.name.replace(handler.behaviour, behaviour),
+                behaviour=behaviour,
+                timeout=timeout,
+                runs_for=timeout * rng.uniform(0.6, 1.4),
+            )
+        left_behind = not handler.is_async and behaviour in ("hangs", "overruns")
+        if left_behind:
+            handler = replace(handler, early=rng.random() < 0.5)
+        if behaviour != "exit_fails" and rng.random() < (0.5 if left_behind else 0.15):
+            rest = RestPlan(
+                is_async=rng.random() < 0.5,
+                emits=rng.random() < 0.7,
+                fail_attempts=rng.choice((0, 0, 1, 2)),
+                turns=rng.choice((0, 1, 3)),
+            )
+            retry = handler.retry
+            if rest.fail_attempts and retry is None and not compat:
+                retry = RetryPolicy(max_attempts=2, backoff=0.005, jitter=0.0)
+            handler = replace(
+                handler,
+                deps="background",
+                rest=rest,
+                retry=retry,
+                name=f"{handler.name.removesuffix(handler.deps)}background",
+            )
+        changed.append(handler)
+    return changed
+
+
 # -- what happened -----------------------------------------------------------------------------------
+
+
+def ends_here(handler: HandlerPlan) -> bool:
+    """Whether the handler's return is the call's (else its yield dependency's exit, or its
+    background tasks, say how the call ended)."""
+    return handler.behaviour != "exit_fails" and handler.deps != "background"
 
 
 def returned(ledger: Ledger, token: str, handler: str) -> None:
@@ -447,7 +517,7 @@ class Scenario:
             ledger.start_thread(self._thread_emit(handler.child, child))
         if behaviour == "emits_now" and depth < MAX_DEPTH:
             await self._emit_now(handler.child, depth + 1)
-        if behaviour != "exit_fails":  # its yield dependency says how the call ended
+        if ends_here(handler):
             returned(ledger, token, name)
 
     def _run_sync(self, handler: HandlerPlan, payload: Any, emitter: EventEmitter | None) -> None:
@@ -458,18 +528,28 @@ class Scenario:
             raise RuntimeError(f"{handler.name} fails")
         if behaviour == "flaky" and attempt(ledger, token, name) <= handler.fail_attempts:
             raise ConnectionError(f"{handler.name} fails this attempt")
-        if behaviour == "hangs":
+        if behaviour in ("hangs", "overruns"):
             with ledger.hanging_call():
-                assert self.release.wait(30), "never released"
-                self._emit_child(handler, depth, emitter)  # after its job went on without it
-                returned(ledger, token, name)
+                if behaviour == "hangs":
+                    if handler.early:
+                        self._emit_child(handler, depth, emitter)  # as its job's, while the job waits for it
+                    assert self.release.wait(30), "never released"
+                    self._emit_child(handler, depth, emitter)  # after its job went on without it
+                elif depth < MAX_DEPTH:  # (one that emits nothing has no emit to race with)
+                    if handler.early:
+                        self._emit_child(handler, depth, emitter)  # the job's, or as its timeout takes it
+                    time.sleep(handler.runs_for)  # its work: about as long as its timeout
+                    if not handler.early:
+                        self._emit_child(handler, depth, emitter)  # as it returns, or once left behind
+                if ends_here(handler):
+                    returned(ledger, token, name)
             return
         if behaviour == "chains":
             self._emit_child(handler, depth, emitter)
         if behaviour == "thread_emits" and depth < MAX_DEPTH:
             child = ledger.payload(handler.child, depth + 1)
             ledger.start_thread(self._thread_emit(handler.child, child))
-        if behaviour != "exit_fails":
+        if ends_here(handler):
             returned(ledger, token, name)
 
     def _dependency(self, handler: HandlerPlan) -> Callable[..., Any]:
@@ -486,6 +566,18 @@ class Scenario:
             if exit_fails:
                 returned(ledger, token, name)
 
+        if handler.deps == "background":
+            rest = self._rest(handler)
+
+            async def background_dependency(tasks: BackgroundTasks, request: Request) -> EventEmitter:
+                if fails:
+                    raise LookupError(f"{handler.name}: its dependency fails")
+                emitter = await current_emitter()
+                for task in rest:  # run after the handler returned (once its thread did, if left behind)
+                    tasks.add_task(task, request.scope["tidings.event"].payload, emitter)
+                return emitter
+
+            return background_dependency
         if handler.deps == "async":
 
             async def async_dependency() -> EventEmitter:
@@ -519,6 +611,41 @@ class Scenario:
             on_exit(request)
 
         return sync_yield_dependency
+
+    def _rest(self, handler: HandlerPlan) -> list[Callable[[Any, EventEmitter], Any]]:
+        """The background tasks of a handler with a "background" dependency: the rest of its call.
+
+        The last one notes that the call returned: on the loop, once the others did (a plain def
+        task's thread runs to its end also when the call is cancelled as it waits for it, at its
+        timeout or by a cut-off: the call did not return then).
+        """
+        plan, ledger, name = handler.rest, self.ledger, self._spec_name(handler)
+        assert plan is not None
+
+        def work(payload: Any, emitter: EventEmitter) -> None:
+            token, depth = key_of(payload)
+            if plan.emits:
+                self._emit_child(handler, depth, emitter)
+            if attempt(ledger, token, f"{name} (its background task)") <= plan.fail_attempts:
+                raise RuntimeError(f"{handler.name}: its background task fails")
+
+        async def ended(payload: Any, emitter: EventEmitter) -> None:
+            returned(ledger, key_of(payload)[0], name)
+
+        if plan.is_async:
+
+            async def async_task(payload: Any, emitter: EventEmitter) -> None:
+                for _ in range(plan.turns):
+                    await asyncio.sleep(0)  # a turn of the loop: a drain may cut the call off meanwhile
+                work(payload, emitter)
+
+            return [async_task, ended]
+
+        def sync_task(payload: Any, emitter: EventEmitter) -> None:  # in FastAPI's thread pool
+            with ledger.hanging_call():  # the run's end waits for it: a cut-off does not stop its thread
+                work(payload, emitter)
+
+        return [sync_task, ended]
 
     def _native_handler(self, handler: HandlerPlan) -> Callable[..., Any]:
         run_async, run_sync = (
@@ -838,6 +965,8 @@ class Scenario:
                 for pool in pools:
                     for thread in list(pool._threads):
                         await anyio.to_thread.run_sync(thread.join, 5.0)
+            # plain def background tasks a cut-off cancelled the wait for (FastAPI's thread pool)
+            await self.ledger.hanging.wait_count(self.ledger.hung)
             await asyncio.sleep(0)
             await anyio.wait_all_tasks_blocked()  # what the threads handed to the loop (hook calls)
 
@@ -873,7 +1002,8 @@ def describe(plan: Plan) -> str:
     ]
     lines += [
         f"  handler {h.name} on {'Placed' if h.typed else h.patterns} child={h.child} via={h.via} "
-        f"retry={h.retry} timeout={h.timeout} fail_attempts={h.fail_attempts}"
+        f"retry={h.retry} timeout={h.timeout} fail_attempts={h.fail_attempts} early={h.early} "
+        f"runs_for={h.runs_for:.3f} rest={h.rest}"
         for h in plan.handlers
     ]
     lines += [f"  step {kind} {arg}" for kind, arg in plan.steps]
