@@ -738,13 +738,17 @@ class Runner:
             if job.durable:
                 # (and its own calls must be in the log: a job of a late call's events may be
                 # cut off before it recorded them, with that call in `done` already)
-                if (job.done or job.sync_done) and not unrecorded and job.recorded and not recording:
+                if not unrecorded and job.recorded and not recording:
                     # Cut off (or cancelled) before it awaited its thread hop: the plain def calls
                     # the hop finished returned all the same, and must leave the log (else they run
                     # again after a restart, reported nowhere). One the hop finishes from now on was
-                    # reported unfinished, and stays in the log.
-                    job.sync_running = False
-                    self._complete(job)
+                    # reported unfinished, and stays in the log. So must the calls left behind
+                    # that returned while it ran: what they emitted is in the log, or needs no row.
+                    if job.late_done:
+                        self._take_late(job, len(job.late_done))
+                    if job.done or job.sync_done:
+                        job.sync_running = False
+                        self._complete(job)
                 if job.record_waiters:  # it ended before its record step (cut off): stop waiting
                     _wake(job.record_waiters)
             if slot == self._slot_generation:
