@@ -225,11 +225,22 @@ class Plan:
             # past it is left behind, and its yield dependencies are closed by the timeout's
             # cancellation, so an "exit_fails" one's exit, which says how its call ended, never runs.
             handlers = [
-                replace(h, behaviour="returns", name=f"{h.name}_returns")
+                replace(h, behaviour="returns", name=h.name.replace(h.behaviour, "returns", 1))
                 if not h.is_async and h.behaviour == "exit_fails"
                 else h
                 for h in handlers
             ]
+        # Under a tiny timeout, a plain def yield dependency is not generated: its exit runs in
+        # FastAPI's thread pool after the handler noted its return (or the exit noted it itself),
+        # and a timeout that comes as the call awaits that thread is the call's outcome, though the
+        # harness saw it return (a dead letter, or a retry, after a return). An async one's exit
+        # runs to its end in one step.
+        handlers = [
+            replace(h, deps="yield", name=f"{h.name.removesuffix(h.deps)}yield")
+            if h.deps == "sync_yield" and (h.timeout is not None or (compat and hangs))
+            else h
+            for h in handlers
+        ]
         handler_timeout: float | None = 0.5  # native: an emits_now handler may wait for a worker thread
         bus_retry: RetryPolicy | None = None
         batch: tuple[Behaviour, ...] = ()
