@@ -7,8 +7,9 @@ a thread of their own or through ``emit_now``; plain ``def`` ones that hang may 
 timeout as well as once released, and some run about as long as their timeout, emitting on either
 side of it, so that their emits meet the timeout's take-over of the call), a sequence of emits
 (from the loop, from threads, through ``emit_now``, from requests through ``TidingsMiddleware``;
-some while the bus shuts down), perhaps a drain in the middle, and a shutdown whose drain bound is
-sometimes generous and sometimes tiny. Every emitted event carries a unique token in its payload.
+some while the bus shuts down), perhaps a drain in the middle, perhaps hung calls released in the
+middle (once reported past their timeout), and a shutdown whose drain bound is sometimes generous
+and sometimes tiny. Every emitted event carries a unique token in its payload.
 
 What each (event, handler) call that was due ended in is then counted, and each must have exactly
 one terminal outcome:
@@ -183,7 +184,11 @@ class Plan:
             else:
                 steps.append((kind, None))
         hangs_sync = any(h.behaviour == "hangs" and not h.is_async for h in handlers)
-        handlers = overrunning(seed, handlers)
+        extra = random.Random(f"overruns-{seed}")  # see overrunning
+        handlers = overrunning(extra, handlers)
+        if hangs_sync and extra.random() < 0.5:
+            # once each has been reported past its timeout, hung calls return while the bus runs
+            steps.insert(extra.randint(0, len(steps)), ("release", None))
         if hangs_sync:
             # Hung calls may hold every worker thread until they are released: the plain def calls
             # queued behind them wait for a thread (documented), and so would a caller awaiting them.
@@ -213,14 +218,14 @@ class Plan:
         )
 
 
-def overrunning(seed: int, handlers: list[HandlerPlan]) -> list[HandlerPlan]:
+def overrunning(rng: random.Random, handlers: list[HandlerPlan]) -> list[HandlerPlan]:
     """Plain def handlers that meet their timeout's take-over with their emits, by a second random stream.
 
     One that hangs may emit before its timeout as well as once released; one that returns or
     chains may instead run for about its timeout, so that its emits fall on either side of the
-    take-over, or in it. (A stream of its own: the rest of each seed's scenario stays as it was.)
+    take-over, or in it. ``rng`` is a random stream of its own: the rest of each seed's scenario
+    stays as it was.
     """
-    rng = random.Random(f"overruns-{seed}")
     changed: list[HandlerPlan] = []
     for handler in handlers:
         if not handler.is_async and handler.behaviour in ("returns", "chains") and rng.random() < 0.25:
@@ -256,6 +261,8 @@ class Ledger:
         self.threads: list[threading.Thread] = []
         self.hanging = Recorder()  # one item per hung plain def call that has ended
         self.hung = 0
+        self.hung_calls: list[tuple[str, str]] = []  # (token, handler) of each hung call, as it starts
+        self.progress = Recorder()  # woken as a hung call starts, and as a failure is reported
 
     def payload(self, name: str, depth: int) -> dict[str, Any]:
         """A fresh payload for an event about to be emitted under ``name``: noted as emitted now."""
@@ -282,13 +289,43 @@ class Ledger:
             self.threads.append(thread)
 
     @contextmanager
-    def hanging_call(self) -> Iterator[None]:
+    def hanging_call(self, call: tuple[str, str] | None = None) -> Iterator[None]:
+        """Around a call the run's end waits for; ``call`` names a hung one, for a mid-run release."""
         with self.lock:
             self.hung += 1
+            if call is not None:
+                self.hung_calls.append(call)
+        if call is not None:
+            self.progress.add(None)
         try:
             yield
         finally:
             self.hanging.add(None)
+
+
+async def release_reported(ledger: Ledger, failures: list[HandlerError], release: threading.Event) -> None:
+    """Release the hung plain def calls once each that started has been reported.
+
+    Past its timeout (so it is left behind in its thread, or just about to be: its return then
+    meets the take-over), or unfinished (a drain cut it off first): so they return while the bus
+    runs, and what follows their return (their events, their background tasks) does too.
+    """
+
+    def reported(_: object) -> bool:
+        seen = {
+            (token_of(event), error.handler)
+            for error in list(failures)
+            if is_unfinished_report(error) or is_past_timeout_report(error)
+            for event in error.events
+        }
+        with ledger.lock:
+            return all(call in seen for call in ledger.hung_calls)
+
+    # the calls of what was emitted so far start first (those that can: a handler thread may be
+    # held by another hung call), else they would not hang at all
+    await anyio.wait_all_tasks_blocked()
+    await ledger.progress.wait_for(reported)
+    release.set()
 
 
 def token_of(event: Event) -> str:
@@ -320,7 +357,7 @@ class Scenario:
         self.never = asyncio.Event()  # hung async def handlers wait for it
         self.log_path = tmp_path / f"log-{plan.seed}.db"
         self.entered = Recorder()  # one item per request that reached the middleware
-        hook: Callable[[HandlerError], object] = self.failures.append
+        hook: Callable[[HandlerError], object] = self._failed
         if plan.async_hook:
             hook = self._async_hook
         self.bus = EventBus(
@@ -354,8 +391,12 @@ class Scenario:
 
         self.app = entering
 
-    async def _async_hook(self, error: HandlerError) -> None:
+    def _failed(self, error: HandlerError) -> None:
         self.failures.append(error)
+        self.ledger.progress.add(None)  # a mid-run release may wait for it
+
+    async def _async_hook(self, error: HandlerError) -> None:
+        self._failed(error)
 
     def _emit_child(self, handler: HandlerPlan, event: Event) -> None:
         """Emit the handler's chained event (below the depth limit) the way its plan says."""
@@ -399,7 +440,7 @@ class Scenario:
             if behaviour == "flaky" and ledger.attempt(event, handler.name) <= handler.fail_attempts:
                 raise ConnectionError(f"{handler.name} fails this attempt")
             if behaviour in ("hangs", "overruns"):
-                with ledger.hanging_call():
+                with ledger.hanging_call((token_of(event), handler.name) if behaviour == "hangs" else None):
                     if behaviour == "hangs":
                         if handler.early:
                             self._emit_child(handler, event)  # as its job's, while the job waits for it
@@ -486,6 +527,8 @@ class Scenario:
                             await self.bus.drain(arg)
                         except DrainTimeoutError as exc:
                             self.drain_pending += [(token_of(p.event), p.handler) for p in exc.pending]
+                    elif kind == "release":
+                        await release_reported(self.ledger, self.failures, self.release)
                     else:
                         await asyncio.sleep(0)
                 # every request has passed the middleware's start: none starts the bus again once closed
@@ -571,6 +614,11 @@ def is_unfinished_report(error: HandlerError) -> bool:
         and error.retry_in is None
         and not error.dead_letters
     )
+
+
+def is_past_timeout_report(error: HandlerError) -> bool:
+    """The report of a plain def call run past its timeout, left to run on: not its outcome."""
+    return type(error) is HandlerTimeoutError and error.retry_in is None and not error.dead_letters
 
 
 def outcomes_of(scenario: Accounted) -> Outcomes:

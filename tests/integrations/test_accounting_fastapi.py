@@ -21,11 +21,13 @@ a FastAPI app, in one of two set-ups the seed picks:
 Handlers return, raise, fail their first attempts under a retry policy, hang past a timeout, chain
 events (by ``bus.emit``, ``tidings.emit``, a typed event, the emitter their dependency gives, or
 ``dispatch``), emit from a thread, or ``await bus.emit_now``. Plain ``def`` ones past their
-timeout are left behind in their thread (their background tasks run once it returns); they may emit
-before their timeout as well as after it, and some run about as long as their timeout, so that their
-emits meet its take-over of the call. The app's lifespan starts the bus (or
-the test does, by hand) and emits in its startup and shutdown code; events are emitted while the bus
-shuts down, within a drain bound that is sometimes generous and sometimes tiny.
+timeout are left behind in their thread; they may emit before their timeout as well as after it,
+and some run about as long as their timeout, so that their emits meet its take-over of the call.
+Hung ones may be released mid-run, once reported: their background tasks then run (some wait until
+before the shutdown, or past it) while the steps go on, so that drains cut them off. The app's
+lifespan starts the bus (or the test does, by hand) and emits in its startup and shutdown code;
+events are emitted while the bus shuts down, within a drain bound that is sometimes generous and
+sometimes tiny.
 
 Each (event, handler) call that was due must then have exactly one terminal outcome: see the core
 test's docstring. A failing seed is named in the test id: ``pytest
@@ -65,7 +67,16 @@ from tidings.store import SQLiteStore
 from tidings.types import Message, Receive, Scope, Send
 
 from ..conftest import Recorder, Records
-from ..core.test_accounting import MAX_DEPTH, NAMES, PATTERNS, SEEDS, Ledger, check, token_of
+from ..core.test_accounting import (
+    MAX_DEPTH,
+    NAMES,
+    PATTERNS,
+    SEEDS,
+    Ledger,
+    check,
+    release_reported,
+    token_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -121,6 +132,7 @@ class RestPlan:
     emits: bool  # the handler's child, the way the handler emits it (below the depth limit)
     fail_attempts: int  # how many first attempts of the call it fails
     turns: int  # an async one: the turns of the loop it takes first (a drain may cut it off meanwhile)
+    waits: bool = False  # a left-behind candidate's: it runs until the run lets rests end (Plan)
 
 
 @dataclass(frozen=True)
@@ -157,6 +169,9 @@ class Plan:
     batch: tuple[Behaviour, ...]  # compat: the functions of a LocalHandler subclass with handle_many
     steps: tuple[Step, ...]
     release_before_shutdown: bool
+    # background tasks that wait (RestPlan.waits) end before shutdown; else only after it, so
+    # that a drain cuts them off (the shutdown's bound is never generous then)
+    rests_end_before_shutdown: bool
     drain_timeout: float
     startup_emits: tuple[str, ...]  # in the lifespan's startup code
     shutdown_emits: tuple[str, ...]  # in the lifespan's shutdown code
@@ -218,7 +233,8 @@ class Plan:
                     via=rng.choice(vias),
                 )
             )
-        handlers = with_rests(seed, compat, handlers)
+        extra = random.Random(f"rests-{seed}")  # see with_rests
+        handlers = with_rests(extra, compat, handlers)
         hangs = any(h.behaviour == "hangs" for h in handlers)
         if compat and hangs:
             # The bus's timeout is tiny then, and applies to every compat handler: a plain def one
@@ -282,12 +298,18 @@ class Plan:
                 (kind, (*arg[:-1], True)) if kind in ("emit_now", "request") else (kind, arg)
                 for kind, arg in steps
             ]
+        if hangs_sync and extra.random() < 0.5:
+            # once each has been reported past its timeout, hung calls return while the bus runs:
+            # their background tasks run (and may wait) as the steps after go on, drains included
+            steps.insert(extra.randint(0, len(steps)), ("release", None))
+        waiting = any(h.rest is not None and h.rest.waits for h in handlers)
+        rests_end_before_shutdown = not waiting or extra.random() < 0.5
         release_before_shutdown = rng.random() < 0.5
         bounds = [0.0, 0.001, 0.02, 0.1]
         if not hangs_sync or release_before_shutdown:
             bounds += [2.0, 2.0]
         lifespan = compat or rng.random() < 0.6  # compat: the app builds its middleware at startup
-        return cls(
+        plan = cls(
             seed=seed,
             api=api,
             lifespan=lifespan,
@@ -302,6 +324,7 @@ class Plan:
             batch=batch,
             steps=tuple(steps),
             release_before_shutdown=release_before_shutdown,
+            rests_end_before_shutdown=rests_end_before_shutdown,
             drain_timeout=rng.choice(bounds),
             startup_emits=tuple(rng.choice(NAMES) for _ in range(rng.choice((0, 0, 1, 2))))
             if lifespan
@@ -312,18 +335,21 @@ class Plan:
             late_emits=tuple(rng.choice(NAMES) for _ in range(rng.choice((0, 0, 2, 4)))),
             late_thread_emits=tuple(rng.choice(NAMES) for _ in range(rng.choice((0, 1)))),
         )
+        if plan.drain_timeout == 2.0:  # a waiting rest would hold a generous bound to its end
+            plan = replace(plan, rests_end_before_shutdown=True)
+        return plan
 
 
-def with_rests(seed: int, compat: bool, handlers: list[HandlerPlan]) -> list[HandlerPlan]:
+def with_rests(rng: random.Random, compat: bool, handlers: list[HandlerPlan]) -> list[HandlerPlan]:
     """Calls left behind past their timeout, their emits and their background tasks (a second stream).
 
     Plain def handlers that hang may emit before their timeout as well as once released; native
     plain def ones that return or chain may instead run for about their timeout (its take-over
     meets their emits). Some handlers get a "background" dependency, most of all those that are
-    left behind: their background task runs once their thread returned. (A random stream of its
-    own: the rest of each seed's scenario stays as it was.)
+    left behind: their background task runs once their thread returned, and may wait until the
+    run lets it end. ``rng`` is a random stream of its own: the rest of each seed's scenario
+    stays as it was.
     """
-    rng = random.Random(f"rests-{seed}")
     changed: list[HandlerPlan] = []
     for handler in handlers:
         behaviour = handler.behaviour
@@ -346,6 +372,8 @@ def with_rests(seed: int, compat: bool, handlers: list[HandlerPlan]) -> list[Han
                 emits=rng.random() < 0.7,
                 fail_attempts=rng.choice((0, 0, 1, 2)),
                 turns=rng.choice((0, 1, 3)),
+                # (under a timeout of 0.02 or 0.04s: one that ran in time waits within it)
+                waits=left_behind and rng.random() < 0.5,
             )
             retry = handler.retry
             if rest.fail_attempts and retry is None and not compat:
@@ -408,11 +436,13 @@ class Scenario:
         self.drain_pending: list[tuple[str, str]] = []
         self.release = threading.Event()  # hung plain def handlers wait for it
         self.never = asyncio.Event()  # hung async def handlers wait for it
+        # waiting background tasks wait for these: plain def ones (in threads), async ones
+        self.rests_may_end, self.rests_may_end_async = threading.Event(), asyncio.Event()
         self.log_path = tmp_path / f"log-{plan.seed}.db"
         self.entered = Recorder()  # one item per request that reached the app
         self.spawned: list[asyncio.Task[None]] = []  # tasks requests started, that outlive them
         self.middleware_id = 900_000 + plan.seed
-        hook: Callable[[tidings.HandlerError], object] = self.failures.append
+        hook: Callable[[tidings.HandlerError], object] = self._failed
         if plan.async_hook:
             hook = self._async_hook
         self.bus = EventBus(
@@ -456,8 +486,12 @@ class Scenario:
 
         self.app = entering
 
-    async def _async_hook(self, error: tidings.HandlerError) -> None:
+    def _failed(self, error: tidings.HandlerError) -> None:
         self.failures.append(error)
+        self.ledger.progress.add(None)  # a mid-run release may wait for it
+
+    async def _async_hook(self, error: tidings.HandlerError) -> None:
+        self._failed(error)
 
     @asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
@@ -540,7 +574,7 @@ class Scenario:
         if behaviour == "flaky" and attempt(ledger, token, name) <= handler.fail_attempts:
             raise ConnectionError(f"{handler.name} fails this attempt")
         if behaviour in ("hangs", "overruns"):
-            with ledger.hanging_call():
+            with ledger.hanging_call((token, name) if behaviour == "hangs" else None):
                 if behaviour == "hangs":
                     if handler.early:
                         self._emit_child(handler, depth, emitter)  # as its job's, while the job waits for it
@@ -646,6 +680,8 @@ class Scenario:
         if plan.is_async:
 
             async def async_task(payload: Any, emitter: EventEmitter) -> None:
+                if plan.waits:
+                    await self.rests_may_end_async.wait()
                 for _ in range(plan.turns):
                     await asyncio.sleep(0)  # a turn of the loop: a drain may cut the call off meanwhile
                 work(payload, emitter)
@@ -654,6 +690,8 @@ class Scenario:
 
         def sync_task(payload: Any, emitter: EventEmitter) -> None:  # in FastAPI's thread pool
             with ledger.hanging_call():  # the run's end waits for it: a cut-off does not stop its thread
+                if plan.waits:
+                    assert self.rests_may_end.wait(30), "never let end"
                 work(payload, emitter)
 
         return [sync_task, ended]
@@ -943,12 +981,16 @@ class Scenario:
                             await self.bus.drain(arg)
                         except DrainTimeoutError as exc:
                             self.drain_pending += [(token_of(p.event), p.handler) for p in exc.pending]
+                    elif kind == "release":
+                        await release_reported(self.ledger, self.failures, self.release)
                     else:
                         await asyncio.sleep(0)
                 # every request has passed the middleware's start: none starts the bus again once closed
                 await self.entered.wait_count(requests)
                 if plan.release_before_shutdown:
                     self.release.set()
+                if plan.rests_end_before_shutdown:
+                    self._end_rests()
                 background.start_soon(self._emit_late)
                 if plan.lifespan:
                     await inbox.put({"type": "lifespan.shutdown"})
@@ -959,6 +1001,7 @@ class Scenario:
         finally:
             await self.bus.aclose()  # (a no-op once closed)
             self.release.set()  # hung plain def handlers return, so their threads end
+            self._end_rests()
             await self.ledger.hanging.wait_count(self.ledger.hung)
             if self.spawned:
                 await asyncio.wait(self.spawned)
@@ -980,6 +1023,10 @@ class Scenario:
             await self.ledger.hanging.wait_count(self.ledger.hung)
             await asyncio.sleep(0)
             await anyio.wait_all_tasks_blocked()  # what the threads handed to the loop (hook calls)
+
+    def _end_rests(self) -> None:
+        self.rests_may_end.set()
+        self.rests_may_end_async.set()
 
     async def _request(self, client: httpx.AsyncClient, path: str, names: tuple[str, ...]) -> None:
         # In a task of its own, as a server runs each request (see the core test).
@@ -1008,6 +1055,7 @@ def describe(plan: Plan) -> str:
         f"  request_handlers={plan.request_handlers} request_errors={plan.request_errors} "
         f"async_hook={plan.async_hook} handler_timeout={plan.handler_timeout} retry={plan.retry}",
         f"  drain={plan.drain_timeout} release_before_shutdown={plan.release_before_shutdown} "
+        f"rests_end_before_shutdown={plan.rests_end_before_shutdown} "
         f"startup={plan.startup_emits} shutdown={plan.shutdown_emits} late={plan.late_emits} "
         f"late_thread={plan.late_thread_emits} batch={plan.batch}",
     ]
