@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -22,6 +23,32 @@ def test_results_exceptions_and_reuse_of_idle_workers() -> None:
     assert not any(t.is_alive() for t in pool._threads)
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit(pow, 1, 1)
+
+
+def test_a_worker_lets_go_of_the_work_before_its_future_is_done() -> None:
+    # A runner's thread hop gets its job as an argument; whoever the future wakes may expect the job
+    # freed (with no garbage collection) once the call returned. Done callbacks run in the worker
+    # thread as the future completes: by then the worker must hold neither the call nor its arguments.
+    class Argument:
+        pass
+
+    def call(argument: Argument) -> int:
+        return 1
+
+    pool = DaemonThreadPool(1, "t")
+    argument = Argument()
+    ref = weakref.ref(argument)
+    freed: list[bool] = []
+    release = threading.Event()
+    busy = pool.submit(release.wait, 5)  # the worker waits until the call below is queued
+    queued = pool.submit(call, argument)
+    queued.add_done_callback(lambda done: freed.append(ref() is None))
+    del argument
+    release.set()
+    assert busy.result(5) is True
+    assert queued.result(5) == 1
+    assert freed == [True]
+    pool.shutdown()
 
 
 def test_never_more_than_max_workers() -> None:

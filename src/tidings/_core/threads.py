@@ -55,15 +55,20 @@ class DaemonThreadPool(Executor):
             item = self._queue.get()
             if item is None:
                 return
-            future, fn, args, kwargs = item
+            future = item[0]
+            work: tuple[Any, ...] = item[1:]
+            del item
             if future.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:
-                    future.set_exception(exc)
+                succeeded, outcome = _run(*work)
+                # Let go of the work (a handler job among its arguments) before its waiter wakes:
+                # a job is freed, with no garbage collection, as soon as it has ended.
+                work = ()
+                if succeeded:
+                    future.set_result(outcome)
                 else:
-                    future.set_result(result)
-            del item, future, fn, args, kwargs
+                    future.set_exception(outcome)
+                del outcome
+            del future, work  # nor keep them while waiting for the next
             with self._lock:
                 self._idle += 1
 
@@ -84,3 +89,10 @@ class DaemonThreadPool(Executor):
         if wait:
             for thread in threads:
                 thread.join()
+
+
+def _run(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    try:
+        return True, fn(*args, **kwargs)
+    except BaseException as exc:  # the future's to report, whatever it is
+        return False, exc
