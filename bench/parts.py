@@ -39,6 +39,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
+from threading import get_ident
 from time import thread_time, time_ns
 from typing import Any
 
@@ -47,7 +48,7 @@ from starlette.middleware import Middleware
 from tidings import Event, EventBus, TidingsMiddleware, emit
 from tidings._core.dispatcher import reset_scope, set_scope
 from tidings._core.envelope import EMPTY_HEADERS
-from tidings._core.runner import Job
+from tidings._core.runner import Job, task_of
 
 from ._types import ASGIApp, Receive, Scope, Send
 from .apps import EVENT, TALLY, AppSpec, EmitFn, _starlette, build_app
@@ -64,8 +65,13 @@ class _Variant(TidingsMiddleware):
             await super().__call__(scope, receive, send)
             return
         bus = self.bus
-        bus.ensure_running()
-        events = bus.open_request()
+        # what the shipped middleware does, in the same steps (its check of the bus, its Job)
+        loop = bus.serving_loop
+        if loop is None or get_ident() != bus.loop_thread or task_of(loop) is None:
+            bus.ensure_running()
+        events = object.__new__(Job)
+        events.bus = bus
+        events.buffer = []
         token = set_scope(events)
         try:
             await self.app(scope, receive, send)

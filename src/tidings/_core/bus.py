@@ -41,7 +41,7 @@ from .envelope import EMPTY_HEADERS, Arguments, Event, Prebuilt
 from .logs import fields
 from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
 from .registry import HandlerSpec, Registry, is_pattern
-from .runner import FailureHook, Job, Runner, _events_of, make_event
+from .runner import FailureHook, Job, Runner, _events_of, make_event, task_of
 from .schemas import Schema, SchemaRegistry, event_name_of, is_event_class
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ class EventBus:
         self._resubmit = True
         self._relay_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._serving_loop: asyncio.AbstractEventLoop | None = None  # the loop while RUNNING
+        self.serving_loop: asyncio.AbstractEventLoop | None = None  # the loop while RUNNING
         self._state = BusState.CREATED
         self.loop_thread = 0
         # tidings.emit() appends to a request's buffer itself only on this thread: the loop's,
@@ -312,7 +312,7 @@ class EventBus:
         # Reading an Enum member costs as much as the rest of a request's check: ensure_running()
         # reads the loop kept here instead.
         self._state_value = state
-        self._serving_loop = self._loop if state is BusState.RUNNING else None
+        self.serving_loop = self._loop if state is BusState.RUNNING else None
 
     # -- registration ------------------------------------------------------------------------------
     def on(
@@ -1095,10 +1095,10 @@ class EventBus:
     def ensure_running(self) -> bool:
         """Start the bus on the running loop if it is not running there yet (no lifespan ran).
 
-        Called for every request, so the common case is a few attribute checks: the bus's loop is
-        running, on this thread, so it is the running loop (``asyncio.get_running_loop()`` costs a
+        The common case is a few attribute checks and a dictionary lookup: the bus's loop runs a
+        task on this thread, so it is the running loop (``asyncio.get_running_loop()`` costs a
         system call on Python 3.11). A loop that closed under the bus (a test client without
-        lifespan makes one per request) is replaced.
+        lifespan makes one per request) is replaced. (The middleware inlines this check.)
 
         Returns:
             Whether it started the bus now.
@@ -1107,8 +1107,8 @@ class EventBus:
             BusStateError: the bus runs on another, still open event loop, or it is closed and
                 its ``aclose()`` has not returned yet.
         """
-        loop = self._serving_loop
-        if loop is not None and loop.is_running() and threading.get_ident() == self.loop_thread:
+        loop = self.serving_loop
+        if loop is not None and threading.get_ident() == self.loop_thread and task_of(loop) is not None:
             return False
         return self._ensure_running_slow(lazily=True)
 

@@ -195,11 +195,13 @@ class Registry:
     ``user.created`` and ``user.email.changed``).
     """
 
-    __slots__ = ("_cache", "_subscriptions")
+    __slots__ = ("_cache", "_subscriptions", "cached")
 
     def __init__(self) -> None:
         self._subscriptions: list[Subscription] = []
         self._cache: dict[str, tuple[HandlerSpec, ...]] = {}
+        self.cached: Callable[[str], tuple[HandlerSpec, ...] | None] = self._cache.get
+        """The handlers :meth:`resolve` found for a name already, or ``None``: a C call, no frame."""
 
     def add(self, pattern: str, handler: HandlerSpec) -> None:
         """Register ``handler`` for ``pattern`` (an exact name or a wildcard).

@@ -33,9 +33,9 @@ import functools
 import inspect
 import itertools
 import logging
+import sys
 import threading
 import traceback
-from asyncio import current_task
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from threading import get_ident
@@ -51,10 +51,20 @@ from ..exceptions import (
 )
 from ..store.base import DeadLetter, Delivery, delivery_id
 from .dispatcher import Scope, current_scope, set_scope
-from .envelope import EMPTY_HEADERS, Event, Prebuilt
+from .envelope import EMPTY_HEADERS, Event, Prebuilt, new_sequence
 from .logs import described, fields
 from .registry import HandlerSpec, Registry
 from .threads import DaemonThreadPool
+
+new_object = object.__new__
+
+if sys.version_info >= (3, 12):
+    from asyncio import current_task as task_of
+else:
+    # asyncio.current_task is a Python function on 3.11 (a frame per call, on every request); the
+    # dict it reads is the C module's, and its get is what it does with a loop given
+    _current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
+    task_of: Callable[[asyncio.AbstractEventLoop], asyncio.Task[Any] | None] = _current_tasks.get
 
 if TYPE_CHECKING:
     from ..integrations.opentelemetry import Tracing
@@ -303,6 +313,8 @@ class Job(Scope):
     async_index = 0
     current: Call | None = None
     timed_out = False
+    # timed_out or cut_off is set: after each call the run loop reads this one flag, not both
+    interrupted = False
     # `current` ran past its timeout in a thread (call_in_thread) and was left behind there: it is
     # reported already, and ends by itself
     current_left: _LeftBehind | None = None
@@ -371,7 +383,7 @@ class Job(Scope):
         self.sync_reported_from = self.sync_index  # read once: its thread may move on meanwhile
         pending = self.unfinished(resolve, self.sync_reported_from)
         self.taken_over = pending
-        self.cut_off = True
+        self.cut_off = self.interrupted = True
         self.sync_stop = True  # its worker thread stops before its next call
         self.reported_buffer = len(self.buffer or ())
         return pending
@@ -391,6 +403,7 @@ class Runner:
     ) -> None:
         self.bus = bus
         self.registry = registry
+        self.cached = registry.cached  # (_sort: a C call where resolve() is a method call)
         self.limits = limits
         self.on_failure = on_failure
         self.store = store
@@ -540,7 +553,11 @@ class Runner:
             job.done = []
             job.sync_done = []
         self.jobs.add(job)
-        if self._watch_handle is None and self.loop is not None:
+        if self._watch_handle is None:
+            self._arm_watch()
+
+    def _arm_watch(self) -> None:
+        if self.loop is not None:
             # in a context of its own: armed in a job's, it would keep that job (and its request's
             # context variables) alive for as long as it runs
             self._watch_handle = self.loop.call_later(self._tick, self._watch, context=contextvars.Context())
@@ -593,9 +610,9 @@ class Runner:
 
     def request_job(self, job: Job) -> bool:
         """:meth:`start_job` for a finished request, to be run in the request's own task."""
-        return self.start_job(job, current_task(self.loop))
+        return self.start_job(job, task_of(self.loop))  # type: ignore[arg-type]  # bound
 
-    async def run_job(self, job: Job, *, request: bool = False) -> None:
+    async def run_job(self, job: Job, request: bool = False) -> None:
         """Run a started job to completion in the current task.
 
         With ``request=True`` the job is a finished request's scope, not started yet: it is sorted
@@ -615,14 +632,27 @@ class Runner:
             if not self._sort(emitted, job):
                 job.buffer = None
                 return
-            job.task = current_task(self.loop)
-            self._track(job)
+            job.task = task_of(self.loop)  # type: ignore[arg-type]  # a runner runs jobs once bound
+            # _track(), inlined: a call less per request
+            durable = self.durable
+            if durable:
+                job.durable = True
+                job.done = []
+                job.sync_done = []
+            # Set on the job itself, the flags read after every call are cheap to read: a class
+            # default read through an instance costs several times an instance attribute's.
+            job.interrupted = job.unbounded = False
+            self.jobs.add(job)
+            if self._watch_handle is None:
+                self._arm_watch()
+        else:
+            durable = job.durable  # set once, when the job was tracked
         slot = 0  # the generation of the slot the job holds (bind() makes them 1, 2, ...), if any
         recording = False  # writing the events its handlers emitted to the log
         try:
             # In the log before it waits for a slot: a crash while it waits must not lose it, and
             # flush() in a handler (which holds a slot) must not wait for a slot it holds itself.
-            if job.durable and not job.recorded:
+            if durable and not job.recorded:
                 if not await self._record(job):
                     # the log failed to take what a call left behind emitted (this job's first
                     # calls): that call stays in it, leased, to run again and emit them again
@@ -663,14 +693,15 @@ class Runner:
                         else:
                             self._handler_failed(job, spec, arg, exc)
                     else:
-                        if job.durable and not job.timed_out:  # a timed-out call is retried, not done
+                        if durable and not job.timed_out:  # a timed-out call is retried, not done
                             job.done.append(call)  # type: ignore[union-attr]  # durable jobs have it
                     job.current = None
-                    if job.timed_out:
-                        self._handler_timed_out(job, spec, arg)
-                    if job.cut_off:  # drain took the job over while a handler swallowed the cancel
-                        self._cut_off_call_ended(job, spec)
-                        raise asyncio.CancelledError
+                    if job.interrupted:
+                        if job.timed_out:
+                            self._handler_timed_out(job, spec, arg)
+                        if job.cut_off:  # drain took the job over while a handler swallowed the cancel
+                            self._cut_off_call_ended(job, spec)
+                            raise asyncio.CancelledError
                 job.async_calls = ()
                 if sync_future is not None:
                     try:
@@ -684,9 +715,9 @@ class Runner:
                 records = job.buffer  # events the handlers emitted: same job, right after
                 # calls left behind that returned by now: their events are in `records` (or
                 # before); they stay in `late_done`, leased, until those are in the log
-                late = len(job.late_done) if job.durable and job.late_done else 0
+                late = len(job.late_done) if durable and job.late_done else 0
                 if not records:
-                    if job.durable:
+                    if durable:
                         if late:
                             self._take_late(job, late)
                         if job.done or job.sync_done:
@@ -697,7 +728,7 @@ class Runner:
                 job.buffer = []
                 job.attempt = 1  # chained events are new: their first attempt
                 recorded = True
-                if self._sort(records, job) and job.durable:
+                if self._sort(records, job) and durable:
                     recording = True  # cut off meanwhile, the parents stay in the log (finally)
                     recorded = await self._record(job)
                     recording = False
@@ -711,7 +742,7 @@ class Runner:
                     if late:  # calls left behind whose events were among them stay too
                         del job.late_done[:late]  # type: ignore[union-attr]  # late > 0: it is a list
                         late = 0
-                if job.durable:
+                if durable:
                     if late:
                         self._take_late(job, late)
                     if job.done or job.sync_done:
@@ -723,19 +754,19 @@ class Runner:
                 # drain reported the rest; these were emitted while it cancelled us
                 leftovers = Job(job.bus, job.buffer[job.reported_buffer :]).unfinished(self.registry.resolve)
                 self.report_unfinished(leftovers, "the drain bound ran out")
-                if job.durable:  # kept in the log with the rest of the cut-off (keep_unfinished)
+                if durable:  # kept in the log with the rest of the cut-off (keep_unfinished)
                     self.unkept.extend(leftovers)
             raise
         finally:
             unrecorded = job.buffer
             job.buffer = None  # later emits from this context go straight to the bus
-            if unrecorded and job.durable:
-                # an event nobody handles has no delivery to write: it keeps no call in the log
-                resolve = self.registry.resolve
-                unrecorded = [record for record in unrecorded if resolve(record[0])]
             # A finished call whose emitted events never reached the log stays in it, leased:
             # run again later, it emits them again (at least once beats lost).
-            if job.durable:
+            if durable:
+                if unrecorded:
+                    # an event nobody handles has no delivery to write: it keeps no call in the log
+                    resolve = self.registry.resolve
+                    unrecorded = [record for record in unrecorded if resolve(record[0])]
                 # (and its own calls must be in the log: a job of a late call's events may be
                 # cut off before it recorded them, with that call in `done` already)
                 if not unrecorded and job.recorded and not recording:
@@ -810,21 +841,31 @@ class Runner:
 
     def _sort(self, records: list[Record], job: Job) -> bool:
         """Sort the calls for ``records`` into ``job``; ``False`` if there is nothing to call."""
-        resolve = self.registry.resolve
+        cached = self.cached
         if self.tracing is not None:  # one check per batch of events; nothing more when off
             records = self.tracing.prepare(records)
-            resolve = self.tracing.resolve
+            cached = self.tracing.resolve  # never None
         async_calls: list[Call] = []
         sync_calls: list[Call] = []
         batches: dict[HandlerSpec, list[Event]] | None = None
         for name, payload, timestamp_ns, headers in records:
-            handlers = resolve(name)
+            handlers = cached(name)
+            if handlers is None:
+                handlers = self.registry.resolve(name)
             if not handlers:
                 if type(headers) is Prebuilt:  # a committed outbox event nobody here handles
                     self.released.pop(headers.event.id, None)
                 continue
             if headers is None:  # what emit() makes: checked first, so it costs no more than before
-                event = Event(name, payload, EMPTY_HEADERS, timestamp_ns)
+                # Event(name, payload, EMPTY_HEADERS, timestamp_ns) without the type call, whose
+                # __init__ runs in a frame of its own (CPython 3.11 inlines plain calls, not that)
+                event = new_object(Event)
+                event.name = name
+                event.payload = payload
+                event.headers = EMPTY_HEADERS
+                event.timestamp_ns = timestamp_ns
+                event._seq = new_sequence()
+                event._id = None
             elif type(headers) is Prebuilt:
                 event = headers.event
                 # from here the job renews its lease (or, should the job die, the lease runs out)
@@ -1032,6 +1073,7 @@ class Runner:
         task = job.task
         assert task is not None
         job.timed_out = False
+        job.interrupted = job.cut_off
         task.uncancel()
         cause, job.ended_by = job.ended_by, None
         if job.current_left is not None:  # reported as past its timeout: it ends in its thread
@@ -1282,7 +1324,7 @@ class Runner:
         context = contextvars.copy_context()
         job = current_scope()
         call = job.current if type(job) is Job and job.bus is self.bus else None
-        if call is None or job.task is not current_task(loop):  # type: ignore[union-attr]
+        if call is None or job.task is not task_of(loop):  # type: ignore[union-attr]
             return await loop.run_in_executor(self._executor, context.run, work)
         assert type(job) is Job
         threaded = _ThreadedCall()
@@ -1343,6 +1385,7 @@ class Runner:
         task = job.task
         assert task is not None
         job.timed_out = False
+        job.interrupted = job.cut_off
         job.seen_at = monotonic()  # what the call does next (a clean-up) has a timeout of its own
         task.uncancel()
         return not task.cancelling()
@@ -1475,7 +1518,7 @@ class Runner:
                 else:
                     timeout = call[0].timeout
                     if timeout is not None and now - job.seen_at > timeout:
-                        job.timed_out = True
+                        job.timed_out = job.interrupted = True
                         job.task.cancel()
             sync_call = job.sync_current
             if sync_call is not None and sync_call is not job.sync_reported:

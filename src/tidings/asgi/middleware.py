@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from threading import get_ident
 from typing import TYPE_CHECKING
 
 from .._core.bus import EventBus
 from .._core.dispatcher import Scope as EventScope
 from .._core.dispatcher import current_scope, reset_scope, set_scope
-from .._core.runner import Job
+from .._core.runner import Job, task_of
 from ..exceptions import ConfigurationError
 
 if TYPE_CHECKING:
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 __all__ = ["TidingsMiddleware"]
 
 logger = logging.getLogger("tidings")
+
+new_job = object.__new__
 
 
 class TidingsMiddleware:
@@ -93,11 +96,17 @@ class TidingsMiddleware:
         if not bus.enabled:
             await self._not_http(scope, receive, send)
             return
-        # started now (no lifespan; a test client without one starts it for each request), or
-        # by hand: the app of this request is the one whose overrides handlers use
-        if bus.ensure_running() or bus.app is None:
+        # ensure_running()'s check, inlined (a call less per request): the bus serves a loop that
+        # runs a task on this thread, so this one's. Else it starts now (no lifespan; a test client
+        # without one starts it for each request), or was started by hand: the app of this request
+        # is the one whose overrides handlers use.
+        loop = bus.serving_loop
+        away = loop is None or get_ident() != bus.loop_thread or task_of(loop) is None
+        if (away and bus.ensure_running()) or bus.app is None:
             bus.app = self.named_app or scope.get("app")
-        events = bus.open_request()
+        events = new_job(Job)  # open_request(), inlined: Job(bus, []) without a type call's __init__
+        events.bus = bus
+        events.buffer = []
         outer = current_scope()
         if outer is not None:  # e.g. an outer tidings middleware's request: its bus's events still wait
             events.parent = outer
@@ -109,13 +118,13 @@ class TidingsMiddleware:
                 await self.app(scope, receive, send)
             except BaseException as exc:
                 if self._app_raised(events, exc):
-                    await bus.run_job(events, request=True)
+                    await bus.run_job(events, True)  # request=True: positional is a cheaper call
                 raise
             if events.buffer:
                 if not bus.request_handlers_inline:
                     bus.spawn_request_job(events)
                 else:
-                    await bus.run_job(events, request=True)
+                    await bus.run_job(events, True)  # request=True: positional is a cheaper call
             else:
                 events.buffer = None  # tasks the request started now emit straight to the bus
         finally:
