@@ -22,6 +22,11 @@ difference between a run of 4,000 requests and one of 2,000 (so start-up and imp
 Instruction counts do not depend on what else the machine is doing, so two commits can be compared
 on a busy machine; they are not times (a cache miss costs more than an instruction), and wall-clock
 ratios on a slow machine are lower than these.
+
+``--bytecodes`` counts the Python bytecodes each variant executes per request instead
+(``sys.settrace`` with opcode events, over 200 requests after a warm-up; a few seconds). On this
+VM in its slow state, the time ratios track the bytecode ratios (within about 5 %), not the
+instruction ratios: each bytecode costs the interpreter an indirect branch, and those mispredict.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from threading import get_ident
 from time import thread_time, time_ns
+from types import FrameType
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -236,6 +242,43 @@ def _count_instructions() -> dict[str, float]:
     return {name: (totals[name, more] - totals[name, fewer]) / (more - fewer) for name in _VARIANTS}
 
 
+_TRACED_REQUESTS = 200
+
+
+async def _bytecodes_of(variant: str) -> float:
+    """Python bytecodes run per request by ``variant`` (every frame: the app's, tidings', the driver's)."""
+    build, events = _VARIANTS[variant]
+    app = build()
+    lifespan = Lifespan(app)
+    driver = RequestDriver(app, await lifespan.__aenter__())
+    executed = 0
+
+    def count(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal executed
+        if event == "opcode":
+            executed += 1
+        return count
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        return count
+
+    try:
+        expected = TALLY.count + _WARM_UP_REQUESTS * events
+        await driver.run(_WARM_UP_REQUESTS)
+        await TALLY.wait_for(expected)
+        expected = TALLY.count + _TRACED_REQUESTS * events
+        sys.settrace(trace)
+        try:
+            await driver.run(_TRACED_REQUESTS)
+            await TALLY.wait_for(expected)
+        finally:
+            sys.settrace(None)
+    finally:
+        await lifespan.__aexit__(None, None, None)
+    return executed / _TRACED_REQUESTS
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.parts", description=__doc__)
     parser.add_argument("--rounds", type=int, default=25, help="timed rounds of 2,000 requests each")
@@ -244,16 +287,24 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="count CPU instructions per request under callgrind instead of timing (about 3 minutes)",
     )
+    parser.add_argument(
+        "--bytecodes",
+        action="store_true",
+        help="count the Python bytecodes executed per request instead of timing (a few seconds)",
+    )
     parser.add_argument("--serve", choices=list(_VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=int, default=_COUNTED_REQUESTS[0], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve is not None:
         asyncio.run(_serve(args.serve, args.requests))
         return
-    if args.instructions:
-        counts = _count_instructions()
+    if args.instructions or args.bytecodes:
+        if args.instructions:
+            counts, unit = _count_instructions(), "instructions"
+        else:
+            counts, unit = {name: asyncio.run(_bytecodes_of(name)) for name in _VARIANTS}, "bytecodes"
         bare_count = counts["bare Starlette"]
-        print("| variant | instructions/request | ratio to bare Starlette |")
+        print(f"| variant | {unit}/request | ratio to bare Starlette |")
         print("|---|---|---|")
         for name, count in counts.items():
             print(f"| {name} | {count:,.0f} | {bare_count / count:.2f} |")

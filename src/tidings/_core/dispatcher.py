@@ -140,15 +140,14 @@ def emit(event: object, payload: object = None) -> None:
     scope = _current.get()
     if scope is not None:
         buffer = scope.buffer
-        bus = scope.bus
         if (
             buffer is not None
             and type(event) is str
-            and get_ident() == bus.emit_thread  # the loop's thread, and no schema or tap
+            and get_ident() == scope.bus.emit_thread  # the loop's thread, and no schema or tap
         ):
             buffer.append((event, payload, time_ns(), None))
             return
-        bus.emit(event, payload)  # another thread, a typed event or schema, or no buffer
+        scope.bus.emit(event, payload)  # another thread, a typed event or schema, or no buffer
         return
     _emit_unscoped(event, payload)
 
