@@ -885,8 +885,8 @@ class Runner:
                 (async_calls if spec.is_async else sync_calls).append((spec, tuple(events)))
         job.async_calls = async_calls
         job.async_index = 0
+        job.sync_calls = sync_calls  # even empty: run_job reads it, and an instance's is cheaper to read
         if sync_calls:
-            job.sync_calls = sync_calls
             job.sync_index = 0
         return bool(async_calls or sync_calls)
 
