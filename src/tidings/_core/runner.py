@@ -695,13 +695,15 @@ class Runner:
                     else:
                         if durable and not job.timed_out:  # a timed-out call is retried, not done
                             job.done.append(call)  # type: ignore[union-attr]  # durable jobs have it
-                    job.current = None
+                    # (`current` stays set until the next call or the loop's end: nothing can
+                    # look at it before, as nothing here awaits)
                     if job.interrupted:
                         if job.timed_out:
                             self._handler_timed_out(job, spec, arg)
                         if job.cut_off:  # drain took the job over while a handler swallowed the cancel
                             self._cut_off_call_ended(job, spec)
                             raise asyncio.CancelledError
+                job.current = None
                 job.async_calls = ()
                 if sync_future is not None:
                     try:
@@ -850,12 +852,13 @@ class Runner:
         batches: dict[HandlerSpec, list[Event]] | None = None
         for name, payload, timestamp_ns, headers in records:
             handlers = cached(name)
-            if handlers is None:
-                handlers = self.registry.resolve(name)
             if not handlers:
-                if type(headers) is Prebuilt:  # a committed outbox event nobody here handles
-                    self.released.pop(headers.event.id, None)
-                continue
+                if handlers is None:  # not looked up yet
+                    handlers = self.registry.resolve(name)
+                if not handlers:
+                    if type(headers) is Prebuilt:  # a committed outbox event nobody here handles
+                        self.released.pop(headers.event.id, None)
+                    continue
             if headers is None:  # what emit() makes: checked first, so it costs no more than before
                 # Event(name, payload, EMPTY_HEADERS, timestamp_ns) without the type call, whose
                 # __init__ runs in a frame of its own (CPython 3.11 inlines plain calls, not that)
