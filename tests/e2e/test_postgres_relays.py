@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tidings import Event
+from tidings._core.bus import _CLAIM_BATCH
 from tidings.store.postgres import PostgresStore
 
 from ..conftest import POSTGRES_DSN
@@ -19,7 +20,11 @@ from .support import ROOT
 
 pytestmark = pytest.mark.e2e
 
-DELIVERIES = 2_000
+# A batch for each relay, claimed at the same moment (both connected, then both started): FOR UPDATE
+# SKIP LOCKED must keep the two claims apart. Without it, a delivery ran twice in 20 runs of 20 (and
+# in 2 of 10 runs of the former version: 2,000 deliveries, the relays started one after the other,
+# each claiming again after its relay's 5 s interval).
+DELIVERIES = 2 * _CLAIM_BATCH
 
 
 async def _record_backlog(schema: str) -> None:
@@ -39,13 +44,29 @@ def test_two_relays_share_a_backlog_without_running_a_delivery_twice(pg_schema: 
             [sys.executable, "-m", "tests.e2e.apps.relay"],
             cwd=ROOT,
             env=env,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         for _ in range(2)
     ]
-    outputs = [relay.communicate(timeout=180) for relay in relays]
+    try:
+        # both imported, then both go: they claim at the same moment, not one after the other
+        for relay in relays:
+            assert relay.stdout is not None
+            if relay.stdout.readline().strip() != "ready":
+                pytest.fail(f"a relay did not start:\n{relay.communicate(timeout=30)[1][-4000:]}")
+        for relay in relays:
+            assert relay.stdin is not None
+            relay.stdin.write("go\n")
+            relay.stdin.flush()
+        outputs = [relay.communicate(timeout=180) for relay in relays]
+    finally:
+        for relay in relays:
+            if relay.poll() is None:
+                relay.kill()
+                relay.communicate()
     for relay, (out, err) in zip(relays, outputs, strict=True):
         assert relay.returncode == 0, err[-4000:]
         assert out.strip() == "idle"

@@ -1,13 +1,16 @@
 """One of several processes working through the same PostgreSQL log (tests/e2e/test_postgres_relays.py).
 
-``python -m tests.e2e.apps.relay``: starts a bus on the log, lets its relay take deliveries until none
-is pending, then prints ``idle``. Each handler run appends ``<pid> <n>`` to ``$RELAY_RUNS``.
+``python -m tests.e2e.apps.relay``: connects to the log, prints ``ready`` and waits for a line on stdin
+(the test sends one to every process once all are ready, so that their relays claim at the same
+moment), then starts a bus on the log, lets its relay take deliveries until none is pending, and
+prints ``idle``. Each handler run appends ``<pid> <n>`` to ``$RELAY_RUNS``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 from tidings import Event, EventBus
 from tidings.store.postgres import PostgresStore
@@ -24,6 +27,9 @@ async def run(event: Event) -> None:
 
 
 async def main() -> None:
+    await store.open()  # connected: the bus's start below claims at once
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
     async with bus:
         async with asyncio.timeout(120):
             # the log is shared with another process: its count, polled under a deadline, is the signal
