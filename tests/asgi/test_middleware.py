@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -35,6 +37,7 @@ from tidings import (
     TidingsMiddleware,
     emit,
 )
+from tidings._core.dispatcher import current_scope
 from tidings.types import Message, Scope
 
 from ..conftest import Recorder
@@ -931,3 +934,71 @@ async def test_delivering_a_failed_requests_events_does_not_delay_its_error_resp
         assert recorder.items == []
         gate.set()
         await recorder.wait_count(1)
+
+
+async def _ok(scope: Scope, receive: Any, send: Any) -> None:
+    emit("x")
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def test_a_finished_request_job_lets_go_of_the_requests_task() -> None:
+    # A server's timer armed in the request's send() (uvicorn's keep-alive timer; cancelled, it
+    # waits in the loop's heap) holds a copy of the request's context, and so its job: the job
+    # must not keep the request's task (its coroutine, its context) alive all that time
+    bus = EventBus()
+    jobs: list[weakref.ref[Any]] = []
+    timers: list[asyncio.TimerHandle] = []
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        jobs.append(weakref.ref(current_scope()))
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            timers.append(asyncio.get_running_loop().call_later(3600, lambda: None))
+
+    app = TidingsMiddleware(_ok, bus=bus)
+    async with bus:
+        gc.disable()
+        try:
+            task = asyncio.get_running_loop().create_task(app(http_scope("/"), request_body(), send))
+            await task
+            request_task = weakref.ref(task)
+            del task
+            await asyncio.sleep(0)  # the loop's callback that resumed this test (it holds the task) ends
+            assert jobs[0]() is not None  # the timer's copy of the context holds the job...
+            assert request_task() is None  # ...and nothing holds the task
+        finally:
+            gc.enable()
+            for timer in timers:
+                timer.cancel()
+
+
+async def test_a_request_job_run_in_a_task_of_its_own_is_freed_without_the_garbage_collector() -> None:
+    # request_handlers="task": the job's task runs in a copy of the request's context, which holds
+    # the job; a job holding its task after it ended would make a cycle only a collection frees
+    bus = EventBus(request_handlers="task")
+    jobs: list[weakref.ref[Any]] = []
+
+    @bus.on("x")
+    async def handler(event: Event) -> None:
+        jobs.append(weakref.ref(current_scope()))
+
+    async def send(message: Message) -> None:
+        pass
+
+    app = TidingsMiddleware(_ok, bus=bus)
+    async with bus:
+        gc.disable()
+        try:
+            for _ in range(3):
+                await app(http_scope("/"), request_body(), send)
+            await bus.drain()
+            for _ in range(10):  # the loop lets go of a finished task once its callbacks ran
+                if len(jobs) == 3 and all(job() is None for job in jobs):
+                    break
+                await asyncio.sleep(0)
+            assert [job() is None for job in jobs] == [True, True, True]
+        finally:
+            gc.enable()

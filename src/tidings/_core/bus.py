@@ -803,9 +803,10 @@ class EventBus:
         # no concurrency slot: an emit_now() inside a handler, which holds one, must not wait for another
         job.unbounded = True
         self._runner.spawn(job)
-        assert job.task is not None
-        await asyncio.wait([job.task])  # the caller's cancellation leaves the handlers running
-        if job.task.cancelled() or job.cut_off:  # drain or shutdown cut it off: those calls did not run
+        task = job.task  # the job lets go of it when it ends
+        assert task is not None
+        await asyncio.wait([task])  # the caller's cancellation leaves the handlers running
+        if task.cancelled() or job.cut_off:  # drain or shutdown cut it off: those calls did not run
             unfinished = job.taken_over
             if unfinished is None:  # its task was cancelled before it ran
                 unfinished = job.unfinished(self._registry.resolve)

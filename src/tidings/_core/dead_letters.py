@@ -163,12 +163,13 @@ class DeadLetters:
         # no concurrency slot (its task has not started): a replay from a handler, which holds
         # one, must not wait for another
         job.unbounded = True
-        assert job.task is not None
-        await asyncio.wait([job.task])  # a cancelled replay leaves the job running
+        task = job.task  # the job lets go of it when it ends
+        assert task is not None
+        await asyncio.wait([task])  # a cancelled replay leaves the job running
         # by argument: the job may run the calls with other handler objects (traced ones)
         failed_calls = {id(arg) for _, arg in job.failed}
         unfinished: set[tuple[str, str]] = set()
-        if job.task.cancelled() or job.cut_off:  # drain or shutdown cut it off
+        if task.cancelled() or job.cut_off:  # drain or shutdown cut it off
             reported = job.taken_over if job.taken_over is not None else job.unfinished(registry.resolve)
             unfinished = {(p.event.id, p.handler) for p in reported}
         outcomes = [

@@ -790,6 +790,12 @@ class Runner:
                 else:
                     self._running -= 1
             self.jobs.discard(job)
+            # The job can outlive its run: a context copied while it ran holds it (a task the
+            # request started, or a server's timer: uvicorn's keep-alive one, armed in the request's
+            # send(), waits in the loop's heap after it is cancelled). Holding its task too, it would
+            # keep the task's coroutine and context alive; and a task run in a copy of the job's
+            # context (spawn(), request_handlers="task") would make a cycle only the GC frees.
+            job.task = None
             if self._idle_waiters:
                 self._wake_idle_waiters()
 
