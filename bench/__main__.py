@@ -8,6 +8,7 @@ goes to stderr; the Markdown table of medians, ratios and targets goes to stdout
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from .apps import EVENT_SYSTEMS, LOOPBACK_SYSTEMS, POSTGRES_DSN
-from .loopback import HTTP_IMPL, WRK, run_wrk, serve
+from .loopback import HTTP_IMPL, WRK, WrkResult, run_wrk, serve
 from .report import BASELINE, Measurement, Results, build_rows, render_markdown
 
 if TYPE_CHECKING:
@@ -165,21 +166,30 @@ def run_loopback(settings: Settings, workdir: Path, results: Results) -> None:
         return
     _log(
         f"uvicorn (loop {settings.loop}, http {HTTP_IMPL}) + wrk -t1 -c16 -d{settings.wrk_seconds}s, "
-        f"{settings.wrk_repeats} run(s) per system after a 1s warm-up"
+        f"{settings.wrk_repeats} round(s) of every system after a 1s warm-up each"
     )
-    for system in LOOPBACK_SYSTEMS:
-        log = workdir / f"uvicorn-{system}.log"
-        try:
-            with serve(system, events=1, loop=settings.loop, log=log) as url:
-                run_wrk(url, duration_s=1)  # warm-up
-                runs = [run_wrk(url, duration_s=settings.wrk_seconds) for _ in range(settings.wrk_repeats)]
-        except Exception:
-            _log(f"uvicorn log for {system}:\n{log.read_text() if log.exists() else '(none)'}")
-            raise
+    runs: dict[SystemName, list[WrkResult]] = {system: [] for system in LOOPBACK_SYSTEMS}
+    with contextlib.ExitStack() as servers:
+        urls: dict[SystemName, str] = {}
+        for system in LOOPBACK_SYSTEMS:
+            log = workdir / f"uvicorn-{system}.log"
+            try:
+                urls[system] = servers.enter_context(serve(system, events=1, loop=settings.loop, log=log))
+                run_wrk(urls[system], duration_s=1)  # warm-up
+            except Exception:
+                _log(f"uvicorn log for {system}:\n{log.read_text() if log.exists() else '(none)'}")
+                raise
+        # Every server waits, idle, while another is loaded: rounds interleave the systems in time,
+        # so drift on a shared machine hits every system alike (as the in-process rounds do).
+        for round_ in range(settings.wrk_repeats):
+            _log(f"  round {round_ + 1}/{settings.wrk_repeats}")
+            for system, url in urls.items():
+                runs[system].append(run_wrk(url, duration_s=settings.wrk_seconds))
+    for system, system_runs in runs.items():
         for variant, unit, samples in (
-            ("rps", "req/s", [r.requests_per_s for r in runs]),
-            ("p50", "ms", [r.p50_ms for r in runs]),
-            ("p99", "ms", [r.p99_ms for r in runs]),
+            ("rps", "req/s", [r.requests_per_s for r in system_runs]),
+            ("p50", "ms", [r.p50_ms for r in system_runs]),
+            ("p99", "ms", [r.p99_ms for r in system_runs]),
         ):
             _record(results, Measurement("wrk", system, variant, unit, samples))
 
