@@ -9,7 +9,9 @@ fastapi-events read handler signatures at runtime.
 """
 
 import asyncio
+import atexit
 import os
+import shutil
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -200,7 +202,9 @@ def _tidings(spec: AppSpec, *, durable: Literal["sqlite", "postgres"] | None = N
 
     # With a durable log every delivery is recorded before its handler runs and completed after.
     if durable == "sqlite":
-        bus = EventBus(store=SQLiteStore(os.path.join(tempfile.mkdtemp(prefix="tidings-bench-"), "log.db")))
+        log_dir = tempfile.mkdtemp(prefix="tidings-bench-")
+        atexit.register(shutil.rmtree, log_dir, ignore_errors=True)  # one worker process per measurement
+        bus = EventBus(store=SQLiteStore(os.path.join(log_dir, "log.db")))
     elif durable == "postgres":
         bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema="tidings_bench"))
     else:

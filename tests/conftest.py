@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import uuid
@@ -22,7 +24,10 @@ from tidings.store import _rows
 from tidings.store.codec import decode_event
 
 # The demo shop keeps its event log in a file: the tests' goes to a directory of their own.
-os.environ.setdefault("SHOP_EVENT_LOG", os.path.join(tempfile.mkdtemp(prefix="tidings-shop-"), "events.db"))
+if "SHOP_EVENT_LOG" not in os.environ:
+    _shop_dir = tempfile.mkdtemp(prefix="tidings-shop-")
+    atexit.register(shutil.rmtree, _shop_dir, ignore_errors=True)
+    os.environ["SHOP_EVENT_LOG"] = os.path.join(_shop_dir, "events.db")
 
 
 @pytest.fixture(

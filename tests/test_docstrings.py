@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import pkgutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ class _Finder(doctest.DocTestFinder):
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # examples that write files (events.db) write them here
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # and their mkdtemp() directories
     module = importlib.import_module(name)
     tests = _Finder(exclude_empty=True).find(module, name)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)

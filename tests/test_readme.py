@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tempfile
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,12 @@ def run_example(line: int, source: str) -> dict[str, Any]:
     sys.modules[module.__name__] = module
     exec(compile(source, f"{README}:{line}", "exec"), module.__dict__)
     return module.__dict__
+
+
+@pytest.fixture(autouse=True)
+def temporary_files_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The examples' ``tempfile.mkdtemp()`` directories go where pytest cleans up."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture(autouse=True)

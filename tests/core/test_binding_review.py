@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pydantic
@@ -176,8 +175,10 @@ async def test_an_unresolvable_event_annotation_is_an_argument_under_bind_argume
     assert recorder.items == [{"who": "x"}]
 
 
-async def test_a_handler_by_name_gets_its_typed_event_back_from_the_log(recorder: Recorder) -> None:
-    path = os.path.join(tempfile.mkdtemp(prefix="tidings-revive-"), "log.db")
+async def test_a_handler_by_name_gets_its_typed_event_back_from_the_log(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "log.db")
     first = EventBus(store=SQLiteStore(path), name="first")
 
     @first.on("user.renamed", name="rename")
@@ -277,8 +278,9 @@ async def test_typed_arguments_come_back_typed(recorder: Recorder) -> None:
 
 async def test_every_registration_of_a_handler_is_planned_again_and_replays_with_it(
     recorder: Recorder,
+    tmp_path: Path,
 ) -> None:
-    path = os.path.join(tempfile.mkdtemp(prefix="tidings-replan-"), "log.db")
+    path = str(tmp_path / "log.db")
 
     def build(fail: bool) -> EventBus:
         bus = EventBus(store=SQLiteStore(path))
@@ -390,8 +392,8 @@ class Order(pydantic.BaseModel):
     total: float
 
 
-async def test_typed_events_replay_as_they_ran_live(recorder: Recorder) -> None:
-    path = os.path.join(tempfile.mkdtemp(prefix="tidings-typed-replay-"), "log.db")
+async def test_typed_events_replay_as_they_ran_live(recorder: Recorder, tmp_path: Path) -> None:
+    path = str(tmp_path / "log.db")
 
     def build(fail: bool) -> EventBus:
         bus = EventBus(store=SQLiteStore(path))

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -220,8 +219,8 @@ def test_arguments_survive_the_codec() -> None:
     assert plain.payload == {"$tidings.arguments": 1, "other": 2}
 
 
-async def test_arguments_handlers_run_again_from_the_log(recorder: Recorder) -> None:
-    path = os.path.join(tempfile.mkdtemp(prefix="tidings-args-"), "log.db")
+async def test_arguments_handlers_run_again_from_the_log(recorder: Recorder, tmp_path: Path) -> None:
+    path = str(tmp_path / "log.db")
     first = EventBus(store=SQLiteStore(path), name="first")
 
     @first.on("payment.processed", name="settle")

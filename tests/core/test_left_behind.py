@@ -12,9 +12,7 @@ import contextlib
 import contextvars
 import gc
 import logging
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 import weakref
@@ -137,10 +135,12 @@ async def test_drain_reports_a_call_still_running_when_its_bound_runs_out(record
     assert [type(f).__name__ for f in failures.items] == ["HandlerTimeoutError", "HandlerCancelledError"]
 
 
-async def test_a_durable_log_keeps_the_call_leased_then_completes_it(recorder: Recorder) -> None:
+async def test_a_durable_log_keeps_the_call_leased_then_completes_it(
+    recorder: Recorder, tmp_path: Path
+) -> None:
     release = threading.Event()
     failures = Recorder()
-    path = os.path.join(tempfile.mkdtemp(), "events.db")
+    path = str(tmp_path / "events.db")
     bus = hanging_bus(recorder, failures, release, store=SQLiteStore(path))
     async with bus:
         bus.emit("job", 3)
@@ -208,14 +208,16 @@ async def test_the_calls_after_a_hung_one_keep_their_jobs_context(recorder: Reco
 
 @pytest.mark.parametrize("job_state", ["running", "recording", "ended"])
 async def test_a_late_call_is_completed_only_after_the_events_it_emitted_are_recorded(
-    job_state: str, recorder: Recorder
+    job_state: str,
+    recorder: Recorder,
+    tmp_path: Path,
 ) -> None:
     # running: its job still runs a handler; recording: its job waits for the log to take other
     # events when the call returns; ended: its job has ended
     release = threading.Event()
     job_may_end = asyncio.Event()
     log_may_take_sibling = asyncio.Event()
-    path = os.path.join(tempfile.mkdtemp(), "events.db")
+    path = str(tmp_path / "events.db")
     store = SQLiteStore(path)
     writes: list[tuple[str, list[str]]] = []
     record, complete = store.record, store.complete
@@ -404,11 +406,13 @@ def test_what_a_late_call_emits_after_its_loop_closed_is_logged_as_dropped() -> 
 
 
 async def test_a_late_call_whose_events_are_cut_off_before_they_are_recorded_stays_in_the_log(
-    recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+    recorder: Recorder,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     release, returned = threading.Event(), threading.Event()
     failures = Recorder()
-    path = os.path.join(tempfile.mkdtemp(), "events.db")
+    path = str(tmp_path / "events.db")
     store = SQLiteStore(path)
     bus = EventBus(store=store, on_failure=failures.add)
     writing_child = asyncio.Event()
@@ -709,13 +713,15 @@ async def test_a_late_call_that_returned_before_its_job_was_cut_off_leaves_the_l
 
 @pytest.mark.parametrize("job_state", ["running", "ended"])
 async def test_a_late_call_whose_events_the_log_failed_to_take_stays_in_it(
-    job_state: str, recorder: Recorder
+    job_state: str,
+    recorder: Recorder,
+    tmp_path: Path,
 ) -> None:
     # running: its events join its job, whose record of them fails; ended: they make a job of their
     # own, whose first record fails. Either way the call stays in the log, to run again and emit them.
     release = threading.Event()
     job_may_end = asyncio.Event()
-    path = os.path.join(tempfile.mkdtemp(), "events.db")
+    path = str(tmp_path / "events.db")
     store = SQLiteStore(path)
     record, complete = store.record, store.complete
     completed: list[str] = []

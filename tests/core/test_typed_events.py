@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import enum
-import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pydantic
@@ -221,8 +220,8 @@ async def test_validation_happens_in_the_request_and_fails_it() -> None:
     assert recorder.items == [3]
 
 
-async def test_typed_payloads_come_back_typed_from_the_log(recorder: Recorder) -> None:
-    path = os.path.join(tempfile.mkdtemp(prefix="tidings-typed-"), "log.db")
+async def test_typed_payloads_come_back_typed_from_the_log(recorder: Recorder, tmp_path: Path) -> None:
+    path = str(tmp_path / "log.db")
     first = EventBus(store=SQLiteStore(path), name="first")
     release = Recorder()
 
