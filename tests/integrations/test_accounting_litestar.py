@@ -4,8 +4,11 @@ Each seed generates a scenario on top of the core test's (its bus settings and `
 same behaviours): a Litestar app with :class:`TidingsPlugin`, Litestar listeners (``@listener``,
 ``async def`` and plain ``def``: they return, raise, fail on their first attempts under the bus's
 retry policy, hang past the bus's ``handler_timeout``, chain through ``app.emit`` or ``tidings.emit``,
-emit from a thread), and route handlers (``async def`` and plain ``def`` with ``sync_to_thread``) that
-emit through ``tidings.emit`` or ``request.app.emit``: some return, some raise (answered by Litestar
+emit from a thread; plain ``def`` ones that hang may emit before their timeout as well as once
+released, and some run about as long as the timeout, so that their emits meet its take-over of the
+call), hung calls perhaps released mid-run once each is reported, and route handlers (``async
+def`` and plain ``def`` with ``sync_to_thread``) that emit through ``tidings.emit`` or
+``request.app.emit``: some return, some raise (answered by Litestar
 with a 500, a 404, or by exception handlers of the app with a 409, a 503 that emits, or an exception
 handler that emits and raises), some emit from an ``after_response`` hook or a background task.
 ``request_errors`` is "deliver" or "drop", set on the bus or overridden by the plugin. The app's
@@ -37,6 +40,7 @@ import dataclasses
 import functools
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -66,6 +70,7 @@ from tests.core.test_accounting import (
     check,
     describe,
     outcomes_of,
+    release_reported,
 )
 from tidings import EventBus, RetryPolicy
 from tidings._core.threads import DaemonThreadPool
@@ -170,8 +175,16 @@ class LitestarPlan(Plan):
                 steps.append((kind, rng.choice((0.0, 0.005, 0.05))))
             else:
                 steps.append((kind, None))
+        # A second random stream, so that the rest of each seed's scenario stays as it was: plain
+        # def listeners that run about as long as the bus's timeout (their emits meet its take-over),
+        # hung ones that emit before their timeout too, and hung calls released mid-run.
+        extra = random.Random(f"litestar-overruns-{seed}")
+        listeners = overrunning_listeners(extra, listeners, overrun=bus_retry is None)
         everyone = core.handlers + tuple(listeners)
         hangs_sync = any(h.behaviour == "hangs" and not h.is_async for h in everyone)
+        if hangs_sync and extra.random() < 0.5:
+            # once each has been reported past its timeout, hung calls return while the bus runs
+            steps.insert(extra.randint(0, len(steps)), ("release", None))
         if hangs_sync:  # as in the core test: whatever awaits plain def calls runs in the background
             steps = [
                 (kind, (*arg[:-1], True)) if kind in ("emit_now", "request") else (kind, arg)
@@ -186,12 +199,42 @@ class LitestarPlan(Plan):
             **fields,
             listeners=tuple(listeners),
             plugin_errors=rng.choice((None, None, "deliver", "drop")),
-            # hung listeners have the bus's timeout (the core handlers that hang have their own)
-            handler_timeout=0.05 if any(h.behaviour == "hangs" for h in listeners) else 0.5,
+            # hung and overrunning listeners have the bus's timeout (the core handlers, their own)
+            handler_timeout=LISTENER_TIMEOUT
+            if any(h.behaviour in ("hangs", "overruns") for h in listeners)
+            else 0.5,
             bus_retry=bus_retry,
             startup_emits=tuple(rng.choice(NAMES) for _ in range(rng.choice((0, 0, 1, 2)))),
             shutdown_emits=tuple(rng.choice(NAMES) for _ in range(rng.choice((0, 0, 1, 2)))),
         )
+
+
+LISTENER_TIMEOUT = 0.05  # the bus's handler_timeout when a listener hangs or overruns
+
+
+def overrunning_listeners(
+    rng: random.Random, listeners: list[HandlerPlan], *, overrun: bool
+) -> list[HandlerPlan]:
+    """The core test's ``overrunning``, for listeners, which have the bus's timeout and retry policy.
+
+    A plain def one that returns or chains may instead run for about the bus's timeout (only with no
+    retry policy, as in the core test: a timed-out call would be retried while it still runs); one
+    that hangs or overruns may emit its child before its timeout as well.
+    """
+    changed: list[HandlerPlan] = []
+    for handler in listeners:
+        sync_work = not handler.is_async and handler.behaviour in ("returns", "chains")
+        if overrun and sync_work and rng.random() < 0.25:
+            handler = dataclasses.replace(
+                handler,
+                name=handler.name.replace(handler.behaviour, "overruns"),
+                behaviour="overruns",
+                runs_for=LISTENER_TIMEOUT * rng.uniform(0.6, 1.4),
+            )
+        if handler.behaviour in ("hangs", "overruns") and not handler.is_async:
+            handler = dataclasses.replace(handler, early=rng.random() < 0.5)
+        changed.append(handler)
+    return changed
 
 
 class LitestarScenario(Scenario):
@@ -217,7 +260,7 @@ class LitestarScenario(Scenario):
         self.shutting_down = False
         self.statuses: list[tuple[str, int, int]] = []  # (path, expected, got)
         self.late: list[asyncio.Task[None]] = []
-        hook: Callable[[tidings.HandlerError], object] = self.failures.append
+        hook: Callable[[tidings.HandlerError], object] = self._failed  # wakes a mid-run release
         if plan.async_hook:
             hook = self._async_hook
         options: dict[str, Any] = {} if plan.bus_retry is None else {"retry": plan.bus_retry}
@@ -309,9 +352,22 @@ class LitestarScenario(Scenario):
             if fails(payload):
                 raise RuntimeError(f"{handler.name} fails")
             if handler.behaviour == "hangs":
-                with ledger.hanging_call():
+                with ledger.hanging_call((payload["token"], name)):
+                    if handler.early:
+                        self._listener_child(handler, payload)  # as its job's, while the job waits for it
                     assert self.release.wait(30), "never released"
                     self._listener_child(handler, payload)  # after its job went on without it
+                    self._returned(payload, name)
+                return
+            if handler.behaviour == "overruns":
+                with ledger.hanging_call():
+                    if handler.early:
+                        self._listener_child(
+                            handler, payload
+                        )  # as its job's, or as the timeout takes it over
+                    time.sleep(handler.runs_for)  # its work: about as long as its timeout
+                    if not handler.early:
+                        self._listener_child(handler, payload)  # as it returns, or after it was left behind
                     self._returned(payload, name)
                 return
             if handler.behaviour == "chains":
@@ -501,6 +557,8 @@ class LitestarScenario(Scenario):
                                     (cast(dict[str, Any], p.event.payload)["token"], p.handler)
                                     for p in exc.pending
                                 ]
+                        elif kind == "release":
+                            await release_reported(self.ledger, self.failures, self.release)
                         else:
                             await asyncio.sleep(0)
                     # every request has passed the plugin's middleware: none starts the bus once closed
