@@ -620,3 +620,79 @@ async def test_what_a_job_emits_as_the_drain_cuts_it_off_stays_in_the_log_too(
     restarted.subscribe(lambda event: None, "parent", name="hangs")
     async with restarted:
         assert await recorder.wait_count(1) == [7]
+
+
+async def test_a_call_that_returns_after_the_log_closed_is_named_and_runs_again_after_a_restart(
+    log: Log, recorder: Recorder, records: Records, failures: list[HandlerError]
+) -> None:
+    # Found by tests/integrations/test_accounting_fastapi.py (seed 997, under load): a job cut off
+    # by the drain unwinds in its own task, and a handler may hold the cancellation up (FastAPI
+    # shields a yield dependency's exit); the bus closed its log meanwhile, so the completion of a
+    # call that had returned could not be written, and the store logged only a count ("could not
+    # complete 1 deliveries"). It stays pending, and runs again after a restart: now said by name.
+    release = asyncio.Event()
+    bus = make_bus(log, failures, drain_timeout=0.05, handler_timeout=None, resubmit_after=0.2)
+
+    @bus.on("x", name="returns")
+    async def returns(event: Event) -> None:
+        recorder.add("returned")
+
+    @bus.on("x", name="slow.to.stop")
+    async def slow_to_stop(event: Event) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await release.wait()  # what a shielded clean-up does: the cancellation waits for it
+            raise
+
+    async with bus:
+        bus.emit("x")
+        await recorder.wait_count(1)
+        (job,) = bus._runner.jobs
+        task = job.task
+        assert task is not None
+    # aclose() returned: the drain cut the job off, and the log is closed; the job unwinds now
+    release.set()
+    await asyncio.wait({task})
+    record = await records.wait_for("the event log could not complete")
+    event_id = record.tidings_event_id  # type: ignore[attr-defined]  # logging's extra fields
+    assert record.tidings_handler == "returns"  # type: ignore[attr-defined]
+    assert f"{event_id}/returns" in record.getMessage()
+    assert "is closed" in record.getMessage()
+    assert "they stay in it, to run again (at least once)" in record.getMessage()
+    assert [f.handler for f in failures] == ["slow.to.stop"]  # the one cut off
+    assert await pending(log) == 2  # the one cut off, and the one that returned too late
+
+    again = make_bus(log, resubmit_after=0.2)
+
+    @again.on("x", name="returns")
+    async def returns_again(event: Event) -> None:
+        recorder.add(("again", event.id))
+
+    @again.on("x", name="slow.to.stop")
+    async def stops(event: Event) -> None:
+        recorder.add("stopped")
+
+    async with again:
+        items = await recorder.wait_count(3)
+        await again.drain()
+    assert ("again", event_id) in items  # at least once
+    assert await pending(log) == 0
+
+
+async def test_a_write_nobody_awaits_after_the_log_closed_is_refused(log: Log) -> None:
+    # Raised, so that the bus names what is not written (above). PostgresStore used to start its
+    # writer again for it: a connection and a task that nothing closed, which then held up the
+    # event loop's own close.
+    store = log()
+    await store.open()
+    await store.aclose()
+    with pytest.raises(StoreError, match="is closed"):
+        store.complete([("01JDUMMYEVENTID0000000000", "h")])
+    if isinstance(store, PostgresStore):
+        assert store._writer is None  # nothing started
+    else:
+        assert isinstance(store, SQLiteStore)
+        assert store._thread is None
+    assert await store.pending_count() == 0  # an awaited call opens the log again...
+    await store.aclose()  # ...and it closes as usual

@@ -115,7 +115,8 @@ class Store(Protocol):
     The bus calls the write methods without awaiting them, from its event loop: they must not block
     (a durable store queues the write and commits it soon, in order). :meth:`record` is awaited: when
     it returns, the deliveries survive a crash. A failed write is logged with what it was writing;
-    the administrative methods raise :class:`~tidings.StoreError`.
+    a write after :meth:`aclose` raises :class:`~tidings.StoreError` at once (the bus logs it with the
+    deliveries it names), and so do the administrative methods.
 
     A delivery is *leased* by the process that recorded or claimed it until its lease runs out; only
     then may :meth:`claim` hand it to another process (or to the same one after a restart). That is

@@ -150,6 +150,9 @@ class PostgresStore:
         self._queue: list[_Op] = []
         self._wakeup: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
+        # aclose() ran: a write nobody awaits is refused (StoreError, as SQLiteStore's), rather than
+        # reopening a connection that nothing would close; an awaited call reopens the log
+        self._closed = False
         self._connection: asyncpg.Connection | None = None
 
     @property
@@ -199,6 +202,7 @@ class PostgresStore:
         """Commit what is queued, then disconnect. Idempotent."""
         writer = self._writer
         if writer is None:
+            self._closed = True
             return
         if not writer.done():
             try:
@@ -213,6 +217,7 @@ class PostgresStore:
                     self.close_timeout,
                     len(self._queue),
                 )
+            self._closed = True  # from here a write nobody awaits is refused
             writer.cancel()
             try:
                 await writer
@@ -220,7 +225,13 @@ class PostgresStore:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
+            # queued behind the flush (or past its bound): each fails, and says what it was, rather
+            # than stay in a queue nothing writes any more (and an awaited one wait forever)
+            leftovers, self._queue = self._queue, []
+            for op in leftovers:
+                self._fail(op, StoreError("the log closed before it was written"))
         self._writer = None
+        self._closed = True
         connection, self._connection = self._connection, None
         if connection is not None:
             try:
@@ -286,12 +297,15 @@ class PostgresStore:
             logger.error("%s", error, exc_info=exc)
 
     def _submit(self, run: Run, what: str) -> None:
+        if self._closed:  # as SQLiteStore: the caller says what is not written
+            raise StoreError(f"the PostgreSQL event log is closed: could not {what}")
         self._queue.append(_Op(run, what, None))
         self._start_writer()
         assert self._wakeup is not None
         self._wakeup.set()
 
     async def _call(self, run: Run, what: str) -> Any:
+        self._closed = False  # someone waits for it (a start, a read after close): it reopens the log
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append(_Op(run, what, future))
         self._start_writer()

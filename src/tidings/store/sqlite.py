@@ -240,11 +240,9 @@ class SQLiteStore:
             logger.error("%s", error, exc_info=exc)
 
     def _submit(self, run: Callable[[sqlite3.Connection], Any], what: str) -> None:
-        try:
-            self._start_writer()
-        except StoreError as exc:  # after aclose(): say what is not written, never drop it quietly
-            logger.error("%s: could not %s", exc, what)
-            return
+        # after aclose() this raises: the caller says what is not written (a late completion, say,
+        # by the deliveries it names), rather than the store by a count
+        self._start_writer()
         self._queue.put(_Op(run, what))
 
     async def _call(
