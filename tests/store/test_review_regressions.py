@@ -203,6 +203,30 @@ async def test_closing_a_postgres_log_that_stopped_answering_is_bounded(
     assert "did not answer within 0.2s while closing" in caplog.text
 
 
+async def test_closing_a_postgres_log_mid_batch_settles_the_batch_it_cut_off(
+    pg_schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = PostgresStore(POSTGRES_DSN, schema=pg_schema, close_timeout=0.2)
+    await store.open()
+    started = asyncio.Event()
+
+    async def hangs(connection: Any) -> None:  # a statement the server never finishes
+        started.set()
+        await connection.execute("SELECT pg_sleep(10)")
+
+    awaited = asyncio.ensure_future(store._call(hangs, "write a slow row"))
+    store.complete([("01J0000000000000000000000", "audit")])  # in the same batch, nobody awaits it
+    await started.wait()
+    store.complete([("01J0000000000000000000001", "audit"), ("01J0000000000000000000002", "audit")])
+    async with asyncio.timeout(10):
+        await store.aclose()
+        with pytest.raises(StoreError, match="could not write a slow row: the log closed while writing it"):
+            await awaited  # settled, not left waiting for a writer that is gone
+    # each says what it was, the one cut off mid-transaction and the one still queued
+    assert "could not complete 1 deliveries: the log closed while writing it" in caplog.text
+    assert "could not complete 2 deliveries: the log closed before it was written" in caplog.text
+
+
 async def test_the_postgres_writer_survives_a_reconnect_that_fails(pg_schema: str) -> None:
     store = PostgresStore(POSTGRES_DSN, schema=pg_schema)
     await store.open()

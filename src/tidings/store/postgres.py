@@ -148,6 +148,7 @@ class PostgresStore:
         self._table = f"{prefix}tidings_deliveries"
         self.inbox_table = f"{prefix}tidings_inbox"
         self._queue: list[_Op] = []
+        self._in_flight: list[_Op] = []  # the batch the writer took from the queue and has not settled
         self._wakeup: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         # aclose() ran: a write nobody awaits is refused (StoreError, as SQLiteStore's), rather than
@@ -225,8 +226,13 @@ class PostgresStore:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-            # queued behind the flush (or past its bound): each fails, and says what it was, rather
-            # than stay in a queue nothing writes any more (and an awaited one wait forever)
+            # Cut off mid-batch (past the bound), or queued behind the flush: each fails, and says
+            # what it was, rather than be forgotten (and an awaited one wait forever). The batch
+            # was cancelled mid-transaction: asyncpg rolls it back, but a COMMIT the server took
+            # before the cancel reached it stands, hence "may".
+            in_flight, self._in_flight = self._in_flight, []
+            for op in in_flight:
+                self._fail(op, StoreError("the log closed while writing it (it may not have committed)"))
             leftovers, self._queue = self._queue, []
             for op in leftovers:
                 self._fail(op, StoreError("the log closed before it was written"))
@@ -247,13 +253,16 @@ class PostgresStore:
             self._wakeup.clear()
             while self._queue:
                 batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                self._in_flight = batch  # for aclose() to settle, should it cancel the writer
                 try:
                     connection = await self._connected()
                 except Exception as exc:  # the server is gone: these fail, the writer carries on
                     for op in batch:
                         self._fail(op, exc, opening=True)
+                    self._in_flight = []
                     continue
                 await self._commit(connection, batch)
+                self._in_flight = []
 
     async def _connected(self) -> asyncpg.Connection:
         connection = self._connection
@@ -281,6 +290,7 @@ class PostgresStore:
                         self._fail(rest, reconnect_error, opening=True)
                     return
                 await self._commit(connection, [op])
+                self._in_flight = batch[index + 1 :]  # that one is settled: not for aclose() to fail
             return
         for op, result in zip(batch, results, strict=True):
             if op.future is not None and not op.future.done():
