@@ -308,9 +308,10 @@ class Job(Scope):
     parent: Scope | None = None
     cut_off = False  # its unfinished calls were reported: drain cut it off, or it was cancelled
     reported_buffer = 0  # how many of `buffer`'s events that report named already
-    # async calls: async_calls[async_index] is next or in progress; `current` is the one awaited
+    # async calls: `current` is the one in progress (or, until the next starts, the one that just
+    # ended: nothing awaits in between), so those from it on are unfinished; before the first
+    # starts it is None, and so it is again once the last has ended (and `async_calls` is empty)
     async_calls: Sequence[Call] = ()
-    async_index = 0
     current: Call | None = None
     timed_out = False
     # timed_out or cut_off is set: after each call the run loop reads this one flag, not both
@@ -359,8 +360,9 @@ class Job(Scope):
         """Every (event, handler) call this job has not finished, in the order it was due."""
         pending: list[PendingDelivery] = []
         sync_index = self.sync_index if sync_from is None else sync_from
-        # the async call in progress, once left behind in its thread, is Runner.left_behind's
-        async_index = self.async_index if self.current_left is None else self.async_index + 1
+        async_index = self.async_index()
+        if self.current_left is not None:  # the call in progress, left behind in its thread, is
+            async_index += 1  # Runner.left_behind's
         for calls, start in ((self.async_calls, async_index), (self.sync_calls, sync_index)):
             for spec, arg in calls[start:]:
                 pending.extend(PendingDelivery(event, spec.name) for event in _events_of(spec, arg))
@@ -368,6 +370,20 @@ class Job(Scope):
             event = make_event(record)
             pending.extend(PendingDelivery(event, spec.name) for spec in resolve(event.name))
         return pending
+
+    def async_index(self) -> int:
+        """The index in ``async_calls`` of the call in progress, or of the next to start.
+
+        Found from ``current`` rather than kept up to date: run_job would store it once per call,
+        and it is read only when unfinished work is reported. By identity: each call is a tuple
+        of its own.
+        """
+        current = self.current
+        if current is not None:
+            for index, call in enumerate(self.async_calls):
+                if call is current:
+                    return index
+        return 0
 
     def reported_unfinished(self, sync_index: int) -> bool:
         """Whether its sync call at ``sync_index`` was among those a take-over reported unfinished."""
@@ -639,14 +655,16 @@ class Runner:
                 job.durable = True
                 job.done = []
                 job.sync_done = []
-            # Set on the job itself, the flags read after every call are cheap to read: a class
+            # Set on the job itself, the flag read after every call is cheap to read: a class
             # default read through an instance costs several times an instance attribute's.
-            job.interrupted = job.unbounded = False
+            job.interrupted = False
+            unbounded = False  # only emit_now's and replay's jobs are, never a request's
             self.jobs.add(job)
             if self._watch_handle is None:
                 self._arm_watch()
         else:
             durable = job.durable  # set once, when the job was tracked
+            unbounded = job.unbounded
         slot = 0  # the generation of the slot the job holds (bind() makes them 1, 2, ...), if any
         recording = False  # writing the events its handlers emitted to the log
         try:
@@ -660,7 +678,7 @@ class Runner:
                 job.recorded = True
                 if job.record_waiters:
                     _wake(job.record_waiters)
-            if job.unbounded:
+            if unbounded:
                 pass
             elif self._running < self.limits.max_concurrency:
                 self._running += 1
@@ -670,8 +688,7 @@ class Runner:
                 slot = self._slot_generation
             while True:
                 sync_future = self._start_sync(job, 0) if job.sync_calls else None
-                for index, call in enumerate(job.async_calls):
-                    job.async_index = index
+                for call in job.async_calls:
                     job.current = call
                     spec, arg = call
                     try:
@@ -893,7 +910,6 @@ class Runner:
                 # a tuple: the handler gets its own list (HandlerSpec.call copies), we keep ours
                 (async_calls if spec.is_async else sync_calls).append((spec, tuple(events)))
         job.async_calls = async_calls
-        job.async_index = 0
         job.sync_calls = sync_calls  # even empty: run_job reads it, and an instance's is cheaper to read
         if sync_calls:
             job.sync_index = 0
@@ -1101,7 +1117,8 @@ class Runner:
             error = HandlerTimeoutError(message, events=_events_of(spec, arg), handler=spec.name)
             self.failed(job, (spec, arg), error, cause)
         if task.cancelling():  # someone else cancelled it too: that one stands
-            job.async_index += 1  # this call is reported already: not among the unfinished
+            # this call is reported already: not among the unfinished that the cancellation reports
+            job.async_calls, job.current = job.async_calls[job.async_index() + 1 :], None
             raise asyncio.CancelledError
 
     def _start_sync(self, job: Job, start: int) -> asyncio.Future[None]:
