@@ -644,10 +644,12 @@ class Runner:
             if self.closed:  # the request outlived the bus: its events go where late emits go
                 self.bus.adopt(job)  # (logged and dropped, each by name)
                 return
-            emitted, job.buffer = job.buffer or [], []
+            # never empty: the middleware runs a request's job only once it emitted
+            emitted: list[Record] = job.buffer  # type: ignore[assignment]
             if not self._sort(emitted, job):
                 job.buffer = None
                 return
+            emitted.clear()  # sorted: the same list takes what the handlers emit (one list less)
             job.task = task_of(self.loop)  # type: ignore[arg-type]  # a runner runs jobs once bound
             # _track(), inlined: a call less per request
             durable = self.durable
@@ -871,7 +873,7 @@ class Runner:
             records = self.tracing.prepare(records)
             cached = self.tracing.resolve  # never None
         async_calls: list[Call] = []
-        sync_calls: list[Call] = []
+        sync_calls: list[Call] | None = None  # most jobs have none: no list for them
         batches: dict[HandlerSpec, list[Event]] | None = None
         for name, payload, timestamp_ns, headers in records:
             handlers = cached(name)
@@ -903,17 +905,28 @@ class Runner:
                     if batches is None:
                         batches = {}
                     batches.setdefault(spec, []).append(event)
+                elif spec.is_async:
+                    async_calls.append((spec, event))
+                elif sync_calls is None:
+                    sync_calls = [(spec, event)]
                 else:
-                    (async_calls if spec.is_async else sync_calls).append((spec, event))
+                    sync_calls.append((spec, event))
         if batches:
             for spec, events in batches.items():
                 # a tuple: the handler gets its own list (HandlerSpec.call copies), we keep ours
-                (async_calls if spec.is_async else sync_calls).append((spec, tuple(events)))
+                if spec.is_async:
+                    async_calls.append((spec, tuple(events)))
+                elif sync_calls is None:
+                    sync_calls = [(spec, tuple(events))]
+                else:
+                    sync_calls.append((spec, tuple(events)))
         job.async_calls = async_calls
-        job.sync_calls = sync_calls  # even empty: run_job reads it, and an instance's is cheaper to read
-        if sync_calls:
-            job.sync_index = 0
-        return bool(async_calls or sync_calls)
+        if sync_calls is None:
+            job.sync_calls = ()  # even none: run_job reads it, and an instance's is cheaper to read
+            return bool(async_calls)
+        job.sync_calls = sync_calls
+        job.sync_index = 0
+        return True
 
     def _complete(self, job: Job) -> None:
         """Tell the log which calls succeeded (sync ones only once the worker thread is done)."""
