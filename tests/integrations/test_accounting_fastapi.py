@@ -149,7 +149,7 @@ class HandlerPlan:
     child: str = NAMES[0]
     via: Via = "bus"
     early: bool = False  # a plain def "hangs" or "overruns": it emits its child before its timeout too
-    runs_for: float = 0.0  # "overruns" (plain def, native): how long it runs, either side of its timeout
+    runs_for: float = 0.0  # "overruns" (plain def): how long it runs, either side of its timeout
     rest: RestPlan | None = None  # deps == "background"
 
 
@@ -235,7 +235,11 @@ class Plan:
             )
         extra = random.Random(f"rests-{seed}")  # see with_rests
         handlers = with_rests(extra, compat, handlers)
-        hangs = any(h.behaviour == "hangs" for h in handlers)
+        compat_extra = random.Random(f"compat-overruns-{seed}")  # see compat_overrunning
+        if compat:
+            handlers = compat_overrunning(compat_extra, handlers)
+        # (compat: a handler that runs about as long as the bus's timeout needs it tiny, as one that hangs)
+        hangs = any(h.behaviour in ("hangs", "overruns") for h in handlers)
         if compat and hangs:
             # The bus's timeout is tiny then, and applies to every compat handler: a plain def one
             # past it is left behind, and its yield dependencies are closed by the timeout's
@@ -263,6 +267,13 @@ class Plan:
         if compat:
             # compat handlers have the bus's timeout and retry policy: fastapi-events has no per-handler ones
             handler_timeout = rng.choice((0.02, 0.04)) if hangs else rng.choice((None, 0.5))
+            if handler_timeout is not None:
+                handlers = [
+                    replace(h, runs_for=handler_timeout * compat_extra.uniform(0.6, 1.4))
+                    if h.behaviour == "overruns"
+                    else h
+                    for h in handlers
+                ]
             if rng.random() < 0.6:
                 attempts = rng.randint(2, 3)
                 bus_retry = RetryPolicy(max_attempts=attempts, backoff=rng.choice((0.002, 0.01)), jitter=0.0)
@@ -388,6 +399,27 @@ def with_rests(rng: random.Random, compat: bool, handlers: list[HandlerPlan]) ->
                 rest=rest,
                 retry=retry,
                 name=f"{handler.name.removesuffix(handler.deps)}background",
+            )
+        changed.append(handler)
+    return changed
+
+
+def compat_overrunning(rng: random.Random, handlers: list[HandlerPlan]) -> list[HandlerPlan]:
+    """Compat plain def handlers that run for about the bus's timeout (a third random stream).
+
+    fastapi-events has no per-handler timeout: the bus's applies, made tiny by
+    :meth:`Plan.generate` when a handler overruns, which then sets ``runs_for`` from it. As the
+    native ones of :func:`with_rests`, they may emit before the timeout's take-over, or as they
+    return (in it, or once left behind).
+    """
+    changed: list[HandlerPlan] = []
+    for handler in handlers:
+        if not handler.is_async and handler.behaviour in ("returns", "chains") and rng.random() < 0.25:
+            handler = replace(
+                handler,
+                name=handler.name.replace(handler.behaviour, "overruns", 1),
+                behaviour="overruns",
+                early=rng.random() < 0.5,
             )
         changed.append(handler)
     return changed
