@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 from .apps import SERVE_EVENTS_ENV, SERVE_SYSTEM_ENV
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping, Sequence
     from pathlib import Path
 
     from .apps import SystemName
@@ -86,12 +86,25 @@ def _wait_until_accepting(proc: subprocess.Popen[bytes], port: int, deadline_s: 
 
 @contextlib.contextmanager
 def serve(
-    system: SystemName, *, events: int, loop: str, log: Path, ready_timeout: float = 30.0
+    system: SystemName,
+    *,
+    events: int,
+    loop: str,
+    log: Path,
+    ready_timeout: float = 30.0,
+    stop_timeout: float = 15.0,
+    prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
-    """Run ``system`` under uvicorn for the ``with`` block; yields the base URL."""
+    """Run ``system`` under uvicorn for the ``with`` block; yields the base URL.
+
+    ``prefix`` runs the server under another program (``valgrind --tool=callgrind``, say), and
+    ``env`` adds to its environment.
+    """
     port = _free_port()
-    env = {**os.environ, SERVE_SYSTEM_ENV: system, SERVE_EVENTS_ENV: str(events)}
+    server_env = {**os.environ, **(env or {}), SERVE_SYSTEM_ENV: system, SERVE_EVENTS_ENV: str(events)}
     command = [
+        *prefix,
         sys.executable,
         "-m",
         "uvicorn",
@@ -114,7 +127,7 @@ def serve(
         "on",
     ]
     with log.open("wb") as log_file:
-        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, env=server_env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             _wait_until_accepting(proc, port, ready_timeout)
             yield f"http://{HOST}:{port}/"
@@ -122,7 +135,7 @@ def serve(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(timeout=15)
+                    proc.wait(timeout=stop_timeout)
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
