@@ -210,7 +210,7 @@ async def test_closing_a_postgres_log_mid_batch_settles_the_batch_it_cut_off(
     await store.open()
     started = asyncio.Event()
 
-    async def hangs(connection: Any) -> None:  # a statement the server never finishes
+    async def hangs(connection: Any) -> None:  # a statement that outlasts the close bound by far
         started.set()
         await connection.execute("SELECT pg_sleep(10)")
 
