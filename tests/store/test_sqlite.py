@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import enum
@@ -214,3 +215,50 @@ def test_the_inbox_refuses_an_autocommit_connection_outside_a_transaction(tmp_pa
     assert inbox.record_once(db, event, "billing.charge")  # so the next delivery does it
     db.execute("COMMIT")
     db.close()
+
+
+async def test_a_batch_that_cannot_take_the_write_lock_fails_at_once_not_once_per_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Tried again one by one, each write would wait out busy_timeout in turn: a writer (and a
+    # closing app) held up that many times over while another process holds the lock.
+    path = tmp_path / "log.db"
+    store = SQLiteStore(path, busy_timeout=0.2)
+    began: list[str] = []
+    connect = store._connect
+
+    def traced() -> sqlite3.Connection:
+        connection = connect()
+        connection.set_trace_callback(lambda sql: began.append(sql) if sql.startswith("BEGIN") else None)
+        return connection
+
+    store._connect = traced  # type: ignore[method-assign]
+    await store.open()
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(connection: sqlite3.Connection) -> None:  # keeps the writer busy while writes queue up
+        entered.set()
+        assert gate.wait(10)
+
+    holder = asyncio.ensure_future(store._call(hold, "hold the writer", reads_only=True))
+    assert await anyio.to_thread.run_sync(entered.wait, 10)
+    before = len(began)
+    for n in range(5):  # one batch, queued behind the writer's current one...
+        store.complete([(f"01J00000000000000000000{n:03d}", "audit")])
+    flushing = asyncio.ensure_future(store.flush())
+    await asyncio.sleep(0)  # ...with the flush in it
+    assert store._queue.qsize() == 6
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process takes the write lock, and keeps it
+    try:
+        gate.set()
+        await holder
+        with pytest.raises(StoreError, match="could not flush: database is locked"):
+            await flushing
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert began[before:] == ["BEGIN IMMEDIATE"]  # tried once for the batch, then failed as one
+    assert caplog.text.count("could not complete 1 deliveries: database is locked") == 5
+    assert await store.pending_count() == 0  # the log works again once the lock is let go
+    await store.aclose()

@@ -98,7 +98,8 @@ class SQLiteStore:
             crash of the process at any point; ``"FULL"`` also survives a power cut, at a cost.
         max_payload_bytes: larger payloads are refused (:class:`~tidings.SerializationError`); the
             event is still handled, but not durably.
-        busy_timeout: seconds to wait for another process's write lock before a write fails.
+        busy_timeout: seconds to wait for another process's write lock before the writes waiting
+            for it fail (those queued together, at once: each is logged, or raised to its caller).
 
     Example:
         >>> from tidings import EventBus
@@ -207,6 +208,14 @@ class SQLiteStore:
             # a long read (a listing of many dead letters, from the CLI) must not hold the write
             # lock: another process's writes would fail after busy_timeout, dead letters among them
             connection.execute("BEGIN" if all(op.reads_only for op in batch) else "BEGIN IMMEDIATE")
+        except Exception as exc:
+            # No op has run: the batch as a whole could not start (another process held the write
+            # lock past busy_timeout, the disk failed). Tried again one by one, each would wait out
+            # busy_timeout in turn, and hold up the writer, and a closing app, that many times over.
+            for op in batch:
+                self._fail(op, exc)
+            return
+        try:
             for op in batch:
                 op.result = op.run(connection)
             connection.execute("COMMIT")
