@@ -9,7 +9,7 @@ import enum
 import sqlite3
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -262,3 +262,41 @@ async def test_a_batch_that_cannot_take_the_write_lock_fails_at_once_not_once_pe
     assert caplog.text.count("could not complete 1 deliveries: database is locked") == 5
     assert await store.pending_count() == 0  # the log works again once the lock is let go
     await store.aclose()
+
+
+class _RollbackFails(sqlite3.Connection):
+    """A connection whose ROLLBACK fails, as on a disk error."""
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "ROLLBACK":
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().execute(sql, *args)
+
+
+async def test_a_rollback_that_fails_costs_the_writer_its_connection_not_its_life(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_connect: Callable[..., sqlite3.Connection] = sqlite3.connect
+    connections: list[sqlite3.Connection] = []
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:  # the writer's first one is broken
+        if not connections:
+            kwargs["factory"] = _RollbackFails
+        connection = real_connect(*args, **kwargs)
+        connections.append(connection)
+        return connection
+
+    def broken(connection: sqlite3.Connection) -> None:
+        connection.execute("INSERT INTO no_such_table VALUES (1)")  # fails: the batch rolls back
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    with anyio.fail_after(10):
+        with pytest.raises(StoreError, match="could not break the batch: disk I/O error"):
+            await store._call(broken, "break the batch")
+        # the writer lives on, on a new connection: later calls are answered (they used to wait forever)
+        assert await store.record([(Event("a", 1), "h")], lease=60) == {}
+        assert await store.pending_count() == 1
+        await store.aclose()
+    assert [type(connection) for connection in connections] == [_RollbackFails, sqlite3.Connection]

@@ -199,11 +199,24 @@ class SQLiteStore:
                         self._queue.put(None)  # finish this batch, then stop
                         break
                     batch.append(op)
-                self._commit(connection, batch)
+                if not self._commit(connection, batch):
+                    # Its transaction could not even be rolled back (a disk error, say): a new
+                    # connection for what comes next, rather than a writer that died and left
+                    # every later call waiting, a closing app's flush among them.
+                    connection.close()
+                    try:
+                        connection = self._connect()
+                    except sqlite3.Error as exc:
+                        self._refuse_all(exc)
+                        return
         finally:
             connection.close()
 
-    def _commit(self, connection: sqlite3.Connection, batch: list[_Op]) -> None:
+    def _commit(self, connection: sqlite3.Connection, batch: list[_Op]) -> bool:
+        """Commit the batch (each op alone if together they fail); ``False``: the connection broke.
+
+        Every op is settled either way: its result, or its failure (raised to its caller, or logged).
+        """
         try:
             # a long read (a listing of many dead letters, from the CLI) must not hold the write
             # lock: another process's writes would fail after busy_timeout, dead letters among them
@@ -214,23 +227,32 @@ class SQLiteStore:
             # busy_timeout in turn, and hold up the writer, and a closing app, that many times over.
             for op in batch:
                 self._fail(op, exc)
-            return
+            return True
         try:
             for op in batch:
                 op.result = op.run(connection)
             connection.execute("COMMIT")
         except Exception as exc:  # a failed write must never stop the writer thread
             if connection.in_transaction:
-                connection.execute("ROLLBACK")
+                try:
+                    connection.execute("ROLLBACK")
+                except sqlite3.Error as broken:
+                    for op in batch:
+                        self._fail(op, broken)
+                    return False
             if len(batch) > 1:  # find the one that failed; the others still commit
-                for op in batch:
-                    self._commit(connection, [op])
+                for index, op in enumerate(batch):
+                    if not self._commit(connection, [op]):
+                        for rest in batch[index + 1 :]:
+                            self._fail(rest, sqlite3.OperationalError("the connection to the file broke"))
+                        return False
             else:
                 self._fail(batch[0], exc)
-            return
+            return True
         for op in batch:
             if op.future is not None and op.loop is not None:
                 _call_soon(op.loop, _settle, op.future, op.result, None)
+        return True
 
     def _refuse_all(self, exc: sqlite3.Error) -> None:
         """The file cannot be opened: fail every operation until the store is closed."""
