@@ -108,8 +108,9 @@ class PostgresStore:
         connect_timeout: seconds to wait for the server when connecting.
         command_timeout: seconds one statement may take before it fails (the server stopped
             answering).
-        close_timeout: seconds closing waits for queued writes to commit; past it they are
-            logged as not committed and the connection is dropped, so a server that stopped
+        close_timeout: seconds closing waits for queued writes to commit; past it each one not
+            committed fails (logged, or raised to whoever awaits it, as ``StoreError``), the one
+            being written included, and the connection is dropped, so a server that stopped
             answering cannot hold up the app's shutdown.
 
     Example:
