@@ -1,7 +1,7 @@
 """Run the tidings benchmark suite: ``uv run --group bench python -m bench [--quick] [--only NAME]``.
 
-Every measurement runs in its own process: in-process scenarios in a ``bench.worker`` subprocess per
-(scenario, system, variant), the loopback scenario in one uvicorn server process per system. Progress
+In-process scenarios run in a ``bench.worker`` subprocess per scenario and variant, every system side
+by side in it and timed in turns; the loopback scenario runs one uvicorn server process per system. Progress
 goes to stderr; the Markdown table of medians, ratios and targets goes to stdout.
 """
 
@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from .apps import EVENT_SYSTEMS, LOOPBACK_SYSTEMS, POSTGRES_DSN
+from .apps import BARE_SYSTEMS, EVENT_SYSTEMS, LOOPBACK_SYSTEMS, POSTGRES_DSN, SYSTEMS
 from .loopback import HTTP_IMPL, WRK, WrkResult, run_wrk, serve
-from .report import BASELINE, Measurement, Results, build_rows, render_markdown
+from .report import Measurement, Results, build_rows, render_markdown
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -30,7 +30,6 @@ if TYPE_CHECKING:
     from .apps import SystemName
 
 SCENARIOS: Final = ("emit", "requests", "burst", "wrk")
-BASELINES: Final[tuple[SystemName, ...]] = ("starlette", "litestar-bare")
 NOISY: Final = 0.10  # warn when a measurement's repeats spread over more than 10% of its median
 
 
@@ -41,7 +40,7 @@ class Settings:
     emit_loop: int  # emits timed per emit-cost request
     emit_repeats: int  # emit-cost requests (samples) per system
     repeats: int  # repeats per worker of the requests and 1,000-event scenarios
-    rounds: int  # workers per system and variant in the requests scenario (samples are pooled)
+    rounds: int  # workers per event count in the requests scenario (samples are pooled)
     repeat_seconds: float  # target length of one such repeat
     wrk_seconds: int  # length of one wrk run
     wrk_repeats: int  # wrk runs per system (after one short warm-up run)
@@ -61,19 +60,20 @@ def _worker(
     settings: Settings,
     workdir: Path,
     scenario: str,
-    system: SystemName,
+    systems: Sequence[SystemName],
     *,
     events: int = 0,
     sync_handler: bool = False,
-) -> tuple[list[float], str]:
-    out = workdir / f"{scenario}-{system}-{events}-{int(sync_handler)}.json"
+) -> tuple[dict[str, list[float]], str]:
+    """Run one worker process measuring ``systems`` side by side; their samples and the unit."""
+    out = workdir / f"{scenario}-{events}-{int(sync_handler)}.json"
     repeats = settings.emit_repeats if scenario == "emit" else settings.repeats
     command = [
         sys.executable,
         "-m",
         "bench.worker",
         f"--scenario={scenario}",
-        f"--system={system}",
+        f"--systems={','.join(systems)}",
         f"--events={events}",
         f"--repeats={repeats}",
         f"--size={settings.emit_loop}",
@@ -83,11 +83,11 @@ def _worker(
     ]
     if sync_handler:
         command.append("--sync-handler")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"worker {' '.join(command[2:])} failed:\n{done.stderr}")
     result = json.loads(out.read_text())
-    samples: list[float] = result["samples"]
+    samples: dict[str, list[float]] = result["samples"]
     unit: str = result["unit"]
     return samples, unit
 
@@ -124,40 +124,46 @@ _POSTGRES_UP: bool | None = None
 
 def run_emit(settings: Settings, workdir: Path, results: Results) -> None:
     _log(f"emit cost: {settings.emit_loop:,} emits per request, {settings.emit_repeats} requests")
-    for system in _event_systems():
-        samples, unit = _worker(settings, workdir, "emit", system)
-        _record(results, Measurement("emit", system, "", unit, samples))
+    by_system, unit = _worker(settings, workdir, "emit", _event_systems())
+    for system, samples in by_system.items():
+        _record(results, Measurement("emit", _system(system), "", unit, samples))
 
 
 def run_requests(settings: Settings, workdir: Path, results: Results) -> None:
     _log(
-        f"in-process ASGI requests: {settings.rounds} round(s) of every worker, "
+        f"in-process ASGI requests: {settings.rounds} round(s) of a worker per event count, "
         f"{settings.repeats} repeats of ~{settings.repeat_seconds}s each"
     )
-    # (system, events, variant); the bare frameworks emit nothing, so one baseline serves every count
-    plan: list[tuple[SystemName, int, str]] = [(system, 0, BASELINE) for system in BASELINES]
-    plan += [(system, events, str(events)) for events in (0, 1, 10) for system in _event_systems()]
-    # Rounds interleave the processes in time, so drift on a shared machine hits every system alike.
-    pooled: dict[tuple[SystemName, str], list[float]] = {}
+    # Every worker measures the bare frameworks too, so that each ratio compares samples taken in
+    # turns in the same processes; rounds of fresh processes pool more of them.
+    systems = (*BARE_SYSTEMS, *_event_systems())
+    pooled: dict[tuple[str, str], list[float]] = {}
     unit = ""
     for round_ in range(settings.rounds):
         _log(f"  round {round_ + 1}/{settings.rounds}")
-        for system, events, variant in plan:
-            samples, unit = _worker(settings, workdir, "requests", system, events=events)
-            pooled.setdefault((system, variant), []).extend(samples)
+        for events in (0, 1, 10):
+            by_system, unit = _worker(settings, workdir, "requests", systems, events=events)
+            for system, samples in by_system.items():
+                pooled.setdefault((system, str(events)), []).extend(samples)
     for (system, variant), samples in pooled.items():
-        _record(results, Measurement("requests", system, variant, unit, samples))
+        _record(results, Measurement("requests", _system(system), variant, unit, samples))
 
 
 def run_burst(settings: Settings, workdir: Path, results: Results) -> None:
     _log(f"1,000 events in one request: {settings.repeats} repeats of ~{settings.repeat_seconds}s")
     for sync_handler in (False, True):
-        for system in _event_systems():
-            samples, unit = _worker(
-                settings, workdir, "burst", system, events=1000, sync_handler=sync_handler
-            )
-            variant = "sync" if sync_handler else "async"
-            _record(results, Measurement("burst", system, variant, unit, samples))
+        by_system, unit = _worker(
+            settings, workdir, "burst", _event_systems(), events=1000, sync_handler=sync_handler
+        )
+        variant = "sync" if sync_handler else "async"
+        for system, samples in by_system.items():
+            _record(results, Measurement("burst", _system(system), variant, unit, samples))
+
+
+def _system(name: str) -> SystemName:
+    if name not in SYSTEMS:
+        raise RuntimeError(f"a worker reported an unknown system {name!r}")
+    return name
 
 
 def run_loopback(settings: Settings, workdir: Path, results: Results) -> None:

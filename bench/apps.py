@@ -39,6 +39,8 @@ EVENT_SYSTEMS: Final[tuple[SystemName, ...]] = (
     "tidings-compat",
     "litestar",
 )
+BARE_SYSTEMS: Final[tuple[SystemName, ...]] = ("starlette", "litestar-bare")
+"""The frameworks without events: the baselines, which emit nothing and run no handler."""
 LOOPBACK_SYSTEMS: Final[tuple[SystemName, ...]] = tuple(s for s in SYSTEMS if s not in DURABLE_SYSTEMS)
 POSTGRES_DSN: Final = os.environ.get("TIDINGS_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -105,13 +107,14 @@ class Tally:
 
 TALLY: Final = Tally()
 
-SETTLERS: Final[list[Callable[[], Awaitable[None]]]] = []
-"""Awaited after the handlers ran, before the clock stops: the durable log's commits of completions."""
+SETTLERS: Final[dict[SystemName, Callable[[], Awaitable[None]]]] = {}
+"""Awaited after the handlers ran, before the clock stops: a durable log's commits of completions."""
 
 
-async def settle() -> None:
-    """Wait until what the handlers' runs left behind is done (for tidings-sqlite: committed)."""
-    for settler in SETTLERS:
+async def settle(system: SystemName) -> None:
+    """Wait until what ``system``'s handler runs left behind is done (for tidings-sqlite: committed)."""
+    settler = SETTLERS.get(system)
+    if settler is not None:
         await settler()
 
 
@@ -148,7 +151,11 @@ class AppSpec:
 
 
 def build_app(system: SystemName, spec: AppSpec) -> ASGIApp:
-    """Build ``system``'s app for ``spec``. Each process builds one app (handlers register globally)."""
+    """Build ``system``'s app for ``spec``.
+
+    A process builds each system's app at most once: some register their handlers on module-level
+    registries (fastapi-events' ``local_handler``), which a second app would add to.
+    """
     if system == "starlette":
         return _starlette(spec, None)
     if system == "tidings":
@@ -203,14 +210,15 @@ def _tidings(spec: AppSpec, *, durable: Literal["sqlite", "postgres"] | None = N
     # With a durable log every delivery is recorded before its handler runs and completed after.
     if durable == "sqlite":
         log_dir = tempfile.mkdtemp(prefix="tidings-bench-")
-        atexit.register(shutil.rmtree, log_dir, ignore_errors=True)  # one worker process per measurement
+        atexit.register(shutil.rmtree, log_dir, ignore_errors=True)  # when the worker process ends
         bus = EventBus(store=SQLiteStore(os.path.join(log_dir, "log.db")))
     elif durable == "postgres":
         bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema="tidings_bench"))
     else:
         bus = EventBus()
     if durable:
-        SETTLERS.append(bus.store.flush)
+        system: SystemName = "tidings-sqlite" if durable == "sqlite" else "tidings-postgres"
+        SETTLERS[system] = bus.store.flush
     if spec.sync_handler:
 
         @bus.on(EVENT)

@@ -1,24 +1,29 @@
-"""One in-process measurement in a fresh interpreter: ``python -m bench.worker ...``.
+"""One scenario's measurement in a fresh interpreter: ``python -m bench.worker ...``.
 
-The orchestrator (``python -m bench``) starts one worker per scenario, system and variant, so no
-measurement inherits another's imports, caches, threads or garbage. A worker builds one app, runs its
-lifespan, warms up, times ``--repeats`` repeats and writes the raw samples as JSON to ``--out``.
+The orchestrator (``python -m bench``) starts one worker per scenario and variant (event count,
+handler kind). A worker builds the app of every system it is given, side by side in one process
+and on one event loop, runs their lifespans, warms each up, then times the systems in turns: every
+repeat measures each system once, in an order that rotates from one repeat to the next. A busy
+neighbour or a machine that changes speed then slows every system alike, which separate processes
+measured one after another cannot promise (their samples land seconds or minutes apart). It
+writes the raw samples, per system, as JSON to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import importlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Literal
 
-from .apps import EMIT_SAMPLES, SYSTEMS, TALLY, AppSpec, SystemName, build_app, settle
+from .apps import BARE_SYSTEMS, EMIT_SAMPLES, SYSTEMS, TALLY, AppSpec, SystemName, build_app, settle
 from .harness import Lifespan, RequestDriver
 
 _WARMUP_REQUESTS = 300
@@ -30,7 +35,7 @@ LoopName = Literal["asyncio", "uvloop"]
 @dataclass(frozen=True, slots=True)
 class WorkerArgs:
     scenario: ScenarioName
-    system: SystemName
+    systems: tuple[SystemName, ...]
     events: int
     sync_handler: bool
     repeats: int
@@ -41,49 +46,100 @@ class WorkerArgs:
 
 @dataclass(frozen=True, slots=True)
 class WorkerResult:
-    """Raw samples, one per repeat, in ``unit``."""
+    """Raw samples of each system, one per repeat, in ``unit``."""
 
-    samples: list[float]
+    samples: dict[str, list[float]]
     unit: str
     handler_calls: int
 
 
+@dataclass(frozen=True, slots=True)
+class _System:
+    """One system's app, ready for requests; ``events`` is the handler calls each request makes."""
+
+    name: SystemName
+    driver: RequestDriver
+    events: int
+
+    async def run(self, requests: int) -> None:
+        """Send ``requests`` requests and return once every handler call they make has run."""
+        expected = TALLY.count + requests * self.events
+        await self.driver.run(requests)
+        await TALLY.wait_for(expected)
+        await settle(self.name)
+
+
+@contextlib.asynccontextmanager
+async def _started(
+    systems: tuple[SystemName, ...], spec: AppSpec, events: int
+) -> AsyncIterator[list[_System]]:
+    """Every system's app for ``spec``, its lifespan running for the duration of the block."""
+    async with contextlib.AsyncExitStack() as stack:
+        started = []
+        for name in systems:
+            app = build_app(name, spec)
+            state = await stack.enter_async_context(Lifespan(app))
+            started.append(_System(name, RequestDriver(app, state), 0 if name in BARE_SYSTEMS else events))
+        yield started
+
+
+def _rotated(systems: list[_System], turn: int) -> list[_System]:
+    """``systems`` starting at a different one each turn: no system is always timed right after another."""
+    shift = turn % len(systems)
+    return systems[shift:] + systems[:shift]
+
+
+async def _in_turns(
+    systems: list[_System], repeats: int, sample: Callable[[_System], Awaitable[float]]
+) -> dict[str, list[float]]:
+    """``repeats`` samples of each system, taken one system after another in rotating order."""
+    samples: dict[str, list[float]] = {system.name: [] for system in systems}
+    for turn in range(repeats):
+        for system in _rotated(systems, turn):
+            gc.collect()
+            samples[system.name].append(await sample(system))
+    return samples
+
+
 async def _emit_cost(args: WorkerArgs) -> WorkerResult:
     """µs per emit call: each request times ``size`` emits in a tight loop, minus the empty loop."""
-    app = build_app(args.system, AppSpec(emit_loop=args.size))
-    async with Lifespan(app) as state:
-        driver = RequestDriver(app, state)
-        for _ in range(2 + args.repeats):  # two warm-up requests, then one sample per request
-            gc.collect()
-            await driver.run(1)
-            await TALLY.wait_for(driver.responses * args.size)  # let every handler run before the next
-            await settle()
-    return WorkerResult(samples=EMIT_SAMPLES[2:], unit="us/emit", handler_calls=TALLY.count)
+    async with _started(args.systems, AppSpec(emit_loop=args.size), args.size) as systems:
+
+        async def sample(system: _System) -> float:
+            taken = len(EMIT_SAMPLES)
+            await system.run(1)  # let every handler run before the next request
+            if len(EMIT_SAMPLES) != taken + 1:
+                raise RuntimeError(f"{system.name}'s request timed no emits (a bare framework?)")
+            return EMIT_SAMPLES[-1]
+
+        await _in_turns(systems, 2, sample)  # two warm-up requests each
+        samples = await _in_turns(systems, args.repeats, sample)
+    return WorkerResult(samples=samples, unit="us/emit", handler_calls=TALLY.count)
 
 
 async def _requests(args: WorkerArgs) -> WorkerResult:
     """µs per request: requests back to back; the clock stops when every handler has run.
 
-    A repeat is as many requests as fit in about ``repeat_seconds`` (calibrated after a warm-up).
+    A repeat is as many requests as fit in about ``repeat_seconds`` (calibrated, for each system,
+    after a warm-up).
     """
-    app = build_app(args.system, AppSpec(events=args.events))
-    per_request = 0 if args.system in ("starlette", "litestar-bare") else args.events
-    samples: list[float] = []
-    async with Lifespan(app) as state:
-        driver = RequestDriver(app, state)
+    async with _started(args.systems, AppSpec(events=args.events), args.events) as systems:
 
-        async def timed(n: int) -> float:
+        async def timed(system: _System, requests: int) -> float:
             start = perf_counter()
-            await driver.run(n)
-            await TALLY.wait_for(driver.responses * per_request)
-            await settle()
-            return (perf_counter() - start) / n
+            await system.run(requests)
+            return (perf_counter() - start) / requests
 
-        await timed(_WARMUP_REQUESTS)
-        size = _clamp(args.repeat_seconds / await timed(_WARMUP_REQUESTS), 100, 500_000)
-        for _ in range(args.repeats):
-            gc.collect()
-            samples.append(await timed(size) * 1e6)
+        sizes: dict[str, int] = {}
+        for system in systems:
+            await timed(system, _WARMUP_REQUESTS)
+            per_request = await timed(system, _WARMUP_REQUESTS)
+            sizes[system.name] = _clamp(args.repeat_seconds / per_request, 100, 500_000)
+
+        async def sample(system: _System) -> float:
+            return await timed(system, sizes[system.name]) * 1e6
+
+        samples = await _in_turns(systems, args.repeats, sample)
     return WorkerResult(samples=samples, unit="us/request", handler_calls=TALLY.count)
 
 
@@ -93,24 +149,24 @@ async def _burst(args: WorkerArgs) -> WorkerResult:
     Each request is waited for (all its handler calls counted) before the next is sent; a repeat is as
     many requests as fit in about ``repeat_seconds``.
     """
-    app = build_app(args.system, AppSpec(events=args.events, sync_handler=args.sync_handler))
-    samples: list[float] = []
-    async with Lifespan(app) as state:
-        driver = RequestDriver(app, state)
+    spec = AppSpec(events=args.events, sync_handler=args.sync_handler)
+    async with _started(args.systems, spec, args.events) as systems:
 
-        async def timed(n: int) -> float:
+        async def timed(system: _System, requests: int) -> float:
             start = perf_counter()
-            for _ in range(n):
-                await driver.run(1)
-                await TALLY.wait_for(driver.responses * args.events)
-                await settle()
-            return (perf_counter() - start) / n
+            for _ in range(requests):
+                await system.run(1)
+            return (perf_counter() - start) / requests
 
-        await timed(1)
-        size = _clamp(args.repeat_seconds / await timed(1), 2, 10_000)
-        for _ in range(args.repeats):
-            gc.collect()
-            samples.append(args.events / await timed(size))
+        sizes: dict[str, int] = {}
+        for system in systems:
+            await timed(system, 1)
+            sizes[system.name] = _clamp(args.repeat_seconds / await timed(system, 1), 2, 10_000)
+
+        async def sample(system: _System) -> float:
+            return args.events / await timed(system, sizes[system.name])
+
+        samples = await _in_turns(systems, args.repeats, sample)
     return WorkerResult(samples=samples, unit="events/s", handler_calls=TALLY.count)
 
 
@@ -126,16 +182,29 @@ def _loop_factory(loop: LoopName) -> Callable[[], asyncio.AbstractEventLoop] | N
 
 
 def run(args: WorkerArgs) -> WorkerResult:
-    """Run one measurement on a new event loop of the requested kind."""
+    """Run one scenario's measurement on a new event loop of the requested kind."""
+    if len(set(args.systems)) != len(args.systems):
+        # handlers register on module-level registries (fastapi-events): a second app would double them
+        raise ValueError(f"each system at most once per process, got {args.systems}")
     scenario = {"emit": _emit_cost, "requests": _requests, "burst": _burst}[args.scenario]
     with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
         return runner.run(scenario(args))
 
 
+def _systems(value: str) -> tuple[SystemName, ...]:
+    names = tuple(value.split(","))
+    unknown = [name for name in names if name not in SYSTEMS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown system(s) {unknown}; known: {', '.join(SYSTEMS)}")
+    return names  # type: ignore[return-value]  # checked against SYSTEMS above
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__)
     parser.add_argument("--scenario", choices=["emit", "requests", "burst"], required=True)
-    parser.add_argument("--system", choices=SYSTEMS, required=True)
+    parser.add_argument(
+        "--systems", type=_systems, required=True, help="comma-separated, e.g. starlette,tidings"
+    )
     parser.add_argument("--events", type=int, default=0, help="events per request")
     parser.add_argument("--sync-handler", action="store_true", help="register a plain def handler")
     parser.add_argument("--repeats", type=int, default=5)
@@ -146,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     args = WorkerArgs(
         scenario=ns.scenario,
-        system=ns.system,
+        systems=ns.systems,
         events=ns.events,
         sync_handler=ns.sync_handler,
         repeats=ns.repeats,
