@@ -73,7 +73,8 @@ class _Variant(TidingsMiddleware):
         bus = self.bus
         # what the shipped middleware does, in the same steps (its check of the bus, its Job)
         loop = bus.serving_loop
-        if loop is None or get_ident() != bus.loop_thread or task_of(loop) is None:
+        task = task_of(loop) if loop is not None and get_ident() == bus.loop_thread else None
+        if task is None:
             bus.ensure_running()
         events = object.__new__(Job)
         events.bus = bus

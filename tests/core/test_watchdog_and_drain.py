@@ -473,7 +473,7 @@ async def test_a_request_that_ends_while_the_bus_closes_drops_its_events_by_name
 
     async def hook(error: HandlerError) -> None:  # runs while aclose() waits for it, after the close
         states.append(bus.state)
-        await bus.run_job(events, request=True)  # the request's response is sent now
+        await bus.run_job(events, asyncio.current_task())  # the request's response is sent now
 
     bus = EventBus(drain_timeout=0.01, on_failure=hook)
     ran: list[str] = []

@@ -297,7 +297,7 @@ class EventBus:
         # The scope of contexts where events skip buffering: lifespan, websockets, disabled bus.
         self.direct_scope = Scope(self, None)
         # The middleware's per-request call, bound once (an extra call layer costs per request):
-        # run_job(job, request=True) sorts a finished request's events and runs them in the
+        # run_job(job, task) sorts a finished request's events and runs them in the
         # request's own task. request_job(job) -> bool does only the sorting (False: nobody
         # handles them), for a job then run by run_job(job).
         self.request_job = self._runner.request_job

@@ -628,12 +628,13 @@ class Runner:
         """:meth:`start_job` for a finished request, to be run in the request's own task."""
         return self.start_job(job, task_of(self.loop))  # type: ignore[arg-type]  # bound
 
-    async def run_job(self, job: Job, request: bool = False) -> None:
+    async def run_job(self, job: Job, request: asyncio.Task[Any] | None = None) -> None:
         """Run a started job to completion in the current task.
 
-        With ``request=True`` the job is a finished request's scope, not started yet: it is sorted
-        and tracked here first, as :meth:`start_job` does (so a request costs one coroutine, not a
-        call and a coroutine), and ends at once when nobody handles its events.
+        With ``request`` (the current task, which the middleware has at hand) the job is a finished
+        request's scope, not started yet: it is sorted and tracked here first, as
+        :meth:`start_job` does (so a request costs one coroutine, not a call and a coroutine), and
+        ends at once when nobody handles its events.
 
         Deliberately one flat coroutine: each extra layer of ``await`` costs more per request than
         the work of delivering one event (bench/README.md). For the same reason the common case
@@ -650,7 +651,7 @@ class Runner:
                 job.buffer = None
                 return
             emitted.clear()  # sorted: the same list takes what the handlers emit (one list less)
-            job.task = task_of(self.loop)  # type: ignore[arg-type]  # a runner runs jobs once bound
+            job.task = request
             # _track(), inlined: a call less per request
             durable = self.durable
             if durable:

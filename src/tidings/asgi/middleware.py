@@ -97,12 +97,17 @@ class TidingsMiddleware:
             await self._not_http(scope, receive, send)
             return
         # ensure_running()'s check, inlined (a call less per request): the bus serves a loop that
-        # runs a task on this thread, so this one's. Else it starts now (no lifespan; a test client
-        # without one starts it for each request), or was started by hand: the app of this request
-        # is the one whose overrides handlers use.
+        # runs a task on this thread, so this one's, and the task is this request's (kept for its
+        # job, which holds it so that drain and timeouts can cancel it). Else the bus starts now
+        # (no lifespan; a test client without one starts it for each request), or was started by
+        # hand: the app of this request is the one whose overrides handlers use.
         loop = bus.serving_loop
-        away = loop is None or get_ident() != bus.loop_thread or task_of(loop) is None
-        if (away and bus.ensure_running()) or bus.app is None:
+        task = task_of(loop) if loop is not None and get_ident() == bus.loop_thread else None
+        if task is None:
+            if bus.ensure_running() or bus.app is None:
+                bus.app = self.named_app or scope.get("app")
+            task = asyncio.current_task()
+        elif bus.app is None:
             bus.app = self.named_app or scope.get("app")
         events = new_job(Job)  # open_request(), inlined: Job(bus, []) without a type call's __init__
         events.bus = bus
@@ -118,13 +123,13 @@ class TidingsMiddleware:
                 await self.app(scope, receive, send)
             except BaseException as exc:
                 if self._app_raised(events, exc):
-                    await bus.run_job(events, True)  # request=True: positional is a cheaper call
+                    await bus.run_job(events, task)  # positional: a cheaper call
                 raise
             if events.buffer:
                 if not bus.request_handlers_inline:
                     bus.spawn_request_job(events)
                 else:
-                    await bus.run_job(events, True)  # request=True: positional is a cheaper call
+                    await bus.run_job(events, task)  # positional: a cheaper call
             else:
                 events.buffer = None  # tasks the request started now emit straight to the bus
         finally:
