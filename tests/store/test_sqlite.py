@@ -300,3 +300,23 @@ async def test_a_rollback_that_fails_costs_the_writer_its_connection_not_its_lif
         assert await store.pending_count() == 1
         await store.aclose()
     assert [type(connection) for connection in connections] == [_RollbackFails, sqlite3.Connection]
+
+
+class _ExitsWhenDumped:
+    def model_dump(self, **options: Any) -> Any:
+        raise SystemExit(3)
+
+
+async def test_a_payload_that_calls_sys_exit_in_the_writer_thread_fails_its_write_not_the_writer(
+    tmp_path: Path,
+) -> None:
+    # The writer thread encodes payloads. SystemExit there ends the thread, not the process: it
+    # used to, and every later call of the log (a closing app's flush among them) waited forever.
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+    with anyio.fail_after(10):
+        with pytest.raises(StoreError, match="could not record 2 deliveries: SystemExit: 3"):
+            await store.record([(Event("a", 1), "h"), (Event("a", _ExitsWhenDumped()), "h")], lease=60)
+        assert await store.record([(Event("a", 2), "h")], lease=60) == {}  # the writer goes on
+        assert await store.pending_count() == 1
+        await store.aclose()

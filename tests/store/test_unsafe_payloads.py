@@ -15,6 +15,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -156,11 +157,27 @@ class DumpFails:
         raise RuntimeError("cannot dump")
 
 
+class GaveUp(BaseException):
+    """Not an Exception: what a serializer built on a framework's cancellation raises, say."""
+
+
+class DumpRaises:
+    """A payload whose ``model_dump`` raises ``error``, whatever it is."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def model_dump(self, **options: Any) -> Any:
+        raise self.error
+
+
 @pytest.mark.parametrize(
     ("event", "why"),
     [
         (Event("x", deep_payload()), "RecursionError"),
         (Event("x", DumpFails()), "RuntimeError: cannot dump"),
+        (Event("x", DumpRaises(GaveUp("no more"))), "GaveUp: no more"),
+        (Event("x", DumpRaises(asyncio.CancelledError())), "CancelledError"),
         (Event("x", {"note": "\ud800"}), "UnicodeEncodeError"),
         (Event("x", "\udfff"), "UnicodeEncodeError"),
         (Event("x", 1, MappingProxyType({"h": "\ud800"})), "UnicodeEncodeError"),
@@ -172,6 +189,12 @@ def test_any_failure_to_encode_an_event_is_a_serialization_error(event: Event, w
     with pytest.raises(SerializationError, match=why) as raised:
         encode_event(event)
     assert raised.value.event is event
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(3)])
+def test_a_request_to_stop_the_process_is_not_taken_for_a_bad_payload(stop: BaseException) -> None:
+    with pytest.raises(type(stop)):
+        encode_event(Event("x", DumpRaises(stop)))
 
 
 def test_the_size_limit_counts_utf8_bytes() -> None:
@@ -211,13 +234,16 @@ async def test_an_event_that_cannot_be_written_is_refused_alone_and_its_siblings
         Event("surrogate", {"note": "\ud800"}),
         Event("header", 1, MappingProxyType({"h": "\ud800"})),
         Event("nul\x00name", 1),
+        Event("gave up", DumpRaises(GaveUp("no more"))),
     ]
-    refused = await store.record([(event, "h") for event in [good[0], *bad, good[1]]], lease=0)
-    assert set(refused) == {event.id for event in bad}
-    for event in bad:
-        assert f"({event.id}) cannot be written to the event log" in refused[event.id]
-    assert [d.event.id for d in await store.claim(limit=100, lease=60)] == [event.id for event in good]
-    await store.aclose()
+    with anyio.fail_after(10):  # the SQLite log's writer thread, which encodes, used to die of GaveUp
+        refused = await store.record([(event, "h") for event in [good[0], *bad, good[1]]], lease=0)
+        assert set(refused) == {event.id for event in bad}
+        for event in bad:
+            assert f"({event.id}) cannot be written to the event log" in refused[event.id]
+        claimed = await store.claim(limit=100, lease=60)
+        assert [d.event.id for d in claimed] == [event.id for event in good]
+        await store.aclose()
 
 
 async def test_a_row_that_cannot_be_read_back_becomes_a_dead_letter_and_the_others_are_claimed(
@@ -396,17 +422,19 @@ async def test_an_event_that_cannot_be_written_is_named_and_its_siblings_stay_du
         bus.emit("ok")
         bus.emit("deep", deep_payload())
         bus.emit("surrogate", {"note": "\ud800"})
+        bus.emit("gave up", DumpRaises(GaveUp("no more")))
         with pytest.raises(StoreError, match="refused 1 job") as raised:
             await bus.flush()
-        assert "2 event(s) could not be written" in str(raised.value.__cause__)
+        assert "3 event(s) could not be written" in str(raised.value.__cause__)
         logged = await records.wait_for("'deep' (")
         assert logged.tidings_event == "deep"  # type: ignore[attr-defined]
         await records.wait_for("'surrogate' (")
+        await records.wait_for("'gave up' (")
         assert await bus.store.pending_count() == 1  # type: ignore[attr-defined]
         release.set()
-        await recorder.wait_count(3)
+        await recorder.wait_count(4)
         await bus.drain()
-    assert sorted(recorder.items) == ["deep", "ok", "surrogate"]
+    assert sorted(recorder.items) == ["deep", "gave up", "ok", "surrogate"]
 
 
 async def test_a_deep_payload_emitted_in_a_request_reaches_neither_the_server_nor_its_siblings(

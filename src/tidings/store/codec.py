@@ -109,7 +109,7 @@ def _top_level(payload: Any) -> Any:
     return _top_level(_default(payload))
 
 
-def _unwritable(event: Event, exc: Exception) -> SerializationError:
+def _unwritable(event: Event, exc: BaseException) -> SerializationError:
     return SerializationError(
         f"event {event.name!r} ({event.id}) cannot be written to the event log: {described(exc)}",
         event=event,
@@ -140,7 +140,11 @@ def encode_payload(event: Event, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> 
             payload = _top_level(payload)
         text = _encoder.encode(payload)
         size = _utf8_size(text)
-    except Exception as exc:  # a payload is the app's data: no failure of it may reach the job
+    except (KeyboardInterrupt, SystemExit):
+        raise  # the process is being stopped: not the payload's failure
+    except BaseException as exc:  # a payload is the app's data: no failure of it may reach the job
+        # (nor a serializer's CancelledError or other BaseException: raised in the SQLite log's
+        # writer thread it ended the thread, and every later call of the log waited forever)
         raise _unwritable(event, exc) from exc
     if size > max_bytes:
         raise SerializationError(

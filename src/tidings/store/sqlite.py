@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from time import time
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
+from .._core.logs import described
 from ..exceptions import ConfigurationError, StoreError
 from ._rows import (
     COLUMNS,
@@ -232,7 +233,10 @@ class SQLiteStore:
             for op in batch:
                 op.result = op.run(connection)
             connection.execute("COMMIT")
-        except Exception as exc:  # a failed write must never stop the writer thread
+        except BaseException as exc:  # a failed write must never stop the writer thread
+            # (BaseException: a payload's serializer that calls sys.exit() would end this thread,
+            # not the process, and leave every later call waiting; KeyboardInterrupt only ever
+            # reaches the main thread)
             if connection.in_transaction:
                 try:
                     connection.execute("ROLLBACK")
@@ -262,8 +266,9 @@ class SQLiteStore:
                 return
             self._fail(op, exc)
 
-    def _fail(self, op: _Op, exc: Exception) -> None:
-        error = StoreError(f"the SQLite event log {self.path!r} could not {op.what}: {exc}")
+    def _fail(self, op: _Op, exc: BaseException) -> None:
+        cause = exc if isinstance(exc, Exception) else described(exc)  # "SystemExit: 3", not "3"
+        error = StoreError(f"the SQLite event log {self.path!r} could not {op.what}: {cause}")
         error.__cause__ = exc
         if op.future is not None and op.loop is not None:
             _call_soon(op.loop, _settle, op.future, None, error)
