@@ -628,11 +628,11 @@ class Runner:
         """:meth:`start_job` for a finished request, to be run in the request's own task."""
         return self.start_job(job, task_of(self.loop))  # type: ignore[arg-type]  # bound
 
-    async def run_job(self, job: Job, request: asyncio.Task[Any] | None = None) -> None:
+    async def run_job(self, job: Job, request_task: asyncio.Task[Any] | None = None) -> None:
         """Run a started job to completion in the current task.
 
-        With ``request`` (the current task, which the middleware has at hand) the job is a finished
-        request's scope, not started yet: it is sorted and tracked here first, as
+        With ``request_task`` (the current task, which the middleware has at hand) the job is a
+        finished request's scope, not started yet: it is sorted and tracked here first, as
         :meth:`start_job` does (so a request costs one coroutine, not a call and a coroutine), and
         ends at once when nobody handles its events.
 
@@ -641,7 +641,7 @@ class Runner:
         (in memory, every handler async) reads as few job attributes as it can: ``durable`` guards
         everything the event log needs.
         """
-        if request:
+        if request_task is not None:
             if self.closed:  # the request outlived the bus: its events go where late emits go
                 self.bus.adopt(job)  # (logged and dropped, each by name)
                 return
@@ -651,7 +651,7 @@ class Runner:
                 job.buffer = None
                 return
             emitted.clear()  # sorted: the same list takes what the handlers emit (one list less)
-            job.task = request
+            job.task = request_task
             # _track(), inlined: a call less per request
             durable = self.durable
             if durable:
