@@ -320,3 +320,25 @@ async def test_a_payload_that_calls_sys_exit_in_the_writer_thread_fails_its_writ
         assert await store.record([(Event("a", 2), "h")], lease=60) == {}  # the writer goes on
         assert await store.pending_count() == 1
         await store.aclose()
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
+async def test_a_failure_whose_str_raises_is_reported_and_the_writer_goes_on(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "log.db")
+    await store.open()
+
+    def fails(connection: sqlite3.Connection) -> None:
+        raise _Unprintable
+
+    with anyio.fail_after(10):
+        with pytest.raises(
+            StoreError, match=r"could not fail oddly: _Unprintable: <its str\(\) raised RuntimeError>"
+        ):
+            await store._call(fails, "fail oddly")
+        assert await store.record([(Event("a", 1), "h")], lease=60) == {}
+        assert await store.pending_count() == 1
+        await store.aclose()

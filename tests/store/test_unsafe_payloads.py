@@ -178,6 +178,7 @@ class DumpRaises:
         (Event("x", DumpFails()), "RuntimeError: cannot dump"),
         (Event("x", DumpRaises(GaveUp("no more"))), "GaveUp: no more"),
         (Event("x", DumpRaises(asyncio.CancelledError())), "CancelledError"),
+        (Event("x", 1, {"h": DumpRaises(GaveUp("in a header"))}), "GaveUp: in a header"),  # type: ignore[dict-item]
         (Event("x", {"note": "\ud800"}), "UnicodeEncodeError"),
         (Event("x", "\udfff"), "UnicodeEncodeError"),
         (Event("x", 1, MappingProxyType({"h": "\ud800"})), "UnicodeEncodeError"),

@@ -85,6 +85,10 @@ def _default(value: Any) -> Any:
     raise TypeError(f"{type(value).__qualname__} is not JSON-serialisable")
 
 
+_STOPS = (KeyboardInterrupt, SystemExit)
+"""A request to stop (the process; in a thread, SystemExit stops that thread): never a payload's
+failure, so never refused as one."""
+
 _encoder = json.JSONEncoder(default=_default, ensure_ascii=False, separators=(",", ":"))
 
 
@@ -140,8 +144,8 @@ def encode_payload(event: Event, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> 
             payload = _top_level(payload)
         text = _encoder.encode(payload)
         size = _utf8_size(text)
-    except (KeyboardInterrupt, SystemExit):
-        raise  # the process is being stopped: not the payload's failure
+    except _STOPS:
+        raise
     except BaseException as exc:  # a payload is the app's data: no failure of it may reach the job
         # (nor a serializer's CancelledError or other BaseException: raised in the SQLite log's
         # writer thread it ended the thread, and every later call of the log waited forever)
@@ -172,7 +176,9 @@ def encode_event(event: Event, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> tu
             raise ValueError("its name holds a NUL character")
         text = "{}" if not headers else _encoder.encode(dict(headers))
         _utf8_size(text)
-    except Exception as exc:  # headers are the app's data too
+    except _STOPS:
+        raise
+    except BaseException as exc:  # headers are the app's data too
         raise _unwritable(event, exc) from exc
     return payload, text
 

@@ -267,7 +267,10 @@ class SQLiteStore:
             self._fail(op, exc)
 
     def _fail(self, op: _Op, exc: BaseException) -> None:
-        cause = exc if isinstance(exc, Exception) else described(exc)  # "SystemExit: 3", not "3"
+        try:
+            cause = str(exc) if isinstance(exc, Exception) else described(exc)  # "SystemExit: 3"
+        except Exception:  # a str() that raises must not end the writer thread either
+            cause = described(exc)
         error = StoreError(f"the SQLite event log {self.path!r} could not {op.what}: {cause}")
         error.__cause__ = exc
         if op.future is not None and op.loop is not None:
@@ -299,7 +302,9 @@ class SQLiteStore:
         max_bytes = self.max_payload_bytes
 
         def run(connection: sqlite3.Connection) -> dict[str, str]:
-            # encoded in this thread, off the event loop
+            # Encoded in this thread, off the event loop. A payload it cannot encode is refused
+            # alone; one whose serializer calls sys.exit() fails the whole write (in this thread
+            # SystemExit would only end the thread, which is not what it asks for either).
             rows, refused = delivery_rows(deliveries, max_bytes, 0.0)
             until = time() + lease
             connection.executemany(
