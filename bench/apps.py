@@ -2,7 +2,8 @@
 
 Every app has one route, ``GET /``, that emits ``events`` events (or, in emit-cost mode, times a tight
 loop of emits) and answers ``200 ok`` as plain text. Every handler is a no-op apart from counting its
-call on :data:`TALLY`, so the benchmark can tell when all of them have run (and check none was lost).
+call on the app's tally (:data:`TALLY` unless its :class:`AppSpec` gives another), so the benchmark can
+tell when all of them have run (and check none was lost, and none ran twice).
 
 This module deliberately does not use ``from __future__ import annotations``: Litestar and
 fastapi-events read handler signatures at runtime.
@@ -43,6 +44,7 @@ BARE_SYSTEMS: Final[tuple[SystemName, ...]] = ("starlette", "litestar-bare")
 """The frameworks without events: the baselines, which emit nothing and run no handler."""
 LOOPBACK_SYSTEMS: Final[tuple[SystemName, ...]] = tuple(s for s in SYSTEMS if s not in DURABLE_SYSTEMS)
 POSTGRES_DSN: Final = os.environ.get("TIDINGS_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_SCHEMA: Final = os.environ.get("TIDINGS_BENCH_POSTGRES_SCHEMA", "tidings_bench")
 
 EVENT: Final = "bench.event"
 PAYLOAD: Final = {"id": 1}
@@ -143,11 +145,13 @@ class AppSpec:
         events: events emitted per request.
         sync_handler: register a plain ``def`` handler instead of an ``async def`` one.
         emit_loop: when > 0, the route times this many emits (see :func:`time_emits`) instead.
+        tally: where the handlers count their calls (a worker gives each system its own).
     """
 
     events: int = 0
     sync_handler: bool = False
     emit_loop: int = 0
+    tally: Tally = TALLY
 
 
 def build_app(system: SystemName, spec: AppSpec) -> ASGIApp:
@@ -213,23 +217,24 @@ def _tidings(spec: AppSpec, *, durable: Literal["sqlite", "postgres"] | None = N
         atexit.register(shutil.rmtree, log_dir, ignore_errors=True)  # when the worker process ends
         bus = EventBus(store=SQLiteStore(os.path.join(log_dir, "log.db")))
     elif durable == "postgres":
-        bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema="tidings_bench"))
+        bus = EventBus(store=PostgresStore(POSTGRES_DSN, schema=POSTGRES_SCHEMA))
     else:
         bus = EventBus()
     if durable:
         system: SystemName = "tidings-sqlite" if durable == "sqlite" else "tidings-postgres"
         SETTLERS[system] = bus.store.flush
+    tally = spec.tally
     if spec.sync_handler:
 
         @bus.on(EVENT)
         def on_event_sync(event: Event) -> None:
-            TALLY.hit_threadsafe()
+            tally.hit_threadsafe()
 
     else:
 
         @bus.on(EVENT)
         async def on_event(event: Event) -> None:
-            TALLY.hit()
+            tally.hit()
 
     return _starlette(spec, emit, [Middleware(TidingsMiddleware, bus=bus)])
 
@@ -241,17 +246,18 @@ def _fastapi_events(spec: AppSpec) -> ASGIApp:
     from fastapi_events.typing import Event
     from starlette.middleware import Middleware
 
+    tally = spec.tally
     if spec.sync_handler:
 
         @local_handler.register(event_name=EVENT)  # type: ignore[untyped-decorator, no-untyped-call]
         def on_event_sync(event: Event) -> None:
-            TALLY.hit_threadsafe()
+            tally.hit_threadsafe()
 
     else:
 
         @local_handler.register(event_name=EVENT)  # type: ignore[untyped-decorator, no-untyped-call]
         async def on_event(event: Event) -> None:
-            TALLY.hit()
+            tally.hit()
 
     return _starlette(spec, dispatch, [Middleware(EventHandlerASGIMiddleware, handlers=[local_handler])])
 
@@ -265,17 +271,18 @@ def _tidings_compat(spec: AppSpec) -> ASGIApp:
     from tidings.compat.fastapi_events.middleware import EventHandlerASGIMiddleware
     from tidings.compat.fastapi_events.typing import Event
 
+    tally = spec.tally
     if spec.sync_handler:
 
         @local_handler.register(event_name=EVENT)
         def on_event_sync(event: Event) -> None:
-            TALLY.hit_threadsafe()
+            tally.hit_threadsafe()
 
     else:
 
         @local_handler.register(event_name=EVENT)
         async def on_event(event: Event) -> None:
-            TALLY.hit()
+            tally.hit()
 
     return _starlette(spec, dispatch, [Middleware(EventHandlerASGIMiddleware, handlers=[local_handler])])
 
@@ -301,19 +308,20 @@ def _litestar(spec: AppSpec, *, with_events: bool) -> ASGIApp:
         return "ok"
 
     listeners: list[EventListener] = []
+    tally = spec.tally
     if with_events:
         if spec.sync_handler:
 
             @listener(EVENT)
             def on_event_sync(payload: Any) -> None:
-                TALLY.hit_threadsafe()
+                tally.hit_threadsafe()
 
             listeners.append(on_event_sync)
         else:
 
             @listener(EVENT)
             async def on_event(payload: Any) -> None:
-                TALLY.hit()
+                tally.hit()
 
             listeners.append(on_event)
 

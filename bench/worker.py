@@ -14,16 +14,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import importlib
 import json
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Literal
 
-from .apps import BARE_SYSTEMS, EMIT_SAMPLES, SYSTEMS, TALLY, AppSpec, SystemName, build_app, settle
+from .apps import (
+    BARE_SYSTEMS,
+    EMIT_SAMPLES,
+    POSTGRES_DSN,
+    POSTGRES_SCHEMA,
+    SYSTEMS,
+    AppSpec,
+    SystemName,
+    Tally,
+    build_app,
+    settle,
+)
 from .harness import Lifespan, RequestDriver
 
 _WARMUP_REQUESTS = 300
@@ -60,13 +73,21 @@ class _System:
     name: SystemName
     driver: RequestDriver
     events: int
+    tally: Tally
 
     async def run(self, requests: int) -> None:
-        """Send ``requests`` requests and return once every handler call they make has run."""
-        expected = TALLY.count + requests * self.events
+        """Send ``requests`` requests and return once every handler call they make has run.
+
+        Raises:
+            RuntimeError: more handler calls ran than the requests' events (a call ran twice, or
+                one that is not these requests').
+        """
+        expected = self.tally.count + requests * self.events
         await self.driver.run(requests)
-        await TALLY.wait_for(expected)
+        await self.tally.wait_for(expected)
         await settle(self.name)
+        if self.tally.count != expected:
+            raise RuntimeError(f"{self.name}: {self.tally.count} handler calls, {expected} expected")
 
 
 @contextlib.asynccontextmanager
@@ -74,28 +95,45 @@ async def _started(
     systems: tuple[SystemName, ...], spec: AppSpec, events: int
 ) -> AsyncIterator[list[_System]]:
     """Every system's app for ``spec``, its lifespan running for the duration of the block."""
+    if "tidings-postgres" in systems:
+        await _drop_postgres_log()
     async with contextlib.AsyncExitStack() as stack:
         started = []
         for name in systems:
-            app = build_app(name, spec)
+            tally = Tally()  # its own: a call of another system's can never count as one of its
+            app = build_app(name, dataclasses.replace(spec, tally=tally))
             state = await stack.enter_async_context(Lifespan(app))
-            started.append(_System(name, RequestDriver(app, state), 0 if name in BARE_SYSTEMS else events))
+            per_request = 0 if name in BARE_SYSTEMS else events
+            started.append(_System(name, RequestDriver(app, state), per_request, tally))
         yield started
 
 
-def _rotated(systems: list[_System], turn: int) -> list[_System]:
-    """``systems`` starting at a different one each turn: no system is always timed right after another."""
-    shift = turn % len(systems)
-    return systems[shift:] + systems[:shift]
+async def _drop_postgres_log() -> None:
+    """Start from an empty log: an interrupted run's deliveries would be run again by the relay."""
+    import asyncpg
+
+    connection = await asyncpg.connect(POSTGRES_DSN)
+    try:
+        await connection.execute(f'DROP SCHEMA IF EXISTS "{POSTGRES_SCHEMA}" CASCADE')
+    finally:
+        await connection.close()
+
+
+def _shuffled(systems: list[_System], turn: int) -> list[_System]:
+    """``systems`` in another order each turn (the same orders every run): no system is always
+    timed right after the same other one, nor always in the same place."""
+    order = list(systems)
+    random.Random(turn).shuffle(order)
+    return order
 
 
 async def _in_turns(
     systems: list[_System], repeats: int, sample: Callable[[_System], Awaitable[float]]
 ) -> dict[str, list[float]]:
-    """``repeats`` samples of each system, taken one system after another in rotating order."""
+    """``repeats`` samples of each system, taken one system after another, in a new order each turn."""
     samples: dict[str, list[float]] = {system.name: [] for system in systems}
     for turn in range(repeats):
-        for system in _rotated(systems, turn):
+        for system in _shuffled(systems, turn):
             gc.collect()
             samples[system.name].append(await sample(system))
     return samples
@@ -114,7 +152,7 @@ async def _emit_cost(args: WorkerArgs) -> WorkerResult:
 
         await _in_turns(systems, 2, sample)  # two warm-up requests each
         samples = await _in_turns(systems, args.repeats, sample)
-    return WorkerResult(samples=samples, unit="us/emit", handler_calls=TALLY.count)
+    return WorkerResult(samples=samples, unit="us/emit", handler_calls=_calls(systems))
 
 
 async def _requests(args: WorkerArgs) -> WorkerResult:
@@ -140,7 +178,7 @@ async def _requests(args: WorkerArgs) -> WorkerResult:
             return await timed(system, sizes[system.name]) * 1e6
 
         samples = await _in_turns(systems, args.repeats, sample)
-    return WorkerResult(samples=samples, unit="us/request", handler_calls=TALLY.count)
+    return WorkerResult(samples=samples, unit="us/request", handler_calls=_calls(systems))
 
 
 async def _burst(args: WorkerArgs) -> WorkerResult:
@@ -167,7 +205,11 @@ async def _burst(args: WorkerArgs) -> WorkerResult:
             return args.events / await timed(system, sizes[system.name])
 
         samples = await _in_turns(systems, args.repeats, sample)
-    return WorkerResult(samples=samples, unit="events/s", handler_calls=TALLY.count)
+    return WorkerResult(samples=samples, unit="events/s", handler_calls=_calls(systems))
+
+
+def _calls(systems: list[_System]) -> int:
+    return sum(system.tally.count for system in systems)
 
 
 def _clamp(value: float, low: int, high: int) -> int:

@@ -18,13 +18,17 @@ import pytest
 
 from bench.report import TIMES, Measurement, Results, build_rows
 
+from ..conftest import POSTGRES_DSN
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _worker(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _worker(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     out = tmp_path / "result.json"
     command = [sys.executable, "-m", "bench.worker", f"--out={out}", "--repeats=2", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(
         command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120, check=False
     )
@@ -55,6 +59,23 @@ def test_a_worker_measures_every_system_it_is_given_in_one_process(
         assert all(sample > 0 for sample in samples), system
     assert result["unit"] == {"emit": "us/emit", "requests": "us/request", "burst": "events/s"}[scenario]
     assert result["handler_calls"] > 0
+
+
+def test_the_postgres_log_runs_beside_the_others(tmp_path: Path, pg_schema: str) -> None:
+    # the worker drops the schema first (an interrupted run's deliveries would run, and count, again)
+    env = {"TIDINGS_BENCH_POSTGRES": POSTGRES_DSN, "TIDINGS_BENCH_POSTGRES_SCHEMA": pg_schema}
+    systems = "starlette,tidings,tidings-postgres"
+    done = _worker(
+        tmp_path,
+        "--scenario=requests",
+        f"--systems={systems}",
+        "--events=1",
+        "--repeat-seconds=0.01",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert list(result["samples"]) == systems.split(",")
 
 
 def test_a_worker_refuses_a_system_twice(tmp_path: Path) -> None:
