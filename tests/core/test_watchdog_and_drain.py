@@ -62,11 +62,25 @@ async def test_jobs_waiting_for_a_slot_are_not_timed_out(
     async def quick(event: Event) -> None:
         recorder.add("second")
 
+    # the watchdog's ticks, spied on: the wait below ends at its first tick past six timeouts
+    runner = bus._runner
+    watch = runner._watch
+    late_tick = asyncio.Event()
+    late = float("inf")
+
+    def watched() -> None:
+        watch()
+        if time.monotonic() > late:
+            late_tick.set()
+
+    runner._watch = watched  # type: ignore[method-assign]
     async with bus:
         bus.emit("first")
         await asyncio.sleep(0)
         bus.emit("second")  # its job waits for the only slot, far longer than its timeout
-        await asyncio.sleep(0.3)
+        late = time.monotonic() + 6 * 0.05
+        with anyio.fail_after(10):
+            await late_tick.wait()
         gate.set()
         await recorder.wait_count(1)
     assert failures == []

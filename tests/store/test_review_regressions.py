@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from sqlalchemy import create_engine
@@ -32,6 +34,46 @@ from tidings.store.postgres import PostgresStore
 from ..conftest import POSTGRES_DSN, Recorder, Records
 
 pytestmark = pytest.mark.anyio
+
+LEASE = 0.2  # resubmit_after in the lease tests below: the relay looks at the log every 0.05 s
+
+
+class ClaimWatch:
+    """Spies on a store's ``claim()``, so that a long handler can wait, with a deadline, until the
+    relay has looked for deliveries whose lease ran out well after its own lease would have."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._waiters: list[tuple[float, threading.Event | asyncio.Event]] = []
+        self._lock = threading.Lock()
+        claim = store.claim
+
+        async def watched(*args: Any, **kwargs: Any) -> Any:
+            claimed = await claim(*args, **kwargs)  # (on the loop: an asyncio.Event may be set here)
+            now = time.monotonic()
+            with self._lock:
+                for moment, reached in self._waiters:
+                    if now > moment:
+                        reached.set()
+            return claimed
+
+        store.claim = watched  # type: ignore[method-assign]
+
+    def _after(self, leases: int, reached: threading.Event | asyncio.Event) -> None:
+        with self._lock:
+            self._waiters.append((time.monotonic() + leases * LEASE, reached))
+
+    def wait_in_thread(self, leases: int) -> None:
+        """Block until a claim has come back ``leases`` leases from now."""
+        reached = threading.Event()
+        self._after(leases, reached)
+        assert reached.wait(10), "the relay stopped looking at the log"
+
+    async def wait(self, leases: int) -> None:
+        """Wait until a claim has come back ``leases`` leases from now."""
+        reached = asyncio.Event()
+        self._after(leases, reached)
+        with anyio.fail_after(10):
+            await reached.wait()
 
 
 async def test_a_parent_stays_in_the_log_until_the_events_it_emitted_are_recorded(
@@ -95,7 +137,9 @@ async def test_a_call_failing_after_shutdown_arms_no_retry_and_is_reported_once(
 
 async def test_a_finished_call_waiting_for_a_slow_sibling_keeps_its_lease(tmp_path: Path) -> None:
     runs: dict[str, int] = {"fast": 0, "slow": 0}
-    bus = EventBus(store=SQLiteStore(tmp_path / "log.db"), resubmit_after=0.2, handler_timeout=None)
+    store = SQLiteStore(tmp_path / "log.db")
+    watch = ClaimWatch(store)
+    bus = EventBus(store=store, resubmit_after=LEASE, handler_timeout=None)
 
     @bus.on("x", name="fast")
     async def fast(event: Event) -> None:
@@ -104,7 +148,7 @@ async def test_a_finished_call_waiting_for_a_slow_sibling_keeps_its_lease(tmp_pa
     @bus.on("x", name="slow")
     def slow(event: Event) -> None:
         runs["slow"] += 1
-        threading.Event().wait(0.8)  # four leases long
+        watch.wait_in_thread(leases=4)  # runs on while the relay claims, four leases on
 
     async with bus:
         bus.emit("x")
@@ -126,17 +170,23 @@ async def test_a_replay_without_resubmission_still_renews_its_lease(tmp_path: Pa
         failing.emit("x")
         await failing.drain()
 
+    watch: ClaimWatch | None = None  # on the app's log: only its relay claims
+
     def make(who: str) -> EventBus:
-        bus = EventBus(store=SQLiteStore(path), resubmit_after=0.2)
+        bus = EventBus(store=SQLiteStore(path), resubmit_after=LEASE)
 
         @bus.on("x", name="work")
         async def work(event: Event) -> None:
             runs.append(who)
-            await asyncio.sleep(0.8)  # four leases long
+            if who == "cli":  # (a run in the app is the failure, and shows in `runs`)
+                assert watch is not None
+                await watch.wait(leases=4)  # runs on while the app's relay claims, four leases on
 
         return bus
 
     cli, app = make("cli"), make("app")
+    assert isinstance(app.store, SQLiteStore)
+    watch = ClaimWatch(app.store)
     await cli.start(resubmit=False)
     async with app:  # a running app with a relay, on the same log
         result = await cli.dead_letters.replay(all=True)
@@ -148,7 +198,9 @@ async def test_a_replay_without_resubmission_still_renews_its_lease(tmp_path: Pa
 
 async def test_an_outbox_event_waiting_for_its_response_keeps_its_lease(tmp_path: Path) -> None:
     path = tmp_path / "app.db"
-    bus = EventBus(store=SQLiteStore(path), resubmit_after=0.2)
+    store = SQLiteStore(path)
+    watch = ClaimWatch(store)
+    bus = EventBus(store=store, resubmit_after=LEASE)
     outbox = Outbox(bus)
     engine = create_engine(f"sqlite:///{path}")
     runs: list[int] = []
@@ -160,7 +212,7 @@ async def test_an_outbox_event_waiting_for_its_response_keeps_its_lease(tmp_path
     async def create_user(request: Request) -> PlainTextResponse:
         with Session(engine) as session, session.begin():
             outbox.emit(session, "user.created", {"user": 1})
-        await asyncio.sleep(0.8)  # the request goes on for four leases after its commit
+        await watch.wait(leases=4)  # the request goes on for four leases after its commit
         return PlainTextResponse("created", status_code=201)
 
     app = TidingsMiddleware(Starlette(routes=[Route("/users", create_user, methods=["POST"])]), bus=bus)
