@@ -103,21 +103,21 @@ def tidings_inline(tidings_bus: EventBus) -> Iterator[EventBus]:
 
 @pytest.fixture
 def tidings_default_bus() -> Iterator[EventBus]:
-    """A fresh :func:`tidings.default_bus` for this test, forgotten after it.
+    """A fresh :func:`tidings.default_bus` for this test; the one before it is back after it.
 
-    Apps that register handlers on the default bus when they are imported must not use it: their
-    handlers are on the bus it replaces.
+    The default bus of the tests that run later is the one they would have had: an app that
+    registered its handlers on it when it was imported still finds them there. Apps like that must
+    not use this fixture in the tests of those handlers: their handlers are on the bus it replaces.
     """
-    _forget_default_bus()
-    yield _default.default_bus()
-    _forget_default_bus()
-
-
-def _forget_default_bus() -> None:
     # reset_default_bus() refuses a running bus; a test that left one running is reported by
     # _tidings_no_bus_left_running, and the next test must not inherit it either way.
     with _default._lock:
-        _default._bus = None
+        before, _default._bus = _default._bus, None
+    try:
+        yield _default.default_bus()
+    finally:
+        with _default._lock:
+            _default._bus = before
 
 
 @pytest.fixture(autouse=True)

@@ -370,6 +370,52 @@ def test_tidings_default_bus_is_fresh_in_each_test(pytester: pytest.Pytester) ->
     run(pytester, "-W", "error").assert_outcomes(passed=2)
 
 
+def test_tidings_default_bus_gives_the_later_tests_their_default_bus_back(
+    pytester: pytest.Pytester,
+) -> None:
+    # An app whose handlers are registered on the default bus when it is imported: a test using
+    # tidings_default_bus left the later tests a new, empty default bus, so their events went to
+    # a bus the app does not serve and nothing was captured.
+    pytester.makepyfile(
+        myapp="""
+        import tidings
+        from starlette.applications import Starlette
+        from starlette.middleware import Middleware
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+        @tidings.on("user.created")
+        async def welcome(event: tidings.Event) -> None: ...
+
+        async def create(request):
+            tidings.emit("user.created", {"id": 1})
+            return PlainTextResponse("ok")
+
+        app = Starlette(
+            routes=[Route("/users", create, methods=["POST"])],
+            middleware=[Middleware(tidings.TidingsMiddleware, bus=tidings.default_bus())],
+        )
+        """,
+        test_a_fresh="""
+        def test_uses_a_fresh_default_bus(tidings_default_bus):
+            assert len(tidings_default_bus.registry) == 0
+        """,
+        test_b_app="""
+        from starlette.testclient import TestClient
+
+        import tidings
+        from myapp import app
+
+        def test_the_app_s_bus_is_the_default_bus(tidings_events):
+            assert tidings.default_bus().registry.named("myapp.welcome") is not None
+            with TestClient(app) as client:
+                client.post("/users")
+            tidings_events.assert_emitted("user.created", id=1)
+        """,
+    )
+    run_apart(pytester, "-W", "error").assert_outcomes(passed=2)  # (apart: this process's default bus)
+
+
 def test_tidings_default_bus_is_captured_whatever_order_the_test_names_the_fixtures(
     pytester: pytest.Pytester,
 ) -> None:
