@@ -32,12 +32,15 @@ import inspect
 import json
 import os
 import sys
+import sysconfig
+import traceback
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Protocol, TextIO, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeGuard, runtime_checkable
 
 from ._core import default as _default
 from ._core.bus import EventBus
+from ._core.logs import described
 from ._core.registry import is_pattern
 from .exceptions import StoreError, TidingsError
 from .store._rows import naming_unreadable
@@ -45,7 +48,7 @@ from .store.postgres import PostgresStore
 from .store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from ._core.policies import RetryPolicy
     from ._core.registry import HandlerSpec
@@ -72,12 +75,31 @@ class _LazyStack(Protocol):
 
 
 def _import(module_name: str) -> ModuleType:
+    if not module_name or module_name.startswith("."):
+        raise UsageError(
+            f"{module_name!r} is not a module name: give it in full, as for python -m (myapp.main:app)"
+        )
     if "." not in sys.path and "" not in sys.path:
         sys.path.insert(0, "")  # like python -m: the app's own package from the working directory
     try:
         return importlib.import_module(module_name)
     except ImportError as exc:
         raise UsageError(f"cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the module's own code raised (a setting missing from the environment)
+        frame = _app_frame(exc)
+        where = f" (at {frame.filename}:{frame.lineno})" if frame is not None else ""
+        raise UsageError(f"cannot import {module_name!r}: {described(exc)}{where}") from exc
+
+
+def _app_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame of ``exc``'s traceback in the app's code: not Python's, nor a library's."""
+    paths = sysconfig.get_paths()
+    outside = tuple({paths[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")})
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        if not frame.filename.startswith("<") and not frame.filename.startswith(outside):
+            return frame
+    return frames[-1] if frames else None
 
 
 def _attribute(module: ModuleType, target: str, attribute: str) -> object:
@@ -164,7 +186,7 @@ def _buses_of_app(target: object) -> list[EventBus]:
     return buses_of(target)
 
 
-def _is_bus(value: object) -> bool:
+def _is_bus(value: object) -> TypeGuard[EventBus]:
     try:
         return isinstance(value, EventBus)
     except Exception:  # isinstance() reads __class__, which an unbound lazy proxy raises for
@@ -207,10 +229,15 @@ def load_bus(target: str) -> EventBus:
         raise UsageError(
             f"{target} is {type(found).__name__}, not an EventBus (nor an app with TidingsMiddleware)"
         )
-    buses = [value for value in vars(module).values() if _is_bus(value)]
+    buses = _distinct_buses(vars(module).values())
     if len(buses) != 1:
         raise UsageError(f"{module_name} holds {len(buses)} EventBus objects; name one as {module_name}:name")
     return buses[0]
+
+
+def _distinct_buses(values: Iterable[object]) -> list[EventBus]:
+    """The buses among ``values``, each once (a module may bind one bus to two names)."""
+    return list({id(value): value for value in values if _is_bus(value)}.values())
 
 
 def load_buses(target: str) -> tuple[list[EventBus], str | None]:
@@ -231,7 +258,7 @@ def load_buses(target: str) -> tuple[list[EventBus], str | None]:
         what = f"{target} is {type(found).__name__}, not an EventBus (nor an app with a bus)"
     else:
         values = list(vars(module).values())
-        buses = [value for value in values if _is_bus(value)]
+        buses = _distinct_buses(values)
         if not buses:
             for value in values:
                 buses += [bus for bus in _module_buses(value) if all(bus is not b for b in buses)]
@@ -533,8 +560,7 @@ async def _check_postgres_log_exists(bus: EventBus) -> None:
         raise UsageError(f"bus {bus.name!r}: its event log table {store.deliveries_table} does not exist")
 
 
-async def _run(args: argparse.Namespace, out: TextIO) -> int:
-    bus = load_bus(args.bus)
+async def _run(bus: EventBus, args: argparse.Namespace, out: TextIO) -> int:
     store = bus.store
     _check_log_exists(bus)
     await _check_postgres_log_exists(bus)
@@ -616,7 +642,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         if args.command == "list":
             return _list(args, out or sys.stdout)
-        return asyncio.run(_run(args, out or sys.stdout))
+        # imported before the loop runs, as `tidings list` and the app's server import it: module
+        # code that runs a loop of its own (asyncio.run at import) must not find one running
+        bus = load_bus(args.bus)
+        return asyncio.run(_run(bus, args, out or sys.stdout))
     except (UsageError, TidingsError) as exc:
         print(f"tidings: {exc}", file=sys.stderr)
         return 2

@@ -125,6 +125,45 @@ def test_a_bus_that_cannot_be_found_is_a_usage_error(
     assert "json holds 0 EventBus objects" in err
 
 
+def test_an_app_module_that_runs_a_loop_when_imported_is_imported_before_the_command_s_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command used to import the app inside its own running loop: the app's asyncio.run()
+    # raised "cannot be called from a running event loop" (and `tidings list` did not).
+    name = f"cli_app_{next(_names)}"
+    source = """
+        import asyncio
+
+        from tidings import EventBus
+        from tidings.store import SQLiteStore
+
+        async def create_tables() -> None: ...
+
+        asyncio.run(create_tables())
+        bus = EventBus(store=SQLiteStore({path!r}))
+        """
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source).format(path=str(tmp_path / "log.db")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    asyncio.run(_create_log(tmp_path / "log.db"))  # the command opens a log, never makes one
+    try:
+        assert run("dead-letters", "list", "--bus", f"{name}:bus") == (0, "no dead letters\n")
+    finally:
+        sys.modules.pop(name, None)
+
+
+async def _create_log(path: Path) -> None:
+    store = SQLiteStore(path)
+    await store.open()
+    await store.aclose()
+
+
+def test_a_module_binding_one_bus_to_two_names_has_one_bus(app: ModuleType) -> None:
+    app.events = app.bus  # type: ignore[attr-defined]  # as `events = bus` in its source would
+    status, out = run("dead-letters", "list", "--bus", app.__name__)
+    assert status == 0 and out.splitlines()[-1] == "2 dead letter(s)"
+
+
 def test_the_console_script_runs(app: ModuleType) -> None:
     script = shutil.which("tidings", path=os.path.dirname(sys.executable))
     assert script is not None, "the tidings console script is not installed"

@@ -376,6 +376,46 @@ def test_what_cannot_be_found_is_a_usage_error(
         load_bus(f"{app.name}:two")  # dead letters need one
 
 
+def test_a_target_that_is_no_module_name_or_whose_module_raises_is_a_usage_error(
+    write: Callable[[str], App], capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = write(
+        """
+        import os
+
+        from tidings import EventBus
+
+        bus = EventBus()
+        database = os.environ["LIST_APP_DATABASE_URL_NEVER_SET"]
+        """
+    )
+    # each used to end in a traceback and status 1
+    assert run("list", ":bus")[0] == 2
+    assert run("list", ".relative:app")[0] == 2
+    assert run("list", f"{broken.name}:bus")[0] == 2
+    err = capsys.readouterr().err
+    assert "tidings: '' is not a module name: give it in full, as for python -m (myapp.main:app)" in err
+    assert "tidings: '.relative' is not a module name" in err
+    assert (
+        f"tidings: cannot import {broken.name!r}: KeyError: 'LIST_APP_DATABASE_URL_NEVER_SET' "
+        f"(at {broken.path}:7)" in err
+    )
+
+
+def test_a_bus_bound_to_two_names_is_one_bus(write: Callable[[str], App]) -> None:
+    app = write(
+        """
+        from tidings import EventBus
+
+        bus = EventBus(name="shop")
+        events = bus
+        """
+    )
+    status, out = run("list", app.name)
+    assert status == 0 and out.count("bus 'shop'") == 1
+    assert load_bus(app.name).name == "shop"  # not "holds 2 EventBus objects"
+
+
 def test_the_console_script_lists(shop: App) -> None:
     script = shutil.which("tidings", path=os.path.dirname(sys.executable))
     assert script is not None, "the tidings console script is not installed"
