@@ -725,7 +725,8 @@ def settle_sync(*buses: EventBus, timeout: float = 5.0) -> None:
 # -- inline handlers ------------------------------------------------------------------------------------
 @contextmanager
 def inline_handlers(*buses: EventBus) -> Iterator[None]:
-    """Within the block, ``buses`` run each request's handlers in the request's own task.
+    """Within the block, ``buses`` (default: :func:`tidings.default_bus`) run each request's
+    handlers in the request's own task.
 
     With ``request_handlers="task"`` a bus hands a finished request's events to a bus task, so a
     test client's call returns before its handlers have run. In this block it runs them inline
@@ -747,6 +748,7 @@ def inline_handlers(*buses: EventBus) -> Iterator[None]:
         'task'
     """
     _check_buses("inline_handlers()", buses)
+    buses = buses or (default_bus(),)  # as capture() and settle() (it used to do nothing)
     saved = [(bus, bus.request_handlers, bus.request_handlers_inline, bus.state) for bus in buses]
     for bus in buses:
         bus.request_handlers = "inline"  # read when the bus starts (a lifespan in the block)

@@ -591,6 +591,20 @@ async def test_inline_handlers_run_a_task_mode_bus_handlers_in_the_request(inlin
     assert bus.request_handlers == "task" and not bus.request_handlers_inline
 
 
+def test_inline_handlers_default_to_the_default_bus() -> None:
+    reset_default_bus()
+    try:
+        bus = tidings.default_bus()
+        bus.request_handlers = "task"
+        modes = []
+        with inline_handlers():  # as capture() and settle(): it used to change nothing
+            modes.append(bus.request_handlers)
+        modes.append(bus.request_handlers)
+        assert modes == ["inline", "task"]
+    finally:
+        reset_default_bus()
+
+
 async def test_inline_handlers_restore_a_running_bus() -> None:
     bus = EventBus(request_handlers="task")
 
