@@ -162,6 +162,9 @@ def test_a_bad_store_url_is_reported_without_its_password() -> None:
             store_from_url(bad)
         assert "s3cret" not in str(caught.value)
         assert "app:***@" in str(caught.value)
+    with pytest.raises(ConfigurationError, match="the store URL cannot be read: Invalid IPv6 URL") as caught:
+        store_from_url("postgresql://app:s3cret@[::1/app")  # a ValueError from urlsplit before
+    assert "s3cret" not in str(caught.value) and caught.value.__cause__ is None
 
 
 async def test_listing_dead_letters_does_not_lock_out_the_writes_of_another_process(

@@ -23,8 +23,8 @@ def store_from_url(url: str) -> Store:
       :class:`~tidings.store.postgres.PostgresStore` (needs the ``postgres`` extra).
 
     Raises:
-        ConfigurationError: an unknown scheme, or a URL without the part its store needs (the
-            message shows the URL with its password masked).
+        ConfigurationError: a URL that cannot be read, an unknown scheme, or a URL without the
+            part its store needs (the message shows the URL with its password masked).
 
     Example:
         >>> store_from_url("sqlite:///events.db")
@@ -32,7 +32,10 @@ def store_from_url(url: str) -> Store:
         >>> store_from_url("memory://")
         <MemoryStore 0 dead letter(s)>
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL": said without the URL, which may hold a password
+        raise ConfigurationError(f"the store URL cannot be read: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme == "memory":
         from .memory import MemoryStore
