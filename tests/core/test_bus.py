@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -750,3 +752,46 @@ def test_invalid_options_fail_at_construction() -> None:
 def test_repr_and_public_names() -> None:
     assert repr(EventBus(name="shop")) == "<EventBus 'shop' created, 0 handler(s)>"
     assert tidings.EventBus.__module__ == "tidings"
+
+
+async def test_an_async_handler_behind_a_plain_decorator_is_awaited_on_the_loop(recorder: Recorder) -> None:
+    # A decorator whose wrapper is a plain def makes the handler look synchronous: it is called in
+    # a worker thread and returns a coroutine, which used to be dropped ("never awaited") with
+    # its event, reported nowhere. It now runs on the loop, as the call it belongs to.
+    failures: list[HandlerError] = []
+    bus = EventBus(on_failure=failures.append)
+    loop_thread = threading.get_ident()
+
+    def logged(handler: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(handler)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return handler(*args, **kwargs)
+
+        return wrapper
+
+    @bus.on("order.paid")
+    @logged
+    async def receipt(event: Event) -> None:
+        recorder.add(("receipt", threading.get_ident() == loop_thread))
+        bus.emit("receipt.sent", event.payload)  # the job's own chained event
+
+    @bus.on("order.refunded")
+    @logged
+    async def refund(event: Event) -> None:
+        raise ValueError("the payment provider said no")
+
+    @bus.on("receipt.sent")
+    async def sent(event: Event) -> None:
+        recorder.add(("sent", event.payload))
+
+    [spec] = bus.registry.resolve("order.paid")
+    assert not spec.is_async  # what the wrapper looks like
+    async with bus:
+        bus.emit("order.paid", 7)
+        bus.emit("order.refunded", 8)
+        await recorder.wait_count(2)
+        await bus.drain()
+    assert sorted(recorder.items) == [("receipt", True), ("sent", 7)]
+    [failure] = failures
+    assert isinstance(failure.__cause__, ValueError)
+    assert failure.event.payload == 8

@@ -234,6 +234,26 @@ class _LeftBehind:
                 _tell_end(callback, failure, unfinished)
 
 
+def _await_in_loop(awaitable: Awaitable[Any], loop: asyncio.AbstractEventLoop) -> None:
+    """Run what a plain ``def`` handler returned on ``loop``, waiting for it in this worker thread.
+
+    A plain ``def`` that returns an awaitable is, most often, a decorator's synchronous wrapper of
+    an ``async def`` handler (one made without ``functools.wraps`` support for coroutines). Left
+    alone, the coroutine would never run and the event would be lost with only a "never awaited"
+    warning; run on the loop the handlers serve (where their clients and pools live) and waited for
+    here, it fails, times out and is retried as the call it belongs to.
+    """
+    if loop.is_closed():
+        if inspect.iscoroutine(awaitable):
+            awaitable.close()  # it will never run: no "never awaited" warning on top of the error
+        raise RuntimeError("the handler returned an awaitable, and its event loop is closed")
+    asyncio.run_coroutine_threadsafe(_awaited(awaitable), loop).result()
+
+
+async def _awaited(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
 def _tell_end(callback: Callable[[BaseException | None, bool], None], *ended: Any) -> None:
     try:
         callback(*ended)
@@ -1199,7 +1219,9 @@ class Runner:
             job.sync_current = (spec, arg, monotonic(), index)
             failure: tuple[HandlerError, BaseException] | None = None
             try:
-                spec.call(arg)
+                result = spec.call(arg)
+                if result is not None and inspect.isawaitable(result):
+                    _await_in_loop(result, loop)
             except _FATAL:
                 if not running.pop(index, False):
                     self._hand_back(job, call, False, None, attempt)
