@@ -324,3 +324,26 @@ async def test_classes_made_at_run_time_are_not_kept_alive(
     assert recorder.items == list(range(40))  # every event was handled
     assert len(schemas._NAMES) <= 16 and len(schemas._FIELDS) <= 16
     assert made[0]() is None  # the first classes are gone: the caches let go of them
+
+
+async def test_a_second_name_for_an_event_class_does_not_take_its_instances_from_the_first(
+    recorder: Recorder,
+) -> None:
+    # The same shape reused for a second event: a typed emit of the class used to go by the
+    # later name, so the handlers registered for the class silently stopped receiving it.
+    bus = EventBus()
+
+    @bus.on(UserCreated)
+    async def welcome(user: UserCreated) -> None:
+        recorder.add(("welcome", user.id))
+
+    bus.schema(UserCreated, name="user.imported")
+
+    @bus.on("user.imported")
+    async def imported(id: int) -> None:
+        recorder.add(("imported", id))
+
+    async with bus:
+        await bus.emit_now(UserCreated(id=1, email="a@example.com"))
+        await bus.emit_now("user.imported", {"id": 2, "email": "b@example.com"})
+    assert recorder.items == [("welcome", 1), ("imported", 2)]

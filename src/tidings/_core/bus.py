@@ -483,7 +483,10 @@ class EventBus:
         ``__event_name__``, else its ``__name__``. From then on a ``dict`` emitted under the name
         is validated into an instance of the class when it is emitted, in the caller's code, and
         handlers receive the instance; a payload that does not fit raises
-        :class:`~tidings.EventValidationError` there, naming the event and the field.
+        :class:`~tidings.EventValidationError` there, naming the event and the field. An instance
+        emitted as a typed event (``bus.emit(SignUp(...))``) goes by the first name its class was
+        registered under: registering the class under a second name adds a schema for that name,
+        not a new name for its instances.
 
         Returns:
             The class, unchanged (so it works as a decorator).
@@ -708,7 +711,7 @@ class EventBus:
     ) -> tuple[str, object]:
         """The event name and payload of what was emitted: a name and a payload, or a typed event.
 
-        ``names`` are the classes a bus registered under a name not their own (``bus.schema(Cls,
+        ``names`` are the first names a bus registered classes under (``bus.schema(Cls,
         name=...)``); other typed events are named by :func:`~tidings._core.schemas.event_name_of`.
 
         Raises:

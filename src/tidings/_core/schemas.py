@@ -212,7 +212,7 @@ class SchemaRegistry:
 
     def __init__(self) -> None:
         self.by_name: dict[str, Schema] = {}
-        self.names: dict[type, str] = {}  # classes registered under a name that is not their own
+        self.names: dict[type, str] = {}  # each class's first registered name
 
     def name_for(self, cls: type) -> str:
         """The event name of ``cls`` on this bus: the name it was registered under, else its own."""
@@ -243,8 +243,10 @@ class SchemaRegistry:
             )
         schema = Schema(cls, name)
         self.by_name[name] = schema
-        if name != event_name_of(cls):
-            self.names.setdefault(cls, name)  # emit(cls(...)) goes by its first registered name
+        # emit(cls(...)) goes by its first registered name, its own included: a second name
+        # registered later (bus.schema(Cls, name="user.imported")) must not take its events away
+        # from the handlers of the first
+        self.names.setdefault(cls, name)
         return schema
 
     def snapshot(self) -> tuple[dict[str, Schema], dict[type, str]]:
