@@ -795,3 +795,24 @@ async def test_an_async_handler_behind_a_plain_decorator_is_awaited_on_the_loop(
     [failure] = failures
     assert isinstance(failure.__cause__, ValueError)
     assert failure.event.payload == 8
+
+
+async def test_headers_are_read_only_and_the_caller_s_dict_stays_its_own(recorder: Recorder) -> None:
+    bus = EventBus()
+
+    @bus.on("order.paid")
+    async def first(event: Event) -> None:
+        with pytest.raises(TypeError):
+            event.headers["tenant"] = "someone else"  # type: ignore[index]
+        recorder.add(dict(event.headers))
+
+    @bus.on("order.paid")
+    async def second(event: Event) -> None:
+        recorder.add(dict(event.headers))
+
+    headers = {"tenant": "acme"}
+    async with bus:
+        bus.emit("order.paid", 1, headers=headers)
+        headers["tenant"] = "changed after the emit"  # used to reach the handlers
+        await recorder.wait_count(2)
+    assert recorder.items == [{"tenant": "acme"}, {"tenant": "acme"}]

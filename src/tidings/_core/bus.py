@@ -12,6 +12,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from time import monotonic, time_ns
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ..exceptions import (
@@ -696,6 +697,10 @@ class EventBus:
             schema = self.schema_names.get(event)
             if schema is not None:
                 payload = schema.coerce(payload)
+        if headers:
+            # read-only, as documented, and the caller's own dict stays the caller's: neither a
+            # handler nor the caller, changing it later, changes what the other handlers see
+            headers = MappingProxyType(dict(headers))
         timestamp_ns = time_ns()
         if self._taps:
             self._route_tapped(
