@@ -6,6 +6,7 @@ import asyncio
 import enum
 import functools
 import logging
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -747,6 +748,33 @@ def test_invalid_options_fail_at_construction() -> None:
         EventBus(drain_timeout=-1)
     with pytest.raises(ConfigurationError, match="request_errors"):
         EventBus(request_errors="ignore")  # type: ignore[arg-type]  # the point of the test
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [  # each used to be a raw TypeError or AttributeError, or accepted and failing later
+        ({"drain_timeout": None}, "drain_timeout must be seconds >= 0, got None"),
+        ({"handler_timeout": "5"}, "handler_timeout must be seconds > 0 or None, got '5'"),
+        ({"handler_timeout": True}, "handler_timeout must be seconds > 0 or None, got True"),
+        ({"handler_timeout": float("nan")}, "handler_timeout must be seconds > 0 or None, got nan"),
+        ({"resubmit_after": True}, "resubmit_after must be > 0 seconds, got True"),
+        ({"limits": {"max_threads": 2}}, "limits must be a Limits"),
+        ({"store": 5}, "store must be a store"),
+        ({"on_failure": 5}, "on_failure must be a function"),
+        ({"enabled": "no"}, "enabled must be True, False or None, got 'no'"),
+        ({"name": ""}, "name must be a non-empty str"),
+    ],
+)
+def test_options_of_the_wrong_kind_are_configuration_errors(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        EventBus(**options)
+
+
+@pytest.mark.parametrize("field", ["deadline", "attempt_timeout", "backoff"])
+def test_a_bool_is_no_number_of_seconds_for_a_retry_policy(field: str) -> None:
+    options: dict[str, Any] = {field: True}
+    with pytest.raises(ConfigurationError, match=f"RetryPolicy.{field}"):
+        tidings.RetryPolicy(**options)
 
 
 def test_repr_and_public_names() -> None:

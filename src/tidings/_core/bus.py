@@ -40,7 +40,7 @@ from .dispatcher import (
 )
 from .envelope import EMPTY_HEADERS, Arguments, Event, Prebuilt
 from .logs import fields
-from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy
+from .policies import NO_RETRY, Limits, RequestErrorPolicy, RequestHandlerMode, RetryPolicy, is_seconds
 from .registry import HandlerSpec, Registry, is_pattern
 from .runner import FailureHook, Job, Runner, _events_of, make_event, task_of
 from .schemas import Schema, SchemaRegistry, event_name_of, is_event_class
@@ -221,10 +221,18 @@ class EventBus:
         tracing: bool | TracerProvider | None = None,
         name: str = "tidings",
     ) -> None:
-        if handler_timeout is not None and not handler_timeout > 0:
-            raise ConfigurationError(f"handler_timeout must be > 0 or None, got {handler_timeout!r}")
-        if not drain_timeout >= 0:
-            raise ConfigurationError(f"drain_timeout must be >= 0, got {drain_timeout!r}")
+        if handler_timeout is not None and not (is_seconds(handler_timeout) and handler_timeout > 0):
+            raise ConfigurationError(f"handler_timeout must be seconds > 0 or None, got {handler_timeout!r}")
+        if not (is_seconds(drain_timeout) and drain_timeout >= 0):
+            raise ConfigurationError(f"drain_timeout must be seconds >= 0, got {drain_timeout!r}")
+        if limits is not None and not isinstance(limits, Limits):
+            raise ConfigurationError(f"limits must be a Limits(...), got {limits!r}")
+        if on_failure is not None and not callable(on_failure):
+            raise ConfigurationError(f"on_failure must be a function (or None), got {on_failure!r}")
+        if enabled is not None and not isinstance(enabled, bool):
+            raise ConfigurationError(f"enabled must be True, False or None, got {enabled!r}")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"name must be a non-empty str, got {name!r}")
         if request_errors not in ("drop", "deliver"):
             raise ConfigurationError(f"request_errors must be 'drop' or 'deliver', got {request_errors!r}")
         self.name = name
@@ -239,7 +247,7 @@ class EventBus:
         self.started_lazily = False
         if not isinstance(retry, RetryPolicy):
             raise ConfigurationError(f"retry must be a RetryPolicy, got {retry!r}")
-        if not (isinstance(resubmit_after, int | float) and resubmit_after > 0):
+        if not (is_seconds(resubmit_after) and resubmit_after > 0):
             raise ConfigurationError(f"resubmit_after must be > 0 seconds, got {resubmit_after!r}")
         self.enabled = (not emit_disabled_by_env()) if enabled is None else enabled
         if tracing is not None and not isinstance(tracing, bool) and not hasattr(tracing, "get_tracer"):
@@ -255,6 +263,10 @@ class EventBus:
         self.retry = retry
         if isinstance(store, str):
             store = store_from_url(store)
+        elif store is not None and not all(hasattr(store, part) for part in ("durable", "record", "claim")):
+            raise ConfigurationError(
+                f"store must be a store (SQLiteStore(...), say), a store URL or None, got {store!r}"
+            )
         self.store: Store = MemoryStore() if store is None else store
         self.resubmit_after = float(resubmit_after)
         self._registry = Registry()

@@ -9,7 +9,14 @@ from typing import Literal
 
 from ..exceptions import ConfigurationError
 
-__all__ = ["NO_RETRY", "Limits", "RequestErrorPolicy", "RequestHandlerMode", "RetryPolicy"]
+__all__ = ["NO_RETRY", "Limits", "RequestErrorPolicy", "RequestHandlerMode", "RetryPolicy", "is_seconds"]
+
+
+def is_seconds(value: object) -> bool:
+    """Whether ``value`` is a number of seconds: an int or a float, not NaN, and not a bool
+    (``True`` is an int to Python, but no one means one second by it)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
+
 
 RequestErrorPolicy = Literal["deliver", "drop"]
 """What happens to a request's events when its app raises an unhandled exception.
@@ -130,16 +137,17 @@ class RetryPolicy:
             raise ConfigurationError(f"RetryPolicy.max_attempts must be an int >= 1, got {attempts!r}")
         for field in ("backoff", "max_backoff"):
             value = getattr(self, field)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            if not (is_seconds(value) and math.isfinite(value) and value >= 0):
                 raise ConfigurationError(f"RetryPolicy.{field} must be a finite number >= 0, got {value!r}")
         multiplier = self.multiplier
-        if not (isinstance(multiplier, int | float) and math.isfinite(multiplier)) or multiplier < 1:
+        if not (is_seconds(multiplier) and math.isfinite(multiplier)) or multiplier < 1:
             raise ConfigurationError(f"RetryPolicy.multiplier must be >= 1, got {multiplier!r}")
+        # (a fraction, not seconds: jitter=False reads as "none" and is taken as 0)
         if not (isinstance(self.jitter, int | float) and 0 <= self.jitter <= 1):
             raise ConfigurationError(f"RetryPolicy.jitter must be between 0 and 1, got {self.jitter!r}")
         for field in ("deadline", "attempt_timeout"):
             value = getattr(self, field)
-            if value is not None and not (isinstance(value, int | float) and value > 0):
+            if value is not None and not (is_seconds(value) and value > 0):
                 raise ConfigurationError(f"RetryPolicy.{field} must be > 0 or None, got {value!r}")
         for field in ("retry_on", "fail_on"):
             value = getattr(self, field)
