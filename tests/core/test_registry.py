@@ -111,3 +111,21 @@ def test_on_returns_the_function_and_applies_the_default_timeout() -> None:
     assert [s.pattern for s in bus.registry] == ["a", "b", "c"]
     assert specs[0].timeout == 7
     assert len(bus.registry) == 3
+
+
+def test_a_handler_class_or_a_method_that_cannot_take_the_event_is_refused_at_registration() -> None:
+    # Both used to be accepted: every event then failed with a TypeError, into the dead letters.
+    bus = EventBus()
+
+    class AnalyticsForwarder:
+        async def handle_many(self, events: list[Event]) -> None: ...
+
+    class NeedsMore:
+        async def handle(self, event: Event, extra: str) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"AnalyticsForwarder is a class: register an instance"):
+        bus.subscribe(AnalyticsForwarder, "*")
+    with pytest.raises(ConfigurationError, match=r"its handle\(\) cannot be called with the event alone"):
+        bus.subscribe(NeedsMore(), "*")
+    bus.subscribe(AnalyticsForwarder(), "*")  # an instance is what was meant
+    assert len(bus.registry) == 1

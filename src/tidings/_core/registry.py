@@ -52,6 +52,20 @@ def _batch_call(handle_many: Callable[[list[Any]], Any]) -> Callable[[tuple[Any,
     return call
 
 
+def _refuse_uncallable(call: Callable[..., Any], label: str, what: str) -> None:
+    """Refuse a method that cannot be called with one argument (the event, or the batch)."""
+    try:
+        signature = inspect.signature(call)
+    except (TypeError, ValueError):  # no signature to read (a builtin): it is called as it is
+        return
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        raise ConfigurationError(
+            f"handler {label}: {what} cannot be called with the event alone ({exc})"
+        ) from None
+
+
 def _refuse_dependencies(call: Callable[..., Any], label: str, what: str) -> None:
     """Fail at registration for dependencies nobody would solve: only planned handlers get them.
 
@@ -130,6 +144,12 @@ class HandlerSpec:
         call: Callable[[Any], Any]
         handle_many = getattr(target, "handle_many", None)
         handle = getattr(target, "handle", None)
+        if isinstance(target, type) and (callable(handle_many) or callable(handle)):
+            # its methods would be called unbound, with the events as self: every event a failure
+            raise ConfigurationError(
+                f"{target.__qualname__} is a class: register an instance of it "
+                f"(subscribe({target.__qualname__}(), ...))"
+            )
         if not inspect.isroutine(target) and callable(handle_many):
             call, batch = handle_many, True
         elif not inspect.isroutine(target) and callable(handle):
@@ -162,6 +182,7 @@ class HandlerSpec:
                 else "its handle()"
             )
             _refuse_dependencies(call, label, what)
+            _refuse_uncallable(call, label, what)
         if batch:
             call = _batch_call(call)  # type: ignore[arg-type]  # a batch call takes the list
         return cls(
