@@ -901,6 +901,25 @@ async def test_the_response_an_exception_handler_makes_decides_under_drop(
     ]
 
 
+async def test_what_the_app_s_after_exception_hooks_emit_is_kept_under_drop(recorder: Recorder) -> None:
+    # The app's own after_exception hooks (Litestar's hook for reporting failures) ran before the
+    # plugin's, which counted what they emitted as the failed request's work, and dropped it.
+
+    @listener("error.reported")
+    async def page_on_call(kind: str) -> None:
+        recorder.add(kind)
+
+    async def report(exc: Exception, scope: Any) -> None:
+        scope["litestar_app"].emit("error.reported", kind=type(exc).__name__)
+
+    routes = [raising_route("crash", RuntimeError("boom"))]
+    app = make_app(TidingsPlugin(request_errors="drop"), routes, [page_on_call], after_exception=[report])
+    async with Lifespan(app):
+        assert (await call(app, "GET", "/crash"))[0] == 500
+        await recorder.wait_count(1)
+    assert recorder.items == ["RuntimeError"]
+
+
 def fastapi_shop(recorder: Recorder) -> tuple[Any, EventBus]:
     bus = EventBus(request_errors="drop")
     bus.on("attempted")(lambda event: recorder.add(event.payload))

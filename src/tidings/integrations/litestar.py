@@ -275,7 +275,9 @@ class TidingsPlugin(InitPluginProtocol):
         app_config.lifespan.append(self._drain_first)
         app_config.on_shutdown.append(self._close)
         if self.request_errors == "drop":
-            app_config.after_exception.append(self._after_exception)
+            # First: it notes how many events the request had emitted when it failed, and what the
+            # app's own hooks emit about the failure must come after that count, not in it
+            app_config.after_exception.insert(0, self._after_exception)
         return app_config
 
     def _app_built(self, listeners: Sequence[EventListener]) -> None:
@@ -288,6 +290,9 @@ class TidingsPlugin(InitPluginProtocol):
             # where on_app_init put them: after the app's own lifespan managers.)
             _move_to_end(config.lifespan, self._drain_first)
             _move_to_end(config.on_shutdown, self._close)
+            if self._after_exception in config.after_exception:  # (plugins listed before this one)
+                config.after_exception.remove(self._after_exception)
+                config.after_exception.insert(0, self._after_exception)
         self._register(listeners)
 
     def _register(self, listeners: Sequence[EventListener]) -> None:
