@@ -910,7 +910,8 @@ async def test_what_the_app_s_after_exception_hooks_emit_is_kept_under_drop(reco
         recorder.add(kind)
 
     async def report(exc: Exception, scope: Any) -> None:
-        scope["litestar_app"].emit("error.reported", kind=type(exc).__name__)
+        app = scope.get("litestar_app") or scope["app"]  # (Litestar before 2.13: only "app")
+        app.emit("error.reported", kind=type(exc).__name__)
 
     routes = [raising_route("crash", RuntimeError("boom"))]
     app = make_app(TidingsPlugin(request_errors="drop"), routes, [page_on_call], after_exception=[report])
