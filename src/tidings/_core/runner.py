@@ -73,7 +73,7 @@ if TYPE_CHECKING:
     from .dispatcher import Record
     from .policies import Limits
 
-__all__ = ["Call", "FailureHook", "Job", "Runner", "call_for", "deliveries_of", "make_event"]
+__all__ = ["Call", "FailureHook", "Job", "Runner", "awaited", "call_for", "deliveries_of", "make_event"]
 
 logger = logging.getLogger("tidings")
 
@@ -247,10 +247,11 @@ def _await_in_loop(awaitable: Awaitable[Any], loop: asyncio.AbstractEventLoop) -
         if inspect.iscoroutine(awaitable):
             awaitable.close()  # it will never run: no "never awaited" warning on top of the error
         raise RuntimeError("the handler returned an awaitable, and its event loop is closed")
-    asyncio.run_coroutine_threadsafe(_awaited(awaitable), loop).result()
+    asyncio.run_coroutine_threadsafe(awaited(awaitable), loop).result()
 
 
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
+async def awaited(awaitable: Awaitable[Any]) -> Any:
+    """``awaitable`` as a coroutine (``run_coroutine_threadsafe`` takes nothing else)."""
     return await awaitable
 
 

@@ -22,10 +22,11 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from ..._core.dispatcher import current_scope
+from ..._core.runner import awaited
 from .constants import FASTAPI_EVENTS_DISABLE_DISPATCH_ENV_VAR
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Mapping
+    from collections.abc import Callable, Mapping
 
     from ..._core.bus import EventBus
     from ..._core.envelope import Event as Envelope
@@ -284,17 +285,13 @@ def await_result(result: object) -> None:
         _refuse(result, "no event loop is there to await it")
     if asyncio._get_running_loop() is not None:
         _refuse(result, "it was called on an event loop's thread, which waiting would block")
-    asyncio.run_coroutine_threadsafe(_awaited(result), loop).result()
+    asyncio.run_coroutine_threadsafe(awaited(result), loop).result()
 
 
 def _refuse(awaitable: object, why: str) -> NoReturn:
     if inspect.iscoroutine(awaitable):
         awaitable.close()  # it will never run: no "never awaited" warning on top of this error
     raise RuntimeError(f"a plain def handler returned an awaitable, and {why}")
-
-
-async def _awaited(awaitable: Awaitable[Any]) -> Any:
-    return await awaitable
 
 
 def subscribe(bus: EventBus, target: object, pattern: str, base_name: str) -> HandlerSpec | None:
